@@ -1,0 +1,25 @@
+"""Exceptions raised by the file transport."""
+
+
+class TunnelError(OSError):
+    """Base class of the transport's own errors."""
+
+
+class NoServerError(TunnelError, ConnectionRefusedError):
+    """No live server answered in the tunnel directory within the connect timeout."""
+
+
+class ServerAlreadyRunningError(TunnelError):
+    """Another live server already serves this tunnel directory."""
+
+
+class UnsafeTunnelDirError(TunnelError, PermissionError):
+    """The tunnel directory is owned by someone else or writable by group/others."""
+
+
+class PeerLostError(TunnelError, ConnectionResetError):
+    """The peer endpoint stopped proving it is alive, or reset the connection."""
+
+
+class ProtocolError(TunnelError):
+    """A record in a tunnel file is malformed or from an incompatible version."""
