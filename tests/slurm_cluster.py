@@ -1,0 +1,424 @@
+"""A private single-node SLURM cluster for tests: munged, slurmctld and slurmd.
+
+Everything (config, munge key and socket, state, spool, logs) lives in one fresh
+directory; the daemons run in the foreground as children of the test process,
+listen on free localhost ports, and are found by clients through ``SLURM_CONF``.
+Several such clusters can run side by side on one machine.
+
+Requires root (slurmd starts job steps as the submitting user) and the Debian
+packages ``munge slurm-wlm slurmctld slurmd slurm-client`` (.ci/install-slurm.sh).
+
+``SlurmCluster.stop`` cancels every job, waits until no process of any job of this
+cluster is left (job processes are recognised by ``SLURM_CONF`` in their
+environment), then stops the daemons.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+REQUIRED_COMMANDS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "squeue")
+
+# States after which a job will not run again (see squeue(1), JOB STATE CODES).
+FINISHED_STATES = frozenset({
+    "BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
+    "OUT_OF_MEMORY", "PREEMPTED", "TIMEOUT",
+})
+
+
+class ClusterError(RuntimeError):
+    """The private cluster could not be started, or did not behave."""
+
+
+def missing_requirements() -> Optional[str]:
+    """Why a private cluster cannot run here, or None if it can."""
+    if os.geteuid() != 0:
+        return "the private SLURM cluster needs root (slurmd runs jobs as their user)"
+    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+    missing = [c for c in REQUIRED_COMMANDS if shutil.which(c, path=search) is None]
+    if missing:
+        return ("SLURM/munge not installed (missing %s); run .ci/install-slurm.sh"
+                % ", ".join(missing))
+    return None
+
+
+def poll(check: Callable[[], Optional[T]], timeout: float, what: str,
+         interval: float = 0.1) -> T:
+    """Call ``check`` until it returns something other than None; raise after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result is not None:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError("timed out after %.0f s waiting for %s" % (timeout, what))
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sbin(cmd: str) -> str:
+    found = shutil.which(cmd, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
+    if found is None:
+        raise ClusterError("%s not found" % cmd)
+    return found
+
+
+def _proc_environ(pid: int) -> Dict[str, str]:
+    try:
+        raw = Path("/proc/%d/environ" % pid).read_bytes()
+    except OSError:  # gone, or a kernel thread
+        return {}
+    env = {}
+    for item in raw.split(b"\0"):
+        key, sep, value = item.partition(b"=")
+        if sep:
+            env[key.decode(errors="replace")] = value.decode(errors="replace")
+    return env
+
+
+def _proc_cmdline(pid: int) -> str:
+    try:
+        raw = Path("/proc/%d/cmdline" % pid).read_bytes()
+    except OSError:
+        return ""
+    return raw.replace(b"\0", b" ").decode(errors="replace").strip()
+
+
+@dataclass(frozen=True)
+class Process:
+    """A live process seen in /proc."""
+
+    pid: int
+    cmdline: str
+    job_id: Optional[str]
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job's final record: id, state, exit code and its output file's text."""
+
+    job_id: str
+    state: str
+    exit_code: str
+    output: str
+
+
+class SlurmCluster:
+    """A private single-node SLURM cluster rooted in a fresh temporary directory.
+
+    Use ``start()`` / ``stop()`` (or the instance as a context manager). ``env`` is
+    the environment clients (and so jobs) should get: it carries ``SLURM_CONF``.
+    """
+
+    def __init__(self, base_dir: Optional[Path] = None, node_name: Optional[str] = None) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="ffslurm-", dir=base_dir))
+        self.node_name = node_name or socket.gethostname().split(".")[0]
+        self.conf = self.root / "slurm.conf"
+        self.munge_socket = self.root / "munge" / "munge.socket"
+        self._daemons: List[subprocess.Popen] = []
+        self.env: Dict[str, str] = dict(os.environ, SLURM_CONF=str(self.conf))
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def __enter__(self) -> "SlurmCluster":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start munged, slurmctld and slurmd; return once the node is idle."""
+        try:
+            self._start_munge(timeout)
+            self._write_config()
+            self._spawn("slurmctld", [_sbin("slurmctld"), "-D", "-f", str(self.conf)])
+            poll(lambda: True if self._scontrol_ok("ping") else None, timeout,
+                 "slurmctld to answer")
+            self._spawn("slurmd", [_sbin("slurmd"), "-D", "-f", str(self.conf),
+                                   "-N", self.node_name])
+            poll(self._node_idle, timeout, "node %s to be idle" % self.node_name)
+        except BaseException:
+            self.stop()
+            raise
+        log.info("SLURM cluster up in %s (node %s)", self.root, self.node_name)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Cancel all jobs, wait for their processes to go, stop the daemons, remove the directory.
+
+        Never leaves a process behind: job processes still alive after ``timeout``
+        (e.g. ones that escaped into their own session) are killed.
+        """
+        try:
+            if self._daemons and self._daemons_alive():
+                self._drain_jobs(timeout)
+        finally:
+            for straggler in self.job_processes():
+                log.warning("killing leftover job process %d: %s", straggler.pid, straggler.cmdline)
+                _kill(straggler.pid)
+            for proc in reversed(self._daemons):
+                _terminate(proc, timeout=10.0)
+            self._daemons.clear()
+            for pid in self._stepds():
+                _kill(pid)
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    # -- clients -------------------------------------------------------------
+
+    def run(self, args: Sequence[str], env: Optional[Mapping[str, str]] = None,
+            cwd: Optional[Path] = None, timeout: float = 30.0, check: bool = True
+            ) -> subprocess.CompletedProcess:
+        """Run a SLURM client command (sbatch, scontrol...) against this cluster."""
+        full_env = dict(self.env if env is None else env, SLURM_CONF=str(self.conf))
+        result = subprocess.run(list(args), env=full_env, cwd=cwd, capture_output=True,
+                                text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise ClusterError("%s failed (%d): %s" % (" ".join(args), result.returncode,
+                                                      result.stderr.strip()))
+        return result
+
+    def sbatch(self, script: Path, *args: str, env: Optional[Mapping[str, str]] = None,
+               cwd: Optional[Path] = None) -> str:
+        """Submit ``script`` (with sbatch options ``args``); return the job id."""
+        out = self.run(["sbatch", "--parsable", *args, str(script)], env=env, cwd=cwd)
+        return out.stdout.strip().split(";")[0]
+
+    def job_info(self, job_id: str) -> Dict[str, str]:
+        """``scontrol show job`` as a dict (for an array job: its first task)."""
+        out = self.run(["scontrol", "show", "job", "-o", job_id]).stdout
+        fields: Dict[str, str] = {}
+        for token in out.splitlines()[0].split():
+            key, _, value = token.partition("=")
+            fields.setdefault(key, value)
+        return fields
+
+    def array_states(self, job_id: str) -> Dict[str, str]:
+        """State of each task of array job ``job_id``, keyed by task id."""
+        out = self.run(["scontrol", "show", "job", "-o", job_id]).stdout
+        states = {}
+        for line in out.splitlines():
+            fields = dict(tok.partition("=")[::2] for tok in line.split())
+            states[fields.get("ArrayTaskId", "")] = fields["JobState"]
+        return states
+
+    def state(self, job_id: str) -> str:
+        """The job's current state (PENDING, RUNNING, COMPLETED...)."""
+        return self.job_info(job_id)["JobState"]
+
+    def wait_state(self, job_id: str, states: Iterable[str], timeout: float) -> str:
+        """Poll until the job is in one of ``states``; return that state."""
+        wanted = set(states)
+
+        def check() -> Optional[str]:
+            current = self.state(job_id)
+            if current in wanted:
+                return current
+            if current in FINISHED_STATES:
+                raise ClusterError("job %s ended %s while waiting for %s:\n%s"
+                                   % (job_id, current, sorted(wanted), self.describe(job_id)))
+            return None
+
+        return poll(check, timeout, "job %s to be %s" % (job_id, "/".join(sorted(wanted))),
+                    interval=0.2)
+
+    def wait_finished(self, job_id: str, timeout: float) -> Job:
+        """Poll until the job (every task of an array) has finished; return its record."""
+        def check() -> Optional[Dict[str, str]]:
+            states = self.array_states(job_id)
+            if all(s in FINISHED_STATES for s in states.values()):
+                return self.job_info(job_id)
+            return None
+
+        info = poll(check, timeout, "job %s to finish" % job_id, interval=0.2)
+        return Job(job_id, info["JobState"], info.get("ExitCode", ""),
+                   _read(info.get("StdOut", "")))
+
+    def describe(self, job_id: str) -> str:
+        """Job record and output, for assertion messages."""
+        info = self.job_info(job_id)
+        return "%s\n--- output (%s) ---\n%s" % (
+            " ".join("%s=%s" % kv for kv in info.items()), info.get("StdOut"),
+            _read(info.get("StdOut", "")))
+
+    def job_processes(self, job_id: Optional[str] = None) -> List[Process]:
+        """Live processes of this cluster's jobs (of job ``job_id`` if given).
+
+        Jobs inherit the submitter's environment, so they carry this cluster's
+        ``SLURM_CONF``, even processes that left the job's process group. The
+        daemons started here have no ``SLURM_JOB_ID`` and are never listed.
+        """
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            env = _proc_environ(int(entry))
+            if env.get("SLURM_CONF") != str(self.conf) or "SLURM_JOB_ID" not in env:
+                continue
+            if job_id is not None and job_id not in (env.get("SLURM_JOB_ID"),
+                                                     env.get("SLURM_ARRAY_JOB_ID")):
+                continue
+            cmdline = _proc_cmdline(int(entry))
+            if cmdline:  # not a zombie
+                found.append(Process(int(entry), cmdline, env.get("SLURM_JOB_ID")))
+        return found
+
+    def wait_no_job_processes(self, job_id: Optional[str] = None, timeout: float = 10.0) -> None:
+        """Poll until no process of the job (of any job) is left; fail listing them."""
+        try:
+            poll(lambda: True if not self.job_processes(job_id) else None, timeout,
+                 "job processes to exit")
+        except TimeoutError:
+            left = "\n".join("  %d %s" % (p.pid, p.cmdline) for p in self.job_processes(job_id))
+            raise AssertionError("processes of job %s left behind:\n%s" % (job_id or "*", left))
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The end of each daemon log, for diagnosing a failed start."""
+        parts = []
+        for path in sorted((self.root / "log").glob("*.log")):
+            text = _read(str(path)).splitlines()[-lines:]
+            parts.append("--- %s ---\n%s" % (path.name, "\n".join(text)))
+        return "\n".join(parts)
+
+    # -- internals -----------------------------------------------------------
+
+    def _start_munge(self, timeout: float) -> None:
+        # munged insists on safe permissions: socket dir (and its parents)
+        # world-searchable, key/log/seed dirs private, key 0600.
+        os.chmod(self.root, 0o755)
+        for name, mode in (("munge", 0o755), ("munge-key", 0o700), ("log", 0o700),
+                           ("munge-seed", 0o700), ("state", 0o700), ("spool", 0o755)):
+            (self.root / name).mkdir(mode=mode)
+            os.chmod(self.root / name, mode)
+        key = self.root / "munge-key" / "munge.key"
+        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(os.urandom(1024))
+        self._spawn("munged", [
+            _sbin("munged"), "--foreground", "--force",
+            "--socket=%s" % self.munge_socket, "--key-file=%s" % key,
+            "--log-file=%s" % (self.root / "log" / "munged.log"),
+            "--pid-file=%s" % (self.root / "munge" / "munged.pid"),
+            "--seed-file=%s" % (self.root / "munge-seed" / "munged.seed"),
+        ])
+        poll(lambda: True if self.munge_socket.exists() else None, timeout, "munged socket")
+
+    def _write_config(self) -> None:
+        node_line = subprocess.run([_sbin("slurmd"), "-C"], capture_output=True, text=True,
+                                   check=True).stdout.splitlines()[0]
+        # "NodeName=vm CPUs=2 ... RealMemory=N": keep the hardware description.
+        hardware = " ".join(tok for tok in node_line.split() if not tok.startswith("NodeName="))
+        r = self.root
+        self.conf.write_text("\n".join([
+            "ClusterName=fftest",
+            "SlurmctldHost=%s(127.0.0.1)" % self.node_name,
+            "SlurmctldPort=%d" % free_port(),
+            "SlurmdPort=%d" % free_port(),
+            "SlurmUser=root",
+            "AuthType=auth/munge",
+            "AuthInfo=socket=%s" % self.munge_socket,
+            "StateSaveLocation=%s" % (r / "state"),
+            "SlurmdSpoolDir=%s" % (r / "spool"),
+            "SlurmctldPidFile=%s" % (r / "slurmctld.pid"),
+            "SlurmdPidFile=%s" % (r / "slurmd.pid"),
+            "SlurmctldLogFile=%s" % (r / "log" / "slurmctld.log"),
+            "SlurmdLogFile=%s" % (r / "log" / "slurmd.log"),
+            "ProctrackType=proctrack/pgid",
+            "TaskPlugin=task/none",
+            "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_Core",
+            "SchedulerParameters=batch_sched_delay=0",
+            "JobAcctGatherType=jobacct_gather/none",
+            "AccountingStorageType=accounting_storage/none",
+            "MailProg=/bin/true",
+            "ReturnToService=2",
+            # scancel / time limit: SIGTERM, then SIGKILL this many seconds later.
+            "KillWait=10",
+            "NodeName=%s NodeAddr=127.0.0.1 %s State=UNKNOWN" % (self.node_name, hardware),
+            "PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
+            "",
+        ]))
+
+    def _spawn(self, name: str, argv: List[str]) -> None:
+        out = open(self.root / "log" / ("%s.out" % name), "wb")
+        with out:
+            proc = subprocess.Popen(argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        self._daemons.append(proc)
+        log.debug("started %s (pid %d)", name, proc.pid)
+
+    def _daemons_alive(self) -> bool:
+        return all(p.poll() is None for p in self._daemons)
+
+    def _scontrol_ok(self, *args: str) -> bool:
+        dead = [p.args[0] for p in self._daemons if p.poll() is not None]
+        if dead:
+            raise ClusterError("%s exited early:\n%s" % (", ".join(dead), self.log_tail()))
+        return self.run(["scontrol", *args], check=False, timeout=10).returncode == 0
+
+    def _node_idle(self) -> Optional[bool]:
+        if not self._scontrol_ok("ping"):
+            return None
+        out = self.run(["sinfo", "-h", "-n", self.node_name, "-o", "%T"], check=False).stdout
+        return True if out.strip() == "idle" else None
+
+    def _drain_jobs(self, timeout: float) -> None:
+        self.run(["scancel", "--quiet", "--user", str(os.getuid())], check=False)
+        try:
+            poll(lambda: True if not self.run(["squeue", "-h"], check=False).stdout.strip()
+                 else None, timeout, "all jobs to leave the queue")
+            # slurmstepd and the job's own processes outlive the queue entry briefly.
+            poll(lambda: True if not self.job_processes() and not self._stepds() else None,
+                 timeout, "job processes and slurmstepd to exit")
+        except TimeoutError as exc:
+            log.warning("stopping the cluster: %s", exc)
+
+    def _stepds(self) -> List[int]:
+        pids = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and _proc_cmdline(int(entry)).startswith("slurmstepd") and \
+                    _proc_environ(int(entry)).get("SLURM_CONF") == str(self.conf):
+                pids.append(int(entry))
+        return pids
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _terminate(proc: subprocess.Popen, timeout: float) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
