@@ -9,24 +9,28 @@ the examples' ``~/.cache/fileforward/...`` files are private to the test.
 from __future__ import annotations
 
 import os
+import secrets
+import subprocess
 import sys
+import urllib.error
 from pathlib import Path
 from typing import Dict, Iterator
 
 import pytest
 
-from slurm_cluster import SlurmCluster, missing_requirements
+from jupyter_api import JupyterClient
+from slurm_cluster import SlurmCluster, free_port, missing_requirements, poll
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO_ROOT / "slurm_examples"
 
-_why_not = missing_requirements()
-pytestmark = pytest.mark.skipif(_why_not is not None, reason=_why_not or "")
-
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+def cluster() -> Iterator[SlurmCluster]:
     """A private single-node SLURM cluster, stopped (jobs cancelled) at module end."""
+    why_not = missing_requirements()
+    if why_not:
+        pytest.skip(why_not)
     with SlurmCluster() as c:
         yield c
 
@@ -86,3 +90,41 @@ def test_leftover_setsid_process_is_detected(
     for proc in cluster.job_processes(job_id):
         os.kill(proc.pid, 9)
     cluster.wait_no_job_processes(job_id)
+
+
+def test_jupyter_client_drives_a_local_jupyterlab(tmp_path: Path) -> None:
+    """The Jupyter test tooling itself, against a JupyterLab started here (no SLURM)."""
+    port, token = free_port(), secrets.token_hex(16)
+    env = dict(os.environ, HOME=str(tmp_path), JUPYTER_TOKEN=token)
+    with open(tmp_path / "jupyter.log", "wb") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1",
+             "--port=%d" % port, "--ServerApp.port_retries=0", "--allow-root"],
+            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        client = JupyterClient("http://127.0.0.1:%d" % port, token)
+        wait_jupyter(client, server, tmp_path / "jupyter.log")
+        with pytest.raises(urllib.error.HTTPError, match="403"):
+            JupyterClient(client.base_url, "wrong-token").status()
+        kernel = client.start_kernel()
+        assert client.execute(kernel, "1+1") == "2"
+        client.shutdown()
+        assert server.wait(timeout=30) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def wait_jupyter(client: JupyterClient, server: subprocess.Popen, log: Path,
+                 timeout: float = 60) -> dict:
+    """Poll GET /api/status until it answers; fail early if the server died."""
+    def check() -> dict:
+        if server.poll() is not None:
+            raise AssertionError("jupyter exited %s:\n%s" % (server.returncode, log.read_text()))
+        try:
+            return client.status()
+        except (OSError, urllib.error.URLError):
+            return None
+
+    return poll(check, timeout, "JupyterLab at %s" % client.base_url, interval=0.2)
