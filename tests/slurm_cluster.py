@@ -196,10 +196,10 @@ class SlurmCluster:
                                                       result.stderr.strip()))
         return result
 
-    def sbatch(self, script: Path, *args: str, env: Optional[Mapping[str, str]] = None,
-               cwd: Optional[Path] = None) -> str:
-        """Submit ``script`` (with sbatch options ``args``); return the job id."""
-        out = self.run(["sbatch", "--parsable", *args, str(script)], env=env, cwd=cwd)
+    def sbatch(self, script: Path, *args: str, options: Sequence[str] = (),
+               env: Optional[Mapping[str, str]] = None, cwd: Optional[Path] = None) -> str:
+        """``sbatch [options] script [args]``; return the job id."""
+        out = self.run(["sbatch", "--parsable", *options, str(script), *args], env=env, cwd=cwd)
         return out.stdout.strip().split(";")[0]
 
     def job_info(self, job_id: str) -> Dict[str, str]:
@@ -248,7 +248,10 @@ class SlurmCluster:
                 return self.job_info(job_id)
             return None
 
-        info = poll(check, timeout, "job %s to finish" % job_id, interval=0.2)
+        try:
+            info = poll(check, timeout, "job %s to finish" % job_id, interval=0.2)
+        except TimeoutError as exc:
+            raise TimeoutError("%s\n%s\n%s" % (exc, self.describe(job_id), self.log_tail())) from None
         return Job(job_id, info["JobState"], info.get("ExitCode", ""),
                    _read(info.get("StdOut", "")))
 
@@ -422,3 +425,20 @@ def _terminate(proc: subprocess.Popen, timeout: float) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def session_processes(sid: int) -> List[int]:
+    """Live (non-zombie) processes of session ``sid``."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path("/proc/%s/stat" % entry).read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid pgrp session ...; comm may contain spaces
+        fields = stat[stat.rindex(")") + 2:].split()
+        if fields[0] != "Z" and int(fields[3]) == sid:
+            pids.append(int(entry))
+    return pids

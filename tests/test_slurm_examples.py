@@ -9,17 +9,23 @@ the examples' ``~/.cache/fileforward/...`` files are private to the test.
 from __future__ import annotations
 
 import os
+import re
 import secrets
+import shutil
+import signal
 import subprocess
 import sys
 import urllib.error
+import urllib.request
 from pathlib import Path
-from typing import Dict, Iterator
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
 from jupyter_api import JupyterClient
-from slurm_cluster import SlurmCluster, free_port, missing_requirements, poll
+from slurm_cluster import (SlurmCluster, free_port, missing_requirements, poll,
+                           session_processes)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO_ROOT / "slurm_examples"
@@ -36,37 +42,128 @@ def cluster() -> Iterator[SlurmCluster]:
 
 
 @pytest.fixture
+def examples(tmp_path: Path) -> Path:
+    """A copy of slurm_examples/, as a user makes one; the tests submit from it."""
+    return Path(shutil.copytree(EXAMPLES, tmp_path / "examples"))
+
+
+@pytest.fixture
 def job_env(cluster: SlurmCluster, tmp_path: Path) -> Dict[str, str]:
     """Environment for the login-node side and (through sbatch) the job.
 
-    PATH starts with a directory holding ``fileforward`` (runs ``python3 -m
-    fileforward`` from this checkout) and ``python3`` / ``python`` (this
-    interpreter); HOME is private to the test.
+    PATH starts with a directory holding ``fileforward`` and ``jupyter`` (this
+    interpreter's ``-m fileforward`` / ``-m jupyter``: this checkout's code) and
+    ``python3`` / ``python`` (this interpreter); HOME is private to the test.
     """
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    wrapper = bin_dir / "fileforward"
-    wrapper.write_text('#!/bin/sh\nexec "%s" -m fileforward "$@"\n' % sys.executable)
-    wrapper.chmod(0o755)
+    for command, module in (("fileforward", "fileforward"), ("jupyter", "jupyter")):
+        wrapper = bin_dir / command
+        wrapper.write_text('#!/bin/sh\nexec "%s" -m %s "$@"\n' % (sys.executable, module))
+        wrapper.chmod(0o755)
     for name in ("python3", "python"):
         (bin_dir / name).symlink_to(sys.executable)
     home = tmp_path / "home"
     home.mkdir()
-    return dict(cluster.env, HOME=str(home),
+    if os.geteuid() == 0:  # the cluster runs jobs as root here; Jupyter needs consent
+        (home / ".jupyter").mkdir()
+        (home / ".jupyter" / "jupyter_server_config.py").write_text(
+            "c.ServerApp.allow_root = True\n")
+    return dict(cluster.env, HOME=str(home), PYTHONDONTWRITEBYTECODE="1",
                 PATH=os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")]))
+
+
+def jobs_dir(env: Mapping[str, str]) -> Path:
+    """Where the examples keep per-job directories, for the user of ``env``."""
+    return Path(env["HOME"]) / ".cache" / "fileforward" / "jobs"
+
+
+class LoginProcess:
+    """A login-node command (connect.sh...) in its own session, output to a file."""
+
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str], cwd: Path) -> None:
+        self.log = cwd / ("login-%s.log" % Path(argv[0]).stem)
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(list(argv), env=dict(env), cwd=cwd, stdout=out,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+
+    def output(self) -> str:
+        """Everything it printed so far."""
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float) -> "re.Match[str]":
+        """Poll its output for ``pattern``; fail if it exits first."""
+        def check() -> Optional["re.Match[str]"]:
+            found = re.search(pattern, self.output())
+            if found is None and self.proc.poll() is not None:
+                raise AssertionError("%s exited %s before printing %r:\n%s" % (
+                    self.proc.args[0], self.proc.returncode, pattern, self.output()))
+            return found
+
+        return poll(check, timeout, "%r from %s" % (pattern, self.proc.args[0]), interval=0.2)
+
+    def wait_exit(self, timeout: float) -> int:
+        """Wait for it to exit; fail if any process of its session is left behind."""
+        code = self.proc.wait(timeout)
+        try:
+            poll(lambda: True if not session_processes(self.proc.pid) else None, 5,
+                 "the login side's processes to exit")
+        except TimeoutError:
+            raise AssertionError("login-side processes left behind: %s"
+                                 % session_processes(self.proc.pid))
+        return code
+
+    def kill(self) -> None:
+        """Teardown: make sure nothing of it survives the test."""
+        for pid in session_processes(self.proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def login(job_env: Dict[str, str], tmp_path: Path) -> Iterator[Callable[..., LoginProcess]]:
+    """Start login-node commands (killed, with their children, at teardown)."""
+    started: List[LoginProcess] = []
+
+    def start(*argv: str) -> LoginProcess:
+        started.append(LoginProcess(argv, job_env, tmp_path))
+        return started[-1]
+
+    yield start
+    for proc in started:
+        proc.kill()
+
+
+def assert_job_left_nothing(cluster: SlurmCluster, job_id: str, env: Mapping[str, str]) -> None:
+    """No process of the job is alive, and its per-job directory is gone."""
+    cluster.wait_no_job_processes(job_id)
+    job_dir = jobs_dir(env) / job_id
+    leftovers = sorted(str(p) for p in job_dir.rglob("*")) if job_dir.exists() else []
+    assert not job_dir.exists(), "left behind: %s %s" % (job_dir, leftovers)
+
+
+def submit(cluster: SlurmCluster, env: Dict[str, str], cwd: Path, script: str) -> str:
+    """sbatch a script given as text (written to ``cwd``); its job id."""
+    path = cwd / ("job-%d.sh" % len(list(cwd.glob("job-*.sh"))))
+    path.write_text(script)
+    return cluster.sbatch(path, options=["-o", str(path.with_suffix(".out"))], env=env, cwd=cwd)
 
 
 def test_cleanup_idiom_ends_job_completed_and_kills_background(
         cluster: SlurmCluster, job_env: Dict[str, str], tmp_path: Path) -> None:
     """The trap the examples use: the job ends COMPLETED and its background work is gone."""
-    script = tmp_path / "idiom.sh"
-    script.write_text(
+    job_id = submit(cluster, job_env, tmp_path, (
         "#!/bin/bash\n"
         "trap 'trap \"\" TERM; kill 0; wait' EXIT\n"
         "sleep 300 &\n"
+        # as the examples do, wait for readiness: a signal that reaches a child
+        # between fork and exec is lost (bash's handler is still in place).
+        "until [ \"$(ps -o comm= -p $!)\" = sleep ]; do sleep 0.05; done\n"
         "echo started \"$SLURM_JOB_ID\"\n"
-    )
-    job_id = cluster.sbatch(script, "-o", str(tmp_path / "out.txt"), env=job_env, cwd=tmp_path)
+    ))
     job = cluster.wait_finished(job_id, timeout=30)
     assert job.state == "COMPLETED", cluster.describe(job_id)
     assert job.exit_code == "0:0"
@@ -77,19 +174,109 @@ def test_cleanup_idiom_ends_job_completed_and_kills_background(
 def test_leftover_setsid_process_is_detected(
         cluster: SlurmCluster, job_env: Dict[str, str], tmp_path: Path) -> None:
     """The fixture itself can see leftovers: a setsid process survives the job end."""
-    script = tmp_path / "leak.sh"
-    script.write_text(
+    job_id = submit(cluster, job_env, tmp_path, (
         "#!/bin/bash\n"
         "setsid sleep 300 </dev/null >/dev/null 2>&1 &\n"
         "until [ \"$(ps -o sid= -p $! | tr -d ' ')\" = \"$!\" ]; do sleep 0.05; done\n"
-    )
-    job_id = cluster.sbatch(script, "-o", str(tmp_path / "out.txt"), env=job_env, cwd=tmp_path)
+    ))
     assert cluster.wait_finished(job_id, timeout=30).state == "COMPLETED"
     with pytest.raises(AssertionError, match="sleep 300"):
         cluster.wait_no_job_processes(job_id, timeout=1)
     for proc in cluster.job_processes(job_id):
-        os.kill(proc.pid, 9)
+        os.kill(proc.pid, signal.SIGKILL)
     cluster.wait_no_job_processes(job_id)
+
+
+URL = r"http://localhost:(\d+)(\S*)"
+
+
+@pytest.mark.timeout(180)
+def test_jupyter_example(cluster: SlurmCluster, job_env: Dict[str, str], examples: Path,
+                         login: Callable[..., LoginProcess], tmp_path: Path) -> None:
+    """jupyter.sbatch + connect.sh: token, /api/status, a kernel computes 1+1 = 2;
+    File > Shut Down ends the job COMPLETED and leaves nothing behind."""
+    job_id = cluster.sbatch(examples / "jupyter.sbatch", env=job_env, cwd=tmp_path)
+    connect = login(str(examples / "connect.sh"), job_id)
+    port, path = connect.wait_for(URL, timeout=120).groups()
+    token = parse_qs(urlsplit(path).query)["token"][0]
+    assert path.startswith("/lab?")
+
+    client = JupyterClient("http://127.0.0.1:%s" % port, token)
+    assert "started" in client.status()
+    with pytest.raises(urllib.error.HTTPError, match="403"):
+        JupyterClient(client.base_url, "not-the-token").status()
+    kernel = client.start_kernel()
+    assert client.execute(kernel, "1+1") == "2"
+
+    client.shutdown()
+    job = cluster.wait_finished(job_id, timeout=60)
+    assert job.state == "COMPLETED", cluster.describe(job_id)
+    assert connect.wait_exit(timeout=30) == 0, connect.output()
+    assert "job %s has ended" % job_id in connect.output()
+    assert_job_left_nothing(cluster, job_id, job_env)
+
+
+@pytest.mark.timeout(180)
+def test_jupyter_example_scancel_with_a_busy_kernel_leaves_nothing(
+        cluster: SlurmCluster, job_env: Dict[str, str], examples: Path,
+        login: Callable[..., LoginProcess], tmp_path: Path) -> None:
+    """scancel of a running jupyter.sbatch: CANCELLED, and no process (not even the
+    kernel, which Jupyter starts in a session of its own) or tunnel file is left."""
+    job_id = cluster.sbatch(examples / "jupyter.sbatch", env=job_env, cwd=tmp_path)
+    connect = login(str(examples / "connect.sh"), job_id)
+    port, path = connect.wait_for(URL, timeout=120).groups()
+    client = JupyterClient("http://127.0.0.1:%s" % port, parse_qs(urlsplit(path).query)["token"][0])
+    kernel = client.start_kernel()
+    assert client.execute(kernel, "import subprocess; subprocess.Popen(['sleep', '300']).pid > 0") == "True"
+    assert any(p.cmdline == "sleep 300" for p in cluster.job_processes(job_id))
+
+    cluster.run(["scancel", job_id])
+    assert cluster.wait_finished(job_id, timeout=60).state == "CANCELLED"
+    assert_job_left_nothing(cluster, job_id, job_env)
+    assert connect.wait_exit(timeout=30) == 0, connect.output()
+
+
+APP = """\
+# A user's web app: serves one page on 127.0.0.1:PORT (PORT from its command line);
+# GET /quit ends it.
+import http.server, os, sys, threading
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = ("hello from job %s, PORT=%s\\n" % (os.environ["SLURM_JOB_ID"], os.environ["PORT"])).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        if self.path == "/quit":
+            threading.Thread(target=server.shutdown).start()
+
+server = http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler)
+server.serve_forever()
+"""
+
+
+@pytest.mark.timeout(120)
+def test_web_app_example(cluster: SlurmCluster, job_env: Dict[str, str], examples: Path,
+                         login: Callable[..., LoginProcess], tmp_path: Path) -> None:
+    """web_app.sbatch runs the given command with {port} filled in; the page comes
+    through connect.sh's port; the app's own exit ends the job COMPLETED, cleanly."""
+    (tmp_path / "app.py").write_text(APP)
+    job_id = cluster.sbatch(examples / "web_app.sbatch", "python3", "app.py", "{port}",
+                            env=job_env, cwd=tmp_path)
+    connect = login(str(examples / "connect.sh"), job_id)
+    port, path = connect.wait_for(URL, timeout=60).groups()
+    assert path == "/"
+
+    page = urllib.request.urlopen("http://127.0.0.1:%s/" % port, timeout=30).read().decode()
+    job_port = re.fullmatch(r"hello from job %s, PORT=(\d+)\n" % job_id, page)
+    assert job_port, page
+    urllib.request.urlopen("http://127.0.0.1:%s/quit" % port, timeout=30).read()
+
+    job = cluster.wait_finished(job_id, timeout=30)
+    assert job.state == "COMPLETED", cluster.describe(job_id)
+    assert connect.wait_exit(timeout=30) == 0, connect.output()
+    assert_job_left_nothing(cluster, job_id, job_env)
 
 
 def test_jupyter_client_drives_a_local_jupyterlab(tmp_path: Path) -> None:

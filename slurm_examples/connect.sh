@@ -1,0 +1,65 @@
+#!/bin/bash
+# Login node: reach the web service of job JOBID (jupyter.sbatch, web_app.sbatch).
+#
+#   ./connect.sh JOBID [PORT]
+#
+# Waits until the job's service is up, forwards it to 127.0.0.1:PORT here (a free
+# port unless given) with `fileforward --server`, and prints the ssh command and
+# URL (with the service's token) for your laptop. Runs until the job ends or you
+# press Ctrl-C; run it again to reconnect.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+source "$here/fileforward_helpers.sh"
+
+job_id=${1:?usage: connect.sh JOBID [PORT]}
+job_dir=$(ff_job_dir "$job_id")
+port=${2:-$(ff_free_port)}
+
+# Readiness: the job writes service.info once its service answers.
+state=""
+until [ -e "$job_dir/service.info" ]; do
+  new_state=$(ff_job_state "$job_id")
+  if [ -z "$new_state" ]; then
+    echo "job $job_id is not running (finished, cancelled or unknown); see its output file" >&2
+    exit 1
+  fi
+  [ "$new_state" != "$state" ] && echo "job $job_id is $new_state; waiting for its service..."
+  state=$new_state
+  sleep 2
+done
+service=$(sed -n 's/^service=//p' "$job_dir/service.info")
+url_path=$(sed -n 's/^url_path=//p' "$job_dir/service.info")
+
+fileforward --server --port "$port" --tunnel_dir "$job_dir/tunnel" &
+server=$!
+on_exit() {
+  ff_stop "$server"
+  if [ -z "$(ff_job_state "$job_id")" ]; then
+    ff_remove_job_dir "$job_dir"
+  fi
+}
+trap on_exit EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+ff_wait_port "$port" "$server" 60
+
+cat <<INFO
+
+$service of job $job_id is forwarded to 127.0.0.1:$port on $(hostname -s).
+On your laptop run (with the name you use to ssh to this login node):
+
+    ssh -N -L $port:127.0.0.1:$port ${USER:-$(id -un)}@$(hostname -f)
+
+and open
+
+    http://localhost:$port$url_path
+
+Ctrl-C here stops the forwarding (the job keeps running); it stops by itself when the job ends.
+INFO
+
+ff_wait_job_end "$job_id" "$server"
+if ! kill -0 "$server" 2>/dev/null; then
+  echo "fileforward --server stopped unexpectedly (see above)" >&2
+  exit 1
+fi
+echo "job $job_id has ended."
