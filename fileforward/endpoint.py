@@ -482,7 +482,7 @@ class Endpoint:
         who = f"pid {info.get('pid', '?')} on host {info.get('host', '?')}"
         if not self._force:
             raise ServerAlreadyRunningError(
-                f"another fileforward server ({who}) already serves tunnel directory {self.tunnel_dir}; "
+                f"another process ({who}) already serves tunnel directory {self.tunnel_dir}: "
                 f"stop it, or pass --force (force=True) to make it step down")
         log.warning("tunnel directory %s: asking the running server (%s) to step down", self.tunnel_dir, who)
         if _EID_RE.match(str(info.get("eid", ""))):
