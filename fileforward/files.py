@@ -20,7 +20,7 @@ import fcntl
 import os
 import threading
 from pathlib import Path
-from typing import Callable, Dict, Iterator
+from typing import Callable, Dict, Iterator, List
 
 DATA_LENGTH = 1 << 40
 ALIVE_OFFSET = 1 << 40
@@ -52,8 +52,8 @@ class SharedFile:
         with self.locked() as fd:
             _pwrite_all(fd, data, os.fstat(fd).st_size)
 
-    def append_batch(self, build: Callable[[int], bytes], limit: int) -> int:
-        """Append what `build(room)` returns, where room keeps the file within `limit`.
+    def append_batch(self, build: Callable[[int], List[bytes]], limit: int) -> int:
+        """Append the buffers `build(room)` returns, where room keeps the file within `limit`.
 
         The writer's side of flow control: the file's size under the lock is the
         data the reader has not drained yet. Returns the number of bytes written.
@@ -62,10 +62,8 @@ class SharedFile:
             size = os.fstat(fd).st_size
             if size >= limit:
                 return 0
-            data = build(limit - size)
-            if data:
-                _pwrite_all(fd, data, size)
-            return len(data)
+            parts = build(limit - size)
+            return _pwritev_all(fd, parts, size) if parts else 0
 
     def drain(self) -> bytes:
         """Read everything in the file and truncate it, atomically under the lock."""
@@ -124,15 +122,25 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
+def _pwritev_all(fd: int, parts: List[bytes], offset: int) -> int:
+    total = sum(len(p) for p in parts)
+    written = os.pwritev(fd, parts, offset)
+    if written < total:  # rare: finish with the remainder as one buffer
+        _pwrite_all(fd, b"".join(bytes(p) for p in parts)[written:], offset + written)
+    return total
+
+
 def _pread_all(fd: int) -> bytes:
+    """The whole file; under the lock, a short read of a regular file is its end."""
     chunks = []
-    offset = 0
+    offset, want = 0, READ_CHUNK
     while True:
-        chunk = os.pread(fd, READ_CHUNK if not chunks else max(READ_CHUNK, offset), offset)
-        if not chunk:
-            break
+        chunk = os.pread(fd, want, offset)
         chunks.append(chunk)
         offset += len(chunk)
+        if len(chunk) < want:
+            break
+        want = max(READ_CHUNK, offset)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
