@@ -17,7 +17,6 @@ Other filesystems: `--dir` on NFS (or on the two-node harness mount) measures th
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import shutil
 import socket
@@ -35,25 +34,6 @@ FS_SYSCALLS = ("openat,close,read,write,pread64,pwrite64,fcntl,fstat,newfstatat,
                "rename,renameat,renameat2,unlink,unlinkat,getdents64,mkdir,mkdirat,fsync,fdatasync,flock")
 IDLE_SETTLE_S = 3.0
 IDLE_MEASURE_S = 10.0
-
-
-# --- the echo service (run as a subprocess: `tunnel.py _echo PORT`) ---------------------
-async def _echo_main(port: int) -> None:
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                data = await reader.read(256 * 1024)
-                if not data:
-                    break
-                writer.write(data)
-                await writer.drain()
-        except ConnectionError:
-            pass
-        writer.close()
-
-    server = await asyncio.start_server(echo, "127.0.0.1", port)
-    print("READY", flush=True)
-    await server.serve_forever()
 
 
 # --- helpers ---------------------------------------------------------------------------
@@ -78,7 +58,8 @@ def wait_listening(port: int, timeout: float = 30.0) -> None:
 def start(argv: Sequence[str], ready_word: str = "") -> subprocess.Popen:
     """Start a helper process; with `ready_word`, wait for it in its output."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            cwd=REPO)
     assert proc.stdout is not None
     if ready_word:
         for line in proc.stdout:
@@ -176,7 +157,7 @@ class Setup:
     def __init__(self, base: Path) -> None:
         self.tunnel_dir = Path(tempfile.mkdtemp(prefix="ffbench-", dir=base))
         self.echo_port, self.port = free_port(), free_port()
-        self.echo = start([sys.executable, __file__, "_echo", str(self.echo_port)], "READY")
+        self.echo = start([sys.executable, "-m", "tests.services", "echo", str(self.echo_port)], "READY")
         cli = [sys.executable, "-m", "fileforward", "--tunnel_dir", str(self.tunnel_dir), "--log-level", "WARNING"]
         self.job_side = start(cli + ["--client", "--port", str(self.echo_port)])
         self.login_side = start(cli + ["--server", "--port", str(self.port)])
@@ -271,7 +252,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "_echo":
-        asyncio.run(_echo_main(int(sys.argv[2])))
-    else:
-        main()
+    main()
