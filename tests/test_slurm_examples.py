@@ -8,6 +8,8 @@ the examples' ``~/.cache/fileforward/...`` files are private to the test.
 """
 from __future__ import annotations
 
+import http.server
+import json
 import os
 import re
 import secrets
@@ -15,10 +17,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -276,6 +279,119 @@ def test_web_app_example(cluster: SlurmCluster, job_env: Dict[str, str], example
     job = cluster.wait_finished(job_id, timeout=30)
     assert job.state == "COMPLETED", cluster.describe(job_id)
     assert connect.wait_exit(timeout=30) == 0, connect.output()
+    assert_job_left_nothing(cluster, job_id, job_env)
+
+
+class Internet:
+    """Stands in for the internet the login node reaches: a web page and an
+    OpenAI-compatible chat endpoint on 127.0.0.1, answering with a per-test nonce."""
+
+    def __init__(self) -> None:
+        self.nonce = secrets.token_hex(8)
+        self.api_key = "key-" + secrets.token_hex(8)
+        self.requests: List[Tuple[str, Optional[str]]] = []
+        internet = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                internet.requests.append((self.path, None))
+                if self.path != "/page.html":
+                    return self.send_error(404)
+                self.reply("text/html", "<html><body>page %s</body></html>" % internet.nonce)
+
+            def do_POST(self) -> None:
+                internet.requests.append((self.path, self.headers.get("Authorization")))
+                request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.path != "/v1/chat/completions" or \
+                        self.headers.get("Authorization") != "Bearer " + internet.api_key:
+                    return self.send_error(403)
+                question = request["messages"][-1]["content"]
+                content = "%s answers %s to %r" % (internet.nonce, request["model"], question[-40:])
+                self.reply("application/json", json.dumps({
+                    "object": "chat.completion", "model": request["model"],
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": content}}]}))
+
+            def reply(self, content_type: str, body: str) -> None:
+                data = body.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def env(self) -> Dict[str, str]:
+        """What the login node's rpc_server.completion() reads."""
+        return {"LLM_BASE_URL": self.url + "/v1", "LLM_API_KEY": self.api_key,
+                "LLM_MODEL": "test-model"}
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def internet(job_env: Dict[str, str]) -> Iterator[Internet]:
+    """A fake internet on 127.0.0.1; the login side's LLM settings point to it."""
+    net = Internet()
+    job_env.update(net.env())
+    yield net
+    net.close()
+
+
+@pytest.mark.timeout(120)
+def test_rpc_job_example(cluster: SlurmCluster, job_env: Dict[str, str], examples: Path,
+                         internet: Internet, login: Callable[..., LoginProcess],
+                         tmp_path: Path) -> None:
+    """run_with_rpc.sh rpc_job.py: the job prints what the login node's functions
+    fetched and computed, and the login node's ValueError, as a ValueError."""
+    runner = login(str(examples / "run_with_rpc.sh"), str(examples / "rpc_job.py"),
+                   internet.url + "/page.html")
+    job_id = runner.wait_for(r"job (\d+) released", timeout=60).group(1)
+    assert runner.wait_exit(timeout=60) == 0, runner.output()
+    assert "job %s has ended (1 COMPLETED)" % job_id in runner.output()
+
+    job = cluster.wait_finished(job_id, timeout=10)
+    assert job.state == "COMPLETED", cluster.describe(job_id)
+    assert (tmp_path / ("rpc-demo-%s.out" % job_id)).read_text() == job.output
+    page = "<html><body>page %s</body></html>" % internet.nonce
+    assert job.output.splitlines() == [
+        "fetched %s/page.html: %d characters" % (internet.url, len(page)),
+        "summary: %s answers test-model to %r" % (internet.nonce, page[-40:]),
+        "the login node refused as expected: ValueError: fetch() takes http:// or https:// "
+        "URLs, not 'file:///etc/passwd'",
+    ], job.output
+    assert internet.requests == [("/page.html", None),
+                                 ("/v1/chat/completions", "Bearer " + internet.api_key)]
+    assert_job_left_nothing(cluster, job_id, job_env)
+
+
+@pytest.mark.timeout(120)
+def test_rpc_array_example(cluster: SlurmCluster, job_env: Dict[str, str], examples: Path,
+                           internet: Internet, login: Callable[..., LoginProcess],
+                           tmp_path: Path) -> None:
+    """run_with_rpc.sh rpc_array.py: all four tasks get their answer from one server."""
+    questions = ["question %d of %s" % (i, internet.nonce) for i in range(4)]
+    runner = login(str(examples / "run_with_rpc.sh"), str(examples / "rpc_array.py"), *questions)
+    job_id = runner.wait_for(r"job (\d+) released", timeout=60).group(1)
+    assert runner.wait_exit(timeout=90) == 0, runner.output()
+    assert "job %s has ended (4 COMPLETED)" % job_id in runner.output()
+
+    assert set(cluster.array_states(job_id).values()) == {"COMPLETED"}
+    for task, question in enumerate(questions):
+        output = (tmp_path / ("rpc-array-%s_%d.out" % (job_id, task))).read_text()
+        assert output == "task %d asked %r; answer: %s answers test-model to %r\n" % (
+            task, question, internet.nonce, question), output
+    assert len(internet.requests) == 4
     assert_job_left_nothing(cluster, job_id, job_env)
 
 

@@ -1,0 +1,62 @@
+#!/bin/bash
+# Login node: submit a job and serve it the functions of rpc_server.py (or
+# $RPC_FUNCTIONS, MODULE:ATTR) until it ends. Works for job arrays too: every task
+# talks to this one server.
+#
+#   ./run_with_rpc.sh [SBATCH OPTIONS] JOB_SCRIPT [SCRIPT ARGS]
+#   ./run_with_rpc.sh rpc_job.py https://www.example.org/
+#   ./run_with_rpc.sh rpc_array.py
+#
+# The job is submitted on hold, the server started on the job's own tunnel
+# directory ~/.cache/fileforward/jobs/JOBID/rpc, and the job released once the
+# server answers. Ctrl-C (or this script ending any other way before the job)
+# cancels the job: it cannot work without its server.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+source "$here/fileforward_helpers.sh"
+
+if [ $# -eq 0 ]; then
+  echo "usage: run_with_rpc.sh [SBATCH OPTIONS] JOB_SCRIPT [SCRIPT ARGS]" >&2
+  exit 2
+fi
+functions=${RPC_FUNCTIONS:-rpc_server:FUNCTIONS}
+
+job_id=$(sbatch --parsable --hold "$@")
+job_id=${job_id%%;*}
+job_dir=$(ff_job_dir "$job_id")
+ff_make_private "$job_dir" "$job_dir/rpc"
+
+PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" \
+  python3 -m rpc serve "$functions" --tunnel_dir "$job_dir/rpc" &
+server=$!
+on_exit() {
+  if [ -n "$(ff_job_state "$job_id")" ]; then
+    echo "cancelling job $job_id (its RPC server is stopping)" >&2
+    scancel "$job_id"
+    while [ -n "$(ff_job_state "$job_id")" ]; do sleep 1; done
+  fi
+  ff_stop "$server"
+  ff_remove_job_dir "$job_dir"
+}
+trap on_exit EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# Readiness: release the job only once the server answers.
+until python3 -m rpc status --tunnel_dir "$job_dir/rpc" >/dev/null 2>&1; do
+  if ! kill -0 "$server" 2>/dev/null; then
+    echo "the RPC server did not start (see above)" >&2
+    exit 1
+  fi
+done
+scontrol release "$job_id"
+echo "job $job_id released; serving $functions to it from $(hostname -s) until it ends"
+
+ff_wait_job_end "$job_id" "$server"
+if ! kill -0 "$server" 2>/dev/null; then
+  echo "the RPC server stopped unexpectedly (see above)" >&2
+  exit 1
+fi
+states=$(scontrol show job "$job_id" 2>/dev/null | sed -n 's/.*JobState=\([A-Z_]*\).*/\1/p' |
+  sort | uniq -c | xargs || true)
+echo "job $job_id has ended${states:+ ($states)}."
