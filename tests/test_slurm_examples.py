@@ -21,7 +21,7 @@ import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -42,43 +42,6 @@ def cluster() -> Iterator[SlurmCluster]:
         pytest.skip(why_not)
     with SlurmCluster() as c:
         yield c
-
-
-@pytest.fixture
-def examples(tmp_path: Path) -> Path:
-    """A copy of slurm_examples/, as a user makes one; the tests submit from it."""
-    return Path(shutil.copytree(EXAMPLES, tmp_path / "examples"))
-
-
-@pytest.fixture
-def job_env(cluster: SlurmCluster, tmp_path: Path) -> Dict[str, str]:
-    """Environment for the login-node side and (through sbatch) the job.
-
-    PATH starts with a directory holding ``fileforward`` and ``jupyter`` (this
-    interpreter's ``-m fileforward`` / ``-m jupyter``: this checkout's code) and
-    ``python3`` / ``python`` (this interpreter); HOME is private to the test.
-    """
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for command, module in (("fileforward", "fileforward"), ("jupyter", "jupyter")):
-        wrapper = bin_dir / command
-        wrapper.write_text('#!/bin/sh\nexec "%s" -m %s "$@"\n' % (sys.executable, module))
-        wrapper.chmod(0o755)
-    for name in ("python3", "python"):
-        (bin_dir / name).symlink_to(sys.executable)
-    home = tmp_path / "home"
-    home.mkdir()
-    if os.geteuid() == 0:  # the cluster runs jobs as root here; Jupyter needs consent
-        (home / ".jupyter").mkdir()
-        (home / ".jupyter" / "jupyter_server_config.py").write_text(
-            "c.ServerApp.allow_root = True\n")
-    return dict(cluster.env, HOME=str(home), PYTHONDONTWRITEBYTECODE="1",
-                PATH=os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")]))
-
-
-def jobs_dir(env: Mapping[str, str]) -> Path:
-    """Where the examples keep per-job directories, for the user of ``env``."""
-    return Path(env["HOME"]) / ".cache" / "fileforward" / "jobs"
 
 
 class LoginProcess:
@@ -126,58 +89,124 @@ class LoginProcess:
         self.proc.wait()
 
 
+class Workspace:
+    """What a user has: a copy of slurm_examples/ (``examples``), a private HOME, and
+    PATH with ``fileforward`` and ``jupyter`` (this interpreter's ``-m fileforward``
+    / ``-m jupyter``: this checkout's code) and ``python3`` / ``python`` (this
+    interpreter). ``env`` is the login side's environment, and through sbatch the
+    job's. Jobs are submitted from ``root``; their output files land there.
+    """
+
+    def __init__(self, cluster: SlurmCluster, root: Path) -> None:
+        self.root = root
+        self.examples = Path(shutil.copytree(EXAMPLES, root / "examples"))
+        bin_dir = root / "bin"
+        bin_dir.mkdir()
+        for command in ("fileforward", "jupyter"):
+            wrapper = bin_dir / command
+            wrapper.write_text('#!/bin/sh\nexec "%s" -m %s "$@"\n' % (sys.executable, command))
+            wrapper.chmod(0o755)
+        for name in ("python3", "python"):
+            (bin_dir / name).symlink_to(sys.executable)
+        home = root / "home"
+        home.mkdir()
+        if os.geteuid() == 0:  # the cluster runs jobs as root here; Jupyter wants consent
+            (home / ".jupyter").mkdir()
+            (home / ".jupyter" / "jupyter_server_config.py").write_text(
+                "c.ServerApp.allow_root = True\n")
+        self.env = dict(cluster.env, HOME=str(home), PYTHONDONTWRITEBYTECODE="1",
+                        PATH=os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")]))
+        self.jobs_dir = home / ".cache" / "fileforward" / "jobs"
+        self._login: List[LoginProcess] = []
+
+    def login(self, script: str, *args: str) -> LoginProcess:
+        """Run ``examples/script args`` as on the login node."""
+        self._login.append(LoginProcess([str(self.examples / script), *args], self.env, self.root))
+        return self._login[-1]
+
+    def close(self) -> None:
+        """Kill what is left of the login-side commands."""
+        for proc in self._login:
+            proc.kill()
+
+
 @pytest.fixture
-def login(job_env: Dict[str, str], tmp_path: Path) -> Iterator[Callable[..., LoginProcess]]:
-    """Start login-node commands (killed, with their children, at teardown)."""
-    started: List[LoginProcess] = []
-
-    def start(*argv: str) -> LoginProcess:
-        started.append(LoginProcess(argv, job_env, tmp_path))
-        return started[-1]
-
-    yield start
-    for proc in started:
-        proc.kill()
+def ws(cluster: SlurmCluster, tmp_path: Path) -> Iterator[Workspace]:
+    """A fresh user workspace for one test."""
+    workspace = Workspace(cluster, tmp_path)
+    yield workspace
+    workspace.close()
 
 
-def assert_job_left_nothing(cluster: SlurmCluster, job_id: str, env: Mapping[str, str]) -> None:
+def assert_job_left_nothing(cluster: SlurmCluster, job_id: str, ws: Workspace) -> None:
     """No process of the job is alive, and its per-job directory is gone."""
     cluster.wait_no_job_processes(job_id)
-    job_dir = jobs_dir(env) / job_id
+    job_dir = ws.jobs_dir / job_id
     leftovers = sorted(str(p) for p in job_dir.rglob("*")) if job_dir.exists() else []
     assert not job_dir.exists(), "left behind: %s %s" % (job_dir, leftovers)
 
 
-def submit(cluster: SlurmCluster, env: Dict[str, str], cwd: Path, script: str) -> str:
-    """sbatch a script given as text (written to ``cwd``); its job id."""
-    path = cwd / ("job-%d.sh" % len(list(cwd.glob("job-*.sh"))))
+def submit(cluster: SlurmCluster, ws: Workspace, script: str) -> str:
+    """sbatch a script given as text; its job id."""
+    path = ws.root / ("job-%d.sh" % len(list(ws.root.glob("job-*.sh"))))
     path.write_text(script)
-    return cluster.sbatch(path, options=["-o", str(path.with_suffix(".out"))], env=env, cwd=cwd)
+    return cluster.sbatch(path, options=["-o", str(path.with_suffix(".out"))], env=ws.env,
+                          cwd=ws.root)
 
 
-def test_cleanup_idiom_ends_job_completed_and_kills_background(
-        cluster: SlurmCluster, job_env: Dict[str, str], tmp_path: Path) -> None:
-    """The trap the examples use: the job ends COMPLETED and its background work is gone."""
-    job_id = submit(cluster, job_env, tmp_path, (
+URL = r"http://localhost:(\d+)(\S*)"
+
+
+@pytest.fixture(scope="module")
+def time_limited_job(cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory
+                     ) -> Iterator[Tuple[Workspace, str, LoginProcess]]:
+    """A web_app.sbatch job with the shortest time limit SLURM has (a minute),
+    started with the module's first test so that the minute passes alongside the
+    others; test_time_limit_leaves_nothing, last, checks how it ended."""
+    ws = Workspace(cluster, tmp_path_factory.mktemp("time-limit"))
+    (ws.root / "page.txt").write_text("served\n")
+    job_id = cluster.sbatch(ws.examples / "web_app.sbatch", "python3", "-m", "http.server",
+                            "--bind", "127.0.0.1", "{port}", options=["--time=1"],
+                            env=ws.env, cwd=ws.root)
+    yield ws, job_id, ws.login("connect.sh", job_id)
+    ws.close()
+
+
+@pytest.mark.timeout(120)
+def test_web_app_example_serves_a_directory(time_limited_job: Tuple[Workspace, str, LoginProcess]
+                                            ) -> None:
+    """web_app.sbatch with `python3 -m http.server ... {port}`: a file comes through."""
+    _, _, connect = time_limited_job
+    port, path = connect.wait_for(URL, timeout=60).groups()
+    assert path == "/"
+    page = urllib.request.urlopen("http://127.0.0.1:%s/page.txt" % port, timeout=30).read()
+    assert page == b"served\n"
+
+
+@pytest.mark.parametrize("trap, state", [
+    ("trap 'trap \"\" TERM; kill 0; wait' EXIT", "COMPLETED"),  # what the examples do
+    ('trap "kill 0" EXIT', "FAILED"),  # FileForward's README: kill 0 kills the batch shell too
+])
+def test_cleanup_idiom(cluster: SlurmCluster, ws: Workspace, trap: str, state: str) -> None:
+    """The examples' EXIT trap ends the job COMPLETED and its background work is gone."""
+    job_id = submit(cluster, ws, (
         "#!/bin/bash\n"
-        "trap 'trap \"\" TERM; kill 0; wait' EXIT\n"
+        "%s\n"
         "sleep 300 &\n"
         # as the examples do, wait for readiness: a signal that reaches a child
         # between fork and exec is lost (bash's handler is still in place).
         "until [ \"$(ps -o comm= -p $!)\" = sleep ]; do sleep 0.05; done\n"
         "echo started \"$SLURM_JOB_ID\"\n"
-    ))
+    ) % trap)
     job = cluster.wait_finished(job_id, timeout=30)
-    assert job.state == "COMPLETED", cluster.describe(job_id)
-    assert job.exit_code == "0:0"
+    assert job.state == state, cluster.describe(job_id)
     assert job.output == "started %s\n" % job_id
     cluster.wait_no_job_processes(job_id)
 
 
-def test_leftover_setsid_process_is_detected(
-        cluster: SlurmCluster, job_env: Dict[str, str], tmp_path: Path) -> None:
+def test_leftover_setsid_process_is_detected(cluster: SlurmCluster, ws: Workspace) -> None:
     """The fixture itself can see leftovers: a setsid process survives the job end."""
-    job_id = submit(cluster, job_env, tmp_path, (
+    job_id = submit(cluster, ws, (
         "#!/bin/bash\n"
         "setsid sleep 300 </dev/null >/dev/null 2>&1 &\n"
         "until [ \"$(ps -o sid= -p $! | tr -d ' ')\" = \"$!\" ]; do sleep 0.05; done\n"
@@ -190,21 +219,20 @@ def test_leftover_setsid_process_is_detected(
     cluster.wait_no_job_processes(job_id)
 
 
-URL = r"http://localhost:(\d+)(\S*)"
+def connect_jupyter(connect: LoginProcess) -> JupyterClient:
+    """The JupyterLab connect.sh announces, addressed the way the laptop would."""
+    port, path = connect.wait_for(URL, timeout=120).groups()
+    assert path.startswith("/lab?token="), path
+    return JupyterClient("http://127.0.0.1:%s" % port, parse_qs(urlsplit(path).query)["token"][0])
 
 
 @pytest.mark.timeout(180)
-def test_jupyter_example(cluster: SlurmCluster, job_env: Dict[str, str], examples: Path,
-                         login: Callable[..., LoginProcess], tmp_path: Path) -> None:
+def test_jupyter_example(cluster: SlurmCluster, ws: Workspace) -> None:
     """jupyter.sbatch + connect.sh: token, /api/status, a kernel computes 1+1 = 2;
     File > Shut Down ends the job COMPLETED and leaves nothing behind."""
-    job_id = cluster.sbatch(examples / "jupyter.sbatch", env=job_env, cwd=tmp_path)
-    connect = login(str(examples / "connect.sh"), job_id)
-    port, path = connect.wait_for(URL, timeout=120).groups()
-    token = parse_qs(urlsplit(path).query)["token"][0]
-    assert path.startswith("/lab?")
-
-    client = JupyterClient("http://127.0.0.1:%s" % port, token)
+    job_id = cluster.sbatch(ws.examples / "jupyter.sbatch", env=ws.env, cwd=ws.root)
+    connect = ws.login("connect.sh", job_id)
+    client = connect_jupyter(connect)
     assert "started" in client.status()
     with pytest.raises(urllib.error.HTTPError, match="403"):
         JupyterClient(client.base_url, "not-the-token").status()
@@ -214,28 +242,28 @@ def test_jupyter_example(cluster: SlurmCluster, job_env: Dict[str, str], example
     client.shutdown()
     job = cluster.wait_finished(job_id, timeout=60)
     assert job.state == "COMPLETED", cluster.describe(job_id)
+    assert "JupyterLab is up." in job.output
     assert connect.wait_exit(timeout=30) == 0, connect.output()
     assert "job %s has ended" % job_id in connect.output()
-    assert_job_left_nothing(cluster, job_id, job_env)
+    assert_job_left_nothing(cluster, job_id, ws)
 
 
 @pytest.mark.timeout(180)
 def test_jupyter_example_scancel_with_a_busy_kernel_leaves_nothing(
-        cluster: SlurmCluster, job_env: Dict[str, str], examples: Path,
-        login: Callable[..., LoginProcess], tmp_path: Path) -> None:
+        cluster: SlurmCluster, ws: Workspace) -> None:
     """scancel of a running jupyter.sbatch: CANCELLED, and no process (not even the
     kernel, which Jupyter starts in a session of its own) or tunnel file is left."""
-    job_id = cluster.sbatch(examples / "jupyter.sbatch", env=job_env, cwd=tmp_path)
-    connect = login(str(examples / "connect.sh"), job_id)
-    port, path = connect.wait_for(URL, timeout=120).groups()
-    client = JupyterClient("http://127.0.0.1:%s" % port, parse_qs(urlsplit(path).query)["token"][0])
+    job_id = cluster.sbatch(ws.examples / "jupyter.sbatch", env=ws.env, cwd=ws.root)
+    connect = ws.login("connect.sh", job_id)
+    client = connect_jupyter(connect)
     kernel = client.start_kernel()
-    assert client.execute(kernel, "import subprocess; subprocess.Popen(['sleep', '300']).pid > 0") == "True"
+    started = "import subprocess; subprocess.Popen(['sleep', '300']).pid > 0"
+    assert client.execute(kernel, started) == "True"
     assert any(p.cmdline == "sleep 300" for p in cluster.job_processes(job_id))
 
     cluster.run(["scancel", job_id])
     assert cluster.wait_finished(job_id, timeout=60).state == "CANCELLED"
-    assert_job_left_nothing(cluster, job_id, job_env)
+    assert_job_left_nothing(cluster, job_id, ws)
     assert connect.wait_exit(timeout=30) == 0, connect.output()
 
 
@@ -260,26 +288,24 @@ server.serve_forever()
 
 
 @pytest.mark.timeout(120)
-def test_web_app_example(cluster: SlurmCluster, job_env: Dict[str, str], examples: Path,
-                         login: Callable[..., LoginProcess], tmp_path: Path) -> None:
+def test_web_app_example(cluster: SlurmCluster, ws: Workspace) -> None:
     """web_app.sbatch runs the given command with {port} filled in; the page comes
     through connect.sh's port; the app's own exit ends the job COMPLETED, cleanly."""
-    (tmp_path / "app.py").write_text(APP)
-    job_id = cluster.sbatch(examples / "web_app.sbatch", "python3", "app.py", "{port}",
-                            env=job_env, cwd=tmp_path)
-    connect = login(str(examples / "connect.sh"), job_id)
+    (ws.root / "app.py").write_text(APP)
+    job_id = cluster.sbatch(ws.examples / "web_app.sbatch", "python3", "app.py", "{port}",
+                            env=ws.env, cwd=ws.root)
+    connect = ws.login("connect.sh", job_id)
     port, path = connect.wait_for(URL, timeout=60).groups()
     assert path == "/"
 
     page = urllib.request.urlopen("http://127.0.0.1:%s/" % port, timeout=30).read().decode()
-    job_port = re.fullmatch(r"hello from job %s, PORT=(\d+)\n" % job_id, page)
-    assert job_port, page
+    assert re.fullmatch(r"hello from job %s, PORT=\d+\n" % job_id, page), page
     urllib.request.urlopen("http://127.0.0.1:%s/quit" % port, timeout=30).read()
 
     job = cluster.wait_finished(job_id, timeout=30)
     assert job.state == "COMPLETED", cluster.describe(job_id)
     assert connect.wait_exit(timeout=30) == 0, connect.output()
-    assert_job_left_nothing(cluster, job_id, job_env)
+    assert_job_left_nothing(cluster, job_id, ws)
 
 
 class Internet:
@@ -340,29 +366,27 @@ class Internet:
 
 
 @pytest.fixture
-def internet(job_env: Dict[str, str]) -> Iterator[Internet]:
+def internet(ws: Workspace) -> Iterator[Internet]:
     """A fake internet on 127.0.0.1; the login side's LLM settings point to it."""
     net = Internet()
-    job_env.update(net.env())
+    ws.env.update(net.env())
     yield net
     net.close()
 
 
 @pytest.mark.timeout(120)
-def test_rpc_job_example(cluster: SlurmCluster, job_env: Dict[str, str], examples: Path,
-                         internet: Internet, login: Callable[..., LoginProcess],
-                         tmp_path: Path) -> None:
+def test_rpc_job_example(cluster: SlurmCluster, ws: Workspace, internet: Internet) -> None:
     """run_with_rpc.sh rpc_job.py: the job prints what the login node's functions
     fetched and computed, and the login node's ValueError, as a ValueError."""
-    runner = login(str(examples / "run_with_rpc.sh"), str(examples / "rpc_job.py"),
-                   internet.url + "/page.html")
+    runner = ws.login("run_with_rpc.sh", str(ws.examples / "rpc_job.py"),
+                      internet.url + "/page.html")
     job_id = runner.wait_for(r"job (\d+) released", timeout=60).group(1)
     assert runner.wait_exit(timeout=60) == 0, runner.output()
     assert "job %s has ended (1 COMPLETED)" % job_id in runner.output()
 
     job = cluster.wait_finished(job_id, timeout=10)
     assert job.state == "COMPLETED", cluster.describe(job_id)
-    assert (tmp_path / ("rpc-demo-%s.out" % job_id)).read_text() == job.output
+    assert (ws.root / ("rpc-demo-%s.out" % job_id)).read_text() == job.output
     page = "<html><body>page %s</body></html>" % internet.nonce
     assert job.output.splitlines() == [
         "fetched %s/page.html: %d characters" % (internet.url, len(page)),
@@ -372,27 +396,37 @@ def test_rpc_job_example(cluster: SlurmCluster, job_env: Dict[str, str], example
     ], job.output
     assert internet.requests == [("/page.html", None),
                                  ("/v1/chat/completions", "Bearer " + internet.api_key)]
-    assert_job_left_nothing(cluster, job_id, job_env)
+    assert_job_left_nothing(cluster, job_id, ws)
 
 
 @pytest.mark.timeout(120)
-def test_rpc_array_example(cluster: SlurmCluster, job_env: Dict[str, str], examples: Path,
-                           internet: Internet, login: Callable[..., LoginProcess],
-                           tmp_path: Path) -> None:
+def test_rpc_array_example(cluster: SlurmCluster, ws: Workspace, internet: Internet) -> None:
     """run_with_rpc.sh rpc_array.py: all four tasks get their answer from one server."""
     questions = ["question %d of %s" % (i, internet.nonce) for i in range(4)]
-    runner = login(str(examples / "run_with_rpc.sh"), str(examples / "rpc_array.py"), *questions)
+    runner = ws.login("run_with_rpc.sh", str(ws.examples / "rpc_array.py"), *questions)
     job_id = runner.wait_for(r"job (\d+) released", timeout=60).group(1)
     assert runner.wait_exit(timeout=90) == 0, runner.output()
     assert "job %s has ended (4 COMPLETED)" % job_id in runner.output()
 
     assert set(cluster.array_states(job_id).values()) == {"COMPLETED"}
     for task, question in enumerate(questions):
-        output = (tmp_path / ("rpc-array-%s_%d.out" % (job_id, task))).read_text()
+        output = (ws.root / ("rpc-array-%s_%d.out" % (job_id, task))).read_text()
         assert output == "task %d asked %r; answer: %s answers test-model to %r\n" % (
             task, question, internet.nonce, question), output
     assert len(internet.requests) == 4
-    assert_job_left_nothing(cluster, job_id, job_env)
+    assert_job_left_nothing(cluster, job_id, ws)
+
+
+@pytest.mark.timeout(180)
+def test_time_limit_leaves_nothing(cluster: SlurmCluster,
+                                   time_limited_job: Tuple[Workspace, str, LoginProcess]) -> None:
+    """The time-limited web_app.sbatch job ends TIMEOUT, and leaves no process or
+    tunnel file behind; connect.sh notices and exits."""
+    ws, job_id, connect = time_limited_job
+    job = cluster.wait_finished(job_id, timeout=150)
+    assert job.state == "TIMEOUT", cluster.describe(job_id)
+    assert_job_left_nothing(cluster, job_id, ws)
+    assert connect.wait_exit(timeout=30) == 0, connect.output()
 
 
 def test_jupyter_client_drives_a_local_jupyterlab(tmp_path: Path) -> None:
