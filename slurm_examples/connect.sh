@@ -25,7 +25,7 @@ until [ -e "$job_dir/service.info" ]; do
   fi
   [ "$new_state" != "$state" ] && echo "job $job_id is $new_state; waiting for its service..."
   state=$new_state
-  sleep 2
+  sleep "$FF_POLL_SECONDS"
 done
 service=$(sed -n 's/^service=//p' "$job_dir/service.info")
 url_path=$(sed -n 's/^url_path=//p' "$job_dir/service.info")

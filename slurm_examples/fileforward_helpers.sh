@@ -8,6 +8,9 @@
 #         service.info    what the login side needs: service name, URL path with token
 # and removes it when it ends.
 
+# How often the login-side scripts ask SLURM about a job (squeue), in seconds.
+FF_POLL_SECONDS=${FILEFORWARD_POLL_SECONDS:-5}
+
 # ff_job_dir JOBID: print the job's directory (not created).
 ff_job_dir() {
   printf '%s/%s\n' "${FILEFORWARD_JOBS_DIR:-$HOME/.cache/fileforward/jobs}" "$1"
@@ -83,7 +86,7 @@ ff_job_state() {
 # (the login-side server) has exited.
 ff_wait_job_end() {
   while [ -n "$(ff_job_state "$1")" ] && kill -0 "$2" 2>/dev/null; do
-    sleep 2
+    sleep "$FF_POLL_SECONDS"
   done
 }
 

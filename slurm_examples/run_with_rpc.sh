@@ -33,7 +33,7 @@ on_exit() {
   if [ -n "$(ff_job_state "$job_id")" ]; then
     echo "cancelling job $job_id (its RPC server is stopping)" >&2
     scancel "$job_id"
-    while [ -n "$(ff_job_state "$job_id")" ]; do sleep 1; done
+    while [ -n "$(ff_job_state "$job_id")" ]; do sleep 1; done  # until its processes are gone
   fi
   ff_stop "$server"
   ff_remove_job_dir "$job_dir"

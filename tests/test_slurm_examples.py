@@ -292,8 +292,9 @@ def test_web_app_example(cluster: SlurmCluster, ws: Workspace) -> None:
     """web_app.sbatch runs the given command with {port} filled in; the page comes
     through connect.sh's port; the app's own exit ends the job COMPLETED, cleanly."""
     (ws.root / "app.py").write_text(APP)
-    job_id = cluster.sbatch(ws.examples / "web_app.sbatch", "python3", "app.py", "{port}",
-                            env=ws.env, cwd=ws.root)
+    # (an argument with slashes: the script must still find its helpers)
+    job_id = cluster.sbatch(ws.examples / "web_app.sbatch", "python3", str(ws.root / "app.py"),
+                            "{port}", env=ws.env, cwd=ws.root)
     connect = ws.login("connect.sh", job_id)
     port, path = connect.wait_for(URL, timeout=60).groups()
     assert path == "/"
