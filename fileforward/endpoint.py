@@ -261,7 +261,7 @@ class Endpoint:
         """Start the I/O thread; returns once our bell (and server pointer) exist."""
         self._thread.start()
         await asyncio.wrap_future(self.started)
-        atexit.register(self.stop)
+        atexit.register(self._stop_at_exit)
         self.loop.call_later(1.0, self._check_stall)
 
     def wake(self) -> None:
@@ -280,6 +280,11 @@ class Endpoint:
         """Stop: reset open connections, tell peers, remove our files. Thread-safe."""
         self._stop_requested = True
         self._wake.set()
+
+    def _stop_at_exit(self) -> None:
+        """Interpreter exit with the endpoint still running: clean up before daemon threads die."""
+        self.stop()
+        self._thread.join(5.0)
 
     async def wait_stopped(self) -> None:
         """Wait until the I/O thread has cleaned up and exited."""
@@ -351,7 +356,7 @@ class Endpoint:
         finally:
             self.busy_since = None
             self._shutdown()
-            atexit.unregister(self.stop)
+            atexit.unregister(self._stop_at_exit)
             self.stopped.set_result(None)
 
     def _should_stop(self) -> bool:
