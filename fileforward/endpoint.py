@@ -327,7 +327,8 @@ class Endpoint:
         if not self.stopped.done():
             self.loop.call_later(1.0, self._check_stall)
 
-    def _to_loop(self, callback: Callable[..., None], *args: object) -> None:
+    def to_loop(self, callback: Callable[..., None], *args: object) -> None:
+        """Schedule `callback` on the event loop (from any thread)."""
         try:
             self.loop.call_soon_threadsafe(callback, *args)
         except RuntimeError:  # the loop is closed: nobody is listening any more
@@ -424,7 +425,7 @@ class Endpoint:
             if conn.end_output():
                 _quietly(conn.out_file.append, encode(Kind.RESET, b"the other side shut down"))
             self._end_input(conn)
-            self._to_loop(conn.transport.deliver_lost,
+            self.to_loop(conn.transport.deliver_lost,
                           ConnectionAbortedError(f"fileforward endpoint for {self.tunnel_dir} shut down"))
             self._forget(conn)
         for peer in list(self._peers.values()):
@@ -638,7 +639,7 @@ class Endpoint:
         conn.last_write = time.monotonic()
         self._ring(conn)
         if self._on_accept is not None:
-            self._to_loop(self._on_accept, conn.transport)
+            self.to_loop(self._on_accept, conn.transport)
 
     # --- writing ------------------------------------------------------------------------
     def _flush(self, conn: Conn, now: float) -> bool:
@@ -654,10 +655,10 @@ class Endpoint:
         if conn.out_done or conn.eof_written != eof_before or now - conn.last_write > self.opts.wake_after_idle:
             self._ring(conn)
         conn.last_write = now
-        self._to_loop(conn.transport.writer_drained)
+        self.to_loop(conn.transport.writer_drained)
         if conn.lost_after_write:
             conn.lost_after_write = False
-            self._to_loop(conn.transport.deliver_lost, None)
+            self.to_loop(conn.transport.deliver_lost, None)
         return True
 
     def _ring(self, conn: Conn) -> None:
@@ -717,7 +718,7 @@ class Endpoint:
                 log.warning("tunnel directory %s: stepping down for a new server (%s)", self.tunnel_dir, description)
                 self._release_pointer(clear=False)
                 if self._on_stepdown is not None:
-                    self._to_loop(self._on_stepdown, description)
+                    self.to_loop(self._on_stepdown, description)
         elif kind is not Kind.PING:
             raise ProtocolError(f"unexpected record {kind.name} in a bell file")
 
@@ -749,15 +750,15 @@ class Endpoint:
                 payloads.append(payload)
                 continue
             if payloads:
-                self._to_loop(conn.transport.deliver_data, payloads)
+                self.to_loop(conn.transport.deliver_data, payloads)
                 payloads = []
             if kind is Kind.EOF and not conn.in_eof:
                 conn.in_eof = True
-                self._to_loop(conn.transport.deliver_eof)
+                self.to_loop(conn.transport.deliver_eof)
             elif kind is Kind.CLOSE:
                 if not conn.in_eof:
                     conn.in_eof = True
-                    self._to_loop(conn.transport.deliver_eof)
+                    self.to_loop(conn.transport.deliver_eof)
                 self._end_input(conn)
                 conn.peer_closed()
             elif kind is Kind.RESET:
@@ -770,7 +771,7 @@ class Endpoint:
             else:
                 raise ProtocolError(f"unexpected {kind.name} record")
         if payloads:
-            self._to_loop(conn.transport.deliver_data, payloads)
+            self.to_loop(conn.transport.deliver_data, payloads)
 
     # --- ending connections -------------------------------------------------------------
     def _end_input(self, conn: Conn) -> None:
@@ -789,7 +790,7 @@ class Endpoint:
         if pending is not None:
             self._abandon_connect(pending, exc)
         else:
-            self._to_loop(conn.transport.deliver_lost, exc)
+            self.to_loop(conn.transport.deliver_lost, exc)
 
     def _forget(self, conn: Conn) -> None:
         if self._conns.pop(conn.cid, None) is None:
