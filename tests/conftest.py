@@ -22,3 +22,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 def tunnel_dir(tmp_path: Path) -> Path:
     """A fresh, not yet existing tunnel directory under pytest's tmp_path."""
     return tmp_path / "tunnel"
+
+
+# --- Two-node NFS emulation harness (issue 4): fixtures `two_nodes`, `make_two_nodes`.
+from tests.nfs_harness.fixtures import make_two_nodes, two_nodes  # noqa: E402,F401
