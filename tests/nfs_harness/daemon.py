@@ -48,6 +48,9 @@ _lib.fuse_session_exited.restype = ctypes.c_int
 _DROPPED_FLAGS = os.O_APPEND | getattr(os, "O_DIRECT", 0)
 _PR_SET_PDEATHSIG = 1
 _FUSE_CAP_AUTO_INVAL_DATA = 1 << 12
+# Each blocked F_SETLKW holds a worker thread, so allow many. libfuse 3.14 ignores the
+# option (it logs "Ignoring invalid max threads value") and then has no cap at all.
+_MAX_THREADS = 10000
 _EXIT_BY_SIGNAL = 8  # what fuse_main_real returns after SIGTERM/SIGINT: a clean stop
 
 
@@ -362,7 +365,7 @@ def main(argv=None) -> None:
             ops, str(args.mount), raw_fi=True, foreground=True, nothreads=False,
             fsname="nfs_harness", auto_unmount=True, allow_other=True,
             attr_timeout=options.attr_timeout, entry_timeout=options.entry_timeout,
-            negative_timeout=options.negative_timeout, max_threads=options.max_threads,
+            negative_timeout=options.negative_timeout, max_threads=_MAX_THREADS,
         )
     except RuntimeError as exc:
         if exc.args != (_EXIT_BY_SIGNAL,):

@@ -28,8 +28,9 @@ FileKey = Tuple[int, int]  # (st_dev, st_ino) of the backing file
 class LockTable:
     """The open-file-description locks this mount holds, by file and owner."""
 
-    def __init__(self, poll_interval: float = 0.002) -> None:
-        self._poll_interval = poll_interval
+    def __init__(self, first_poll: float = 0.001, max_poll: float = 0.01) -> None:
+        self._first_poll = first_poll
+        self._max_poll = max_poll
         self._ofds: Dict[Tuple[FileKey, int], int] = {}
         self._mutex = threading.Lock()
 
@@ -42,12 +43,15 @@ class LockTable:
             wait: bool, cancelled: Callable[[], bool]) -> None:
         """Lock or unlock [start, start+length) (length 0: to EOF) for `owner`.
 
-        A blocking request retries the non-blocking one until it succeeds or
-        `cancelled()` says the caller gave up; raises OSError(EAGAIN/EINTR).
+        A blocking request retries the non-blocking one, backing off from
+        `first_poll` to `max_poll` seconds (as NFSv4 clients poll blocked locks),
+        until it succeeds or `cancelled()` says the caller gave up; raises
+        OSError(EAGAIN/EINTR).
         """
         if ltype == fcntl.F_UNLCK:
             self._unlock(key, owner, start, length)
             return
+        delay = self._first_poll
         while True:
             try:
                 self._try_lock(fd, key, owner, ltype, start, length)
@@ -57,7 +61,8 @@ class LockTable:
                     raise
             if cancelled():
                 raise OSError(errno.EINTR, "lock wait interrupted")
-            time.sleep(self._poll_interval)
+            time.sleep(delay)
+            delay = min(2 * delay, self._max_poll)
 
     def get(self, fd: int, key: FileKey, owner: int, ltype: int, start: int,
             length: int) -> Tuple[int, int, int, int]:

@@ -64,7 +64,9 @@ class MountedNode:
                 *options.to_argv(), *(["--debug"] if debug else [])]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p))
-        self.process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL)
+        # Own session: a terminal's Ctrl-C goes to the CLI, which unmounts in order.
+        self.process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
+                                        start_new_session=True)
         if not poll_until(lambda: is_mounted(mountpoint) or self.process.poll() is not None,
                      MOUNT_TIMEOUT) or not is_mounted(mountpoint):
             code = self.process.poll()

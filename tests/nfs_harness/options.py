@@ -14,7 +14,6 @@ class NodeOptions:
     negative_timeout: float = 2.0    # seconds a name looked up as missing stays missing
     lock_forwarding: bool = True     # off: locks stay local to each mount (no exclusion)
     lock_invalidation: bool = True   # off: a granted lock leaves stale caches in place
-    max_threads: int = 512           # each blocked F_SETLKW holds one daemon thread
 
     def to_argv(self) -> List[str]:
         """Command-line flags that `add_arguments`/`from_args` turn back into these."""

@@ -3,7 +3,8 @@
 Each takes byte-range locks the way the transport does (fcntl.lockf on a file it
 keeps open) and reports on stdout, so that a test can synchronise on its output.
   hold PATH START LEN      lock, print "locked", keep it until killed or stdin closes
-  lock PATH START LEN      blocking lock, print "locked", exit (which releases it)
+  lock PATH START LEN      print "trying", blocking lock, print "locked", exit
+                           (which releases it)
   waiters PATH N           fork N processes that each block on the whole-file lock,
                            print "waiting"; each child exits once it got the lock;
                            print "done N" when all have
@@ -30,6 +31,7 @@ def _hold(path: str, start: str, length: str) -> None:
 
 def _lock(path: str, start: str, length: str) -> None:
     fd = _open(path)
+    print("trying", flush=True)
     fcntl.lockf(fd, fcntl.LOCK_EX, int(length), int(start))
     print("locked", flush=True)
 
