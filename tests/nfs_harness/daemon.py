@@ -280,15 +280,13 @@ class NfsClientOps:
 
     @_request
     def release(self, path: Optional[str], fi) -> None:
-        with self._files_mutex:
+        with self._files_mutex:  # held so that no new open can lock in between
             entry = self._files.pop(fi.fh)
             self._open_count[entry.key] -= 1
-            last = self._open_count[entry.key] == 0
-            if last:
+            if self._open_count[entry.key] == 0:
                 del self._open_count[entry.key]
+                self._locks.forget_file(entry.key)
         os.close(entry.fd)
-        if last:
-            self._locks.forget_file(entry.key)
 
     def lock(self, path: Optional[str], fi, cmd: int, lock_p) -> int:
         """Forward F_GETLK/F_SETLK/F_SETLKW; a granted lock revalidates the file."""
