@@ -27,6 +27,7 @@ class TwoNodes:
     netns: str                   # node B's network namespace
     options: NodeOptions
     counters: Dict[str, Path]    # {"a": file, "b": file}, see counters.read_counters
+    daemons: Dict[str, subprocess.Popen] = field(default_factory=dict)  # each mount's FUSE daemon
     _processes: List[subprocess.Popen] = field(default_factory=list)
 
     @property
@@ -83,12 +84,13 @@ def start_two_nodes(workdir: Path, options: NodeOptions = NodeOptions(),
     with contextlib.ExitStack() as stack:
         namespace = NetNamespace()
         stack.callback(namespace.delete)
-        counters = {}
+        counters, daemons = {}, {}
         for node, mountpoint in (("a", a), ("b", b)):
             counters[node] = workdir / f"requests_{node}.bin"
             mounted = MountedNode(backing, mountpoint, counters[node], options, debug)
             stack.callback(mounted.stop)
+            daemons[node] = mounted.process
         nodes = TwoNodes(a=a, b=b, backing=backing, netns=namespace.name,
-                         options=options, counters=counters)
+                         options=options, counters=counters, daemons=daemons)
         stack.callback(nodes.kill_processes)
         yield nodes
