@@ -391,7 +391,8 @@ class Endpoint:
             self._last_bell_poll = now
             activity |= self._poll_bell()
         for conn in hot:
-            activity |= self._poll_in(conn, now)
+            if not conn.in_done and self._conns.get(conn.cid) is conn:  # not ended by the bell
+                activity |= self._poll_in(conn, now)
         for pending in list(self._connects.values()):
             self._advance_connect(pending, now)
         self._keep_peers(now)

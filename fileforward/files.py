@@ -202,7 +202,8 @@ class FileTable:
                 return
             if self._files.get(shared.path) is shared:
                 del self._files[shared.path]
-        os.close(shared.fd)
+        fd, shared.fd = shared.fd, -1  # a late use fails with EBADF, never hits a reused descriptor
+        os.close(fd)
 
     def rename(self, shared: SharedFile, new_path: Path) -> None:
         """Rename a file we hold, keeping its descriptor and locks."""
