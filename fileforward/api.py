@@ -110,6 +110,11 @@ class Server:
         self._loop = loop
         self._closed = loop.create_future()
         self.stepped_down_for: Optional[str] = None
+        endpoint.stopped.add_done_callback(lambda _: self._endpoint.to_loop(self._mark_closed))
+
+    def _mark_closed(self) -> None:
+        if not self._closed.done():
+            self._closed.set_result(None)
 
     @property
     def tunnel_dir(self) -> Path:
@@ -134,14 +139,12 @@ class Server:
         done = self._endpoint.stop_serving()
         self._endpoint.autostop = True
         self._endpoint.wake()
-        future = asyncio.wrap_future(done, loop=self._loop)
-        future.add_done_callback(lambda _: self._closed.done() or self._closed.set_result(None))
+        asyncio.wrap_future(done, loop=self._loop).add_done_callback(lambda _: self._mark_closed())
 
     def _stepped_down(self, description: str) -> None:
         self.stepped_down_for = description
         self._endpoint.autostop = True
-        if not self._closed.done():
-            self._closed.set_result(None)
+        self._mark_closed()
 
     async def wait_closed(self) -> None:
         """Wait until the server stopped accepting."""

@@ -182,8 +182,12 @@ def test_a_damaged_record_breaks_only_its_own_connection(tunnel_dir, damage):
                     assert await reader.readexactly(2) == b"hi"
                 cid = victim[1].get_extra_info("connection_id")
                 to_server, _ = tunneldir.chunk_paths(Path(victim[1].get_extra_info("tunnel_dir")), cid)
-                with TABLE.open(to_server).locked() as fd:
-                    os.pwrite(fd, damage, os.fstat(fd).st_size)
+                shared = TABLE.open(to_server)
+                try:
+                    with shared.locked() as fd:
+                        os.pwrite(fd, damage, os.fstat(fd).st_size)
+                finally:
+                    TABLE.release(shared)
                 with pytest.raises(ConnectionResetError):
                     await victim[0].read()
                 bystander[1].write(b"still fine")
