@@ -14,6 +14,7 @@ environment), then stops the daemons.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shutil
@@ -364,7 +365,8 @@ class SlurmCluster:
         out = open(self.root / "log" / ("%s.out" % name), "wb")
         with out:
             proc = subprocess.Popen(argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+                                    stdin=subprocess.DEVNULL, start_new_session=True,
+                                    preexec_fn=_die_with_parent)
         self._daemons.append(proc)
         log.debug("started %s (pid %d)", name, proc.pid)
 
@@ -401,6 +403,16 @@ class SlurmCluster:
                     _proc_environ(int(entry)).get("SLURM_CONF") == str(self.conf):
                 pids.append(int(entry))
         return pids
+
+
+def _die_with_parent() -> None:
+    """In a daemon's child process before exec: get SIGTERM if the test process dies,
+    so that even a killed test run leaves no daemon behind (Linux only)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _read(path: str) -> str:
