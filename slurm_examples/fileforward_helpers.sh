@@ -43,7 +43,7 @@ ff_free_port() {
 ff_wait_port() {
   local port=$1 pid=$2 deadline=$((SECONDS + ${3:-300}))
   until (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do
-    if ! kill -0 "$pid" 2>/dev/null; then
+    if ! ff_running "$pid"; then
       echo "fileforward example: process $pid exited before listening on port $port" >&2
       return 1
     fi
@@ -85,13 +85,29 @@ ff_job_state() {
 # ff_wait_job_end JOBID PID: return when the job has ended, or when process PID
 # (the login-side server) has exited.
 ff_wait_job_end() {
-  while [ -n "$(ff_job_state "$1")" ] && kill -0 "$2" 2>/dev/null; do
+  while [ -n "$(ff_job_state "$1")" ] && ff_running "$2"; do
     sleep "$FF_POLL_SECONDS"
   done
 }
 
-# ff_stop PID: stop a background process (SIGTERM) and wait until it has exited.
+# ff_running PID: true while process PID runs (a child that exited but was not
+# waited for yet does not count).
+ff_running() {
+  local state
+  state=$(ps -o stat= -p "$1" 2>/dev/null) && [ "${state:0:1}" != Z ]
+}
+
+# ff_stop PID [SECONDS]: stop a background process: SIGTERM, and SIGKILL if it is
+# still there after SECONDS (default 10); return once it has exited.
 ff_stop() {
+  local deadline=$((SECONDS + ${2:-10}))
   kill "$1" 2>/dev/null || true
+  while ff_running "$1"; do
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      echo "fileforward example: process $1 ignored SIGTERM for ${2:-10} s; killing it" >&2
+      kill -KILL "$1" 2>/dev/null || true
+    fi
+    sleep 0.2
+  done
   wait "$1" 2>/dev/null || true
 }

@@ -44,7 +44,7 @@ trap 'exit 143' TERM
 
 # Readiness: release the job only once the server answers.
 until python3 -m rpc status --tunnel_dir "$job_dir/rpc" >/dev/null 2>&1; do
-  if ! kill -0 "$server" 2>/dev/null; then
+  if ! ff_running "$server"; then
     echo "the RPC server did not start (see above)" >&2
     exit 1
   fi
@@ -53,10 +53,12 @@ scontrol release "$job_id"
 echo "job $job_id released; serving $functions to it from $(hostname -s) until it ends"
 
 ff_wait_job_end "$job_id" "$server"
-if ! kill -0 "$server" 2>/dev/null; then
+if ! ff_running "$server"; then
   echo "the RPC server stopped unexpectedly (see above)" >&2
   exit 1
 fi
-states=$(scontrol show job "$job_id" 2>/dev/null | sed -n 's/.*JobState=\([A-Z_]*\).*/\1/p' |
-  sort | uniq -c | xargs || true)
-echo "job $job_id has ended${states:+ ($states)}."
+final=$(scontrol show job "$job_id" 2>/dev/null | sed -n 's/.*JobState=\([A-Z_]*\).*/\1/p' || true)
+summary=$(sort <<<"$final" | uniq -c | xargs)
+echo "job $job_id has ended${summary:+ ($summary)}."
+# Exit status 0 if every task COMPLETED (or SLURM no longer remembers the job).
+[ -z "$final" ] || ! grep -qv '^COMPLETED$' <<<"$final"

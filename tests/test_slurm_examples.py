@@ -317,11 +317,14 @@ class Internet:
         self.nonce = secrets.token_hex(8)
         self.api_key = "key-" + secrets.token_hex(8)
         self.requests: List[Tuple[str, Optional[str]]] = []
+        self.finish = threading.Event()
         internet = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 internet.requests.append((self.path, None))
+                if self.path == "/slow":  # answers when the test ends
+                    internet.finish.wait(60)
                 if self.path != "/page.html":
                     return self.send_error(404)
                 self.reply("text/html", "<html><body>page %s</body></html>" % internet.nonce)
@@ -361,6 +364,7 @@ class Internet:
                 "LLM_MODEL": "test-model"}
 
     def close(self) -> None:
+        self.finish.set()
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(5)
@@ -397,6 +401,23 @@ def test_rpc_job_example(cluster: SlurmCluster, ws: Workspace, internet: Interne
     ], job.output
     assert internet.requests == [("/page.html", None),
                                  ("/v1/chat/completions", "Bearer " + internet.api_key)]
+    assert_job_left_nothing(cluster, job_id, ws)
+
+
+@pytest.mark.timeout(120)
+def test_rpc_ctrl_c_on_the_login_node_cancels_the_job(
+        cluster: SlurmCluster, ws: Workspace, internet: Internet) -> None:
+    """Ctrl-C to run_with_rpc.sh during a call: the job is cancelled (it cannot
+    work without its server), and nothing of either side is left."""
+    runner = ws.login("run_with_rpc.sh", str(ws.examples / "rpc_job.py"), internet.url + "/slow")
+    job_id = runner.wait_for(r"job (\d+) released", timeout=60).group(1)
+    poll(lambda: True if ("/slow", None) in internet.requests else None, 60,
+         "the job's fetch() to reach the internet")
+    os.killpg(runner.proc.pid, signal.SIGINT)  # what Ctrl-C in its terminal does
+    # (the server's worker is stuck in fetch(): run_with_rpc.sh kills it after 10 s)
+    assert runner.wait_exit(timeout=30) == 130, runner.output()
+    assert "cancelling job %s" % job_id in runner.output()
+    assert cluster.wait_finished(job_id, timeout=30).state == "CANCELLED"
     assert_job_left_nothing(cluster, job_id, ws)
 
 
