@@ -77,9 +77,18 @@ ff_job_cleanup() {
   ff_remove_job_dir "$1"
 }
 
-# ff_job_state JOBID: print the job's state (PENDING, RUNNING...), nothing once it ended.
+# ff_job_state JOBID: print the job's state (PENDING, RUNNING...), nothing once it
+# has left the queue. When SLURM does not answer, asks again rather than guess.
 ff_job_state() {
-  squeue --noheader --jobs "$1" --format %T 2>/dev/null | head -n 1
+  local out
+  until out=$(squeue --noheader --jobs "$1" --format %T 2>&1); do
+    case $out in
+      *"Invalid job id"*) return 0 ;;  # finished long ago, or never existed
+    esac
+    echo "fileforward example: squeue failed ($out); asking again" >&2
+    sleep "$FF_POLL_SECONDS"
+  done
+  printf '%s\n' "$out" | head -n 1
 }
 
 # ff_wait_job_end JOBID PID: return when the job has ended, or when process PID

@@ -43,11 +43,13 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # Readiness: release the job only once the server answers.
-until python3 -m rpc status --tunnel_dir "$job_dir/rpc" >/dev/null 2>&1; do
-  if ! ff_running "$server"; then
-    echo "the RPC server did not start (see above)" >&2
+deadline=$((SECONDS + 60))
+until python3 -m rpc status --tunnel_dir "$job_dir/rpc" >/dev/null; do
+  if ! ff_running "$server" || [ "$SECONDS" -ge "$deadline" ]; then
+    echo "the RPC server did not come up (see above)" >&2
     exit 1
   fi
+  sleep 0.5
 done
 scontrol release "$job_id"
 echo "job $job_id released; serving $functions to it from $(hostname -s) until it ends"
