@@ -11,7 +11,6 @@ import concurrent.futures as cf
 import threading
 from typing import Any, Coroutine, Dict, Optional, Sequence, Union
 
-from .auth import load_key
 from .client import ClientConnection, RemoteStream
 from .errors import SerializationError, ServerNotRunningError
 from .protocol import DEFAULT_MAX_FRAME, Kind, check_max_frame, encode_call
@@ -181,11 +180,10 @@ def connect(*, tunnel_dir: Any = None, tcp: Any = None, unix: Any = None,
     timeout; a server silent for ``liveness_timeout`` while calls wait is presumed dead.
     """
     ep = endpoint(tunnel_dir=tunnel_dir, tcp=tcp, unix=unix, command=command)
-    key = load_key(key_file)
     thread = _LoopThread()
     try:
         conn = thread.run(ClientConnection.open(
-            ep, key=key, connect_timeout=connect_timeout, liveness_timeout=liveness_timeout,
+            ep, key_file=key_file, connect_timeout=connect_timeout, liveness_timeout=liveness_timeout,
             max_frame=check_max_frame(max_frame), stream_window=stream_window))
     except BaseException:
         thread.stop()

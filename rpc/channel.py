@@ -129,4 +129,6 @@ def describe_peer(writer: asyncio.StreamWriter) -> str:
     if peer:
         return str(peer)
     sockname = writer.get_extra_info("sockname")
-    return f"client of {sockname}" if sockname else type(writer.transport).__name__
+    if sockname:
+        return f"client of {sockname}"
+    return "pipe peer" if writer.get_extra_info("pipe") is not None else "peer"

@@ -14,6 +14,7 @@ import logging
 import threading
 from typing import Any, Callable, Deque, Dict, Optional, Tuple
 
+from .auth import load_key
 from .channel import Channel
 from .errors import (ConnectionLost, ProtocolError, RPCError, SerializationError,
                      ServerNotRunningError)
@@ -48,15 +49,18 @@ class ClientConnection:
                        asyncio.ensure_future(self._heartbeat())]
 
     @classmethod
-    async def open(cls, ep: Endpoint, *, key: bytes, connect_timeout: float,
+    async def open(cls, ep: Endpoint, *, key_file: Any, connect_timeout: float,
                    liveness_timeout: float, max_frame: int,
                    stream_window: int) -> "ClientConnection":
-        """Connect to ``ep`` and authenticate; runs on the connection's loop."""
+        """Connect to ``ep`` and authenticate; runs on the connection's loop.
+
+        """
         reader, writer, process = await open_streams(ep, connect_timeout, liveness_timeout)
         channel = Channel(reader, writer)
         try:
-            hello = await asyncio.wait_for(client_handshake(channel, key, max_frame),
-                                           connect_timeout)
+            hello = await asyncio.wait_for(
+                client_handshake(channel, lambda: load_key(key_file), max_frame),
+                connect_timeout)
         except BaseException as exc:
             await channel.aclose()
             if process is not None:

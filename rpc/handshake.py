@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import platform
 import socket
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 import cloudpickle
 
@@ -83,12 +83,18 @@ def _check_hello(hello: Dict[str, Any], peer_role: str) -> None:
                     "may fail to load", peer_role, hello.get("hostname"), warning)
 
 
-async def client_handshake(channel: Channel, key: bytes, max_frame: int) -> Dict[str, Any]:
-    """Authenticate to the server; returns the server's HELLO."""
+async def client_handshake(channel: Channel, get_key: Callable[[], bytes],
+                           max_frame: int) -> Dict[str, Any]:
+    """Authenticate to the server; returns the server's HELLO.
+
+    The key is read (``get_key()``) only once a server has answered, so that "no
+    server" is reported as such even where no key file exists yet.
+    """
     nonce_c = auth.new_nonce()
     channel.send(Kind.HELLO, payload=_hello(nonce_c, max_frame))
     hello = await _expect(channel, Kind.HELLO)
     _check_hello(hello, "server")
+    key = get_key()
     nonce_s = hello["nonce"]
     channel.send(Kind.AUTH, payload=encode_json(
         {"mac": auth.answer(key, "client", nonce_c, nonce_s)}))

@@ -106,11 +106,11 @@ class CliServer:
 
 
 def run_json(args, timeout=60, **kwargs):
-    """Run a Python command that prints one JSON line; return (exit code, parsed)."""
+    """Run a Python command that prints one JSON document; return (code, parsed, stderr)."""
     proc = subprocess.run([sys.executable, *args], capture_output=True, text=True,
                           timeout=timeout, **kwargs)
-    lines = proc.stdout.strip().splitlines()
-    return proc.returncode, (json.loads(lines[-1]) if lines else None), proc.stderr
+    return proc.returncode, (json.loads(proc.stdout) if proc.stdout.strip() else None), \
+        proc.stderr
 
 
 class RawConnection:
