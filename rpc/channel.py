@@ -130,5 +130,5 @@ def describe_peer(writer: asyncio.StreamWriter) -> str:
         return str(peer)
     sockname = writer.get_extra_info("sockname")
     if sockname:
-        return f"client of {sockname}"
+        return f"peer on {sockname}"
     return "pipe peer" if writer.get_extra_info("pipe") is not None else "peer"

@@ -233,8 +233,9 @@ class _Connection:
                 log.debug("client %s cancelled call %d", self.channel.peer, rid)
                 self.calls[rid].cancel()
         elif kind is Kind.CREDIT:
+            count = decode_credit(frame.payload)
             if rid in self.calls:
-                self.calls[rid].credit.grant(decode_credit(frame.payload))
+                self.calls[rid].credit.grant(count)
         elif kind is Kind.PING:
             self.channel.send(Kind.PONG, rid)
         elif kind is Kind.INFO:
