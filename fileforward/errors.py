@@ -21,5 +21,5 @@ class PeerLostError(TunnelError, ConnectionResetError):
     """The peer endpoint stopped proving it is alive, or reset the connection."""
 
 
-class ProtocolError(TunnelError):
+class ProtocolError(TunnelError, ConnectionError):
     """A record in a tunnel file is malformed or from an incompatible version."""

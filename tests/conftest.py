@@ -22,3 +22,26 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 def tunnel_dir(tmp_path: Path) -> Path:
     """A fresh, not yet existing tunnel directory under pytest's tmp_path."""
     return tmp_path / "tunnel"
+
+
+class Node:
+    """One side of a tunnel in an end-to-end test: where it sees the tunnel
+    directory, and the argv prefix that runs a process on it."""
+
+    def __init__(self, name: str, tunnel_dir: Path, prefix: "list[str]") -> None:
+        self.name = name
+        self.tunnel_dir = tunnel_dir
+        self.prefix = prefix
+
+    def __repr__(self) -> str:
+        return f"Node({self.name}, {self.tunnel_dir})"
+
+
+@pytest.fixture(params=["local"])
+def nodes(request: pytest.FixtureRequest, tmp_path: Path) -> "tuple[Node, Node]":
+    """(login node, job node) sharing a tunnel directory.
+
+    "local": both are this machine, on a local directory.
+    """
+    shared = tmp_path / "tunnel"
+    return Node("login", shared, []), Node("job", shared, [])

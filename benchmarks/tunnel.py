@@ -1,0 +1,255 @@
+"""Benchmark of the `fileforward` tunnel against direct TCP loopback, in one run.
+
+    python benchmarks/tunnel.py [--dir DIR] [--runs 3] [--mb 64]
+
+Starts the real CLI (`python -m fileforward --server/--client`) with a tunnel
+directory under DIR (default: a temporary directory on local disk), an echo service
+behind it, and prints one table (medians over --runs):
+
+- bulk throughput (MB/s each way, echo) through the tunnel and directly, and their ratio;
+- 64-byte round trip median and p99, tunnel and direct, and the ratio;
+- idle filesystem syscalls per second per endpoint with 1 and 100 idle connections,
+  counted by `strace -c -f` (install it with `apt-get install strace` if missing);
+- idle CPU % per endpoint (from /proc, without strace attached).
+
+Other filesystems: `--dir` on NFS (or on the two-node harness mount) measures there.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+FS_SYSCALLS = ("openat,close,read,write,pread64,pwrite64,fcntl,fstat,newfstatat,statx,lseek,ftruncate,"
+               "rename,renameat,renameat2,unlink,unlinkat,getdents64,mkdir,mkdirat,fsync,fdatasync,flock")
+IDLE_SETTLE_S = 3.0
+IDLE_MEASURE_S = 10.0
+
+
+# --- helpers ---------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_listening(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listens on port {port}")
+            time.sleep(0.05)
+
+
+def start(argv: Sequence[str], ready_word: str = "") -> subprocess.Popen:
+    """Start a helper process; with `ready_word`, wait for it in its output."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            cwd=REPO)
+    assert proc.stdout is not None
+    if ready_word:
+        for line in proc.stdout:
+            if ready_word in line:
+                break
+        else:
+            raise RuntimeError(f"{argv} exited before printing {ready_word!r}")
+    threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def connect(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            raise RuntimeError(f"stream ended after {len(buf)} of {n} bytes (stalled or broken transfer)")
+        buf += chunk
+    return bytes(buf)
+
+
+# --- measurements ------------------------------------------------------------------------
+def throughput(port: int, megabytes: int) -> float:
+    """MB/s of an echo transfer: send and receive `megabytes` concurrently; verified."""
+    payload = os.urandom(1 << 20) * megabytes
+    with connect(port) as sock:
+        received: List[bytes] = []
+        reader = threading.Thread(target=lambda: received.append(recv_exactly(sock, len(payload))))
+        started = time.perf_counter()
+        reader.start()
+        sock.sendall(payload)
+        reader.join()
+        elapsed = time.perf_counter() - started
+    if received != [payload]:
+        raise RuntimeError("corrupted transfer")
+    return megabytes * 1.048576 / elapsed
+
+
+def round_trips(port: int, count: int = 2000) -> List[float]:
+    """Seconds per 64-byte echo round trip, after a warm-up."""
+    message = b"r" * 64
+    times = []
+    with connect(port) as sock:
+        for i in range(count + 100):
+            started = time.perf_counter()
+            sock.sendall(message)
+            if recv_exactly(sock, 64) != message:
+                raise RuntimeError("corrupted round trip")
+            if i >= 100:
+                times.append(time.perf_counter() - started)
+    return times
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def strace_count(pids: Sequence[int], seconds: float) -> Dict[int, int]:
+    """Filesystem syscalls made by each process (all threads) during `seconds`."""
+    tracers = {}
+    for pid in pids:
+        out = tempfile.NamedTemporaryFile("w+", suffix=".strace", delete=False)
+        tracers[pid] = (subprocess.Popen(["strace", "-c", "-f", "-e", f"trace={FS_SYSCALLS}", "-o", out.name,
+                                          "-p", str(pid)], stderr=subprocess.DEVNULL), out.name)
+    time.sleep(seconds)
+    counts = {}
+    for pid, (tracer, path) in tracers.items():
+        tracer.terminate()
+        tracer.wait(10)
+        totals = [line.split() for line in Path(path).read_text().splitlines() if line.rstrip().endswith("total")]
+        os.unlink(path)
+        counts[pid] = int(totals[-1][3]) if totals else 0
+    return counts
+
+
+class Setup:
+    """Echo service + the two CLI endpoints on a fresh tunnel directory."""
+
+    def __init__(self, base: Path) -> None:
+        self.tunnel_dir = Path(tempfile.mkdtemp(prefix="ffbench-", dir=base))
+        self.echo_port, self.port = free_port(), free_port()
+        self.echo = start([sys.executable, "-m", "tests.services", "echo", str(self.echo_port)], "READY")
+        cli = [sys.executable, "-m", "fileforward", "--tunnel_dir", str(self.tunnel_dir), "--log-level", "WARNING"]
+        self.job_side = start(cli + ["--client", "--port", str(self.echo_port)])
+        self.login_side = start(cli + ["--server", "--port", str(self.port)])
+        wait_listening(self.port)
+
+    def close(self) -> None:
+        for proc in (self.login_side, self.job_side, self.echo):
+            stop(proc)
+        shutil.rmtree(self.tunnel_dir, ignore_errors=True)
+
+
+def idle_costs(base: Path, connections: int) -> Dict[str, float]:
+    setup = Setup(base)
+    socks = []
+    try:
+        for _ in range(connections):
+            sock = connect(setup.port)
+            sock.sendall(b"hello")
+            recv_exactly(sock, 5)
+            socks.append(sock)
+        time.sleep(IDLE_SETTLE_S)  # let the endpoints back off to their idle polling
+        pids = [setup.login_side.pid, setup.job_side.pid]
+        before = {pid: cpu_seconds(pid) for pid in pids}
+        time.sleep(IDLE_MEASURE_S)
+        cpu = {pid: 100 * (cpu_seconds(pid) - before[pid]) / IDLE_MEASURE_S for pid in pids}
+        calls = strace_count(pids, IDLE_MEASURE_S)
+        for sock in socks:  # still alive after the idle period?
+            sock.sendall(b"still")
+            if recv_exactly(sock, 5) != b"still":
+                raise RuntimeError("idle connection corrupted")
+        return {"syscalls": max(calls.values()) / IDLE_MEASURE_S, "cpu": max(cpu.values())}
+    finally:
+        for sock in socks:
+            sock.close()
+        setup.close()
+
+
+def one_run(base: Path, megabytes: int) -> Dict[str, float]:
+    result: Dict[str, float] = {}
+    setup = Setup(base)
+    try:
+        result["tcp_mbs"] = throughput(setup.echo_port, megabytes)
+        result["tunnel_mbs"] = throughput(setup.port, megabytes)
+        direct, tunneled = round_trips(setup.echo_port), round_trips(setup.port)
+        result["tcp_rtt_med"], result["tcp_rtt_p99"] = statistics.median(direct), _p99(direct)
+        result["tunnel_rtt_med"], result["tunnel_rtt_p99"] = statistics.median(tunneled), _p99(tunneled)
+    finally:
+        setup.close()
+    for n in (1, 100):
+        idle = idle_costs(base, n)
+        result[f"idle{n}_syscalls"], result[f"idle{n}_cpu"] = idle["syscalls"], idle["cpu"]
+    return result
+
+
+def _p99(values: List[float]) -> float:
+    return sorted(values)[int(len(values) * 0.99)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()),
+                        help="filesystem to put the tunnel directory on (default: %(default)s)")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--mb", type=int, default=64, help="MB per bulk transfer (default %(default)s)")
+    args = parser.parse_args()
+    if shutil.which("strace") is None:
+        sys.exit("strace is needed to count syscalls: apt-get install -y strace")
+    runs = []
+    for i in range(args.runs):
+        runs.append(one_run(args.dir, args.mb))
+        print(f"run {i + 1}/{args.runs}: " + ", ".join(f"{k}={v:.4g}" for k, v in runs[-1].items()), flush=True)
+    med = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+    ms = 1000
+    rows = [
+        ("bulk throughput, tunnel (MB/s)", f"{med['tunnel_mbs']:.0f}"),
+        ("bulk throughput, direct TCP (MB/s)", f"{med['tcp_mbs']:.0f}"),
+        ("throughput ratio tunnel/TCP (budget >= 0.25)", f"{med['tunnel_mbs'] / med['tcp_mbs']:.3f}"),
+        ("64 B round trip median, tunnel (ms) (budget <= 2)", f"{med['tunnel_rtt_med'] * ms:.3f}"),
+        ("64 B round trip p99, tunnel (ms)", f"{med['tunnel_rtt_p99'] * ms:.3f}"),
+        ("64 B round trip median, direct TCP (ms)", f"{med['tcp_rtt_med'] * ms:.3f}"),
+        ("round trip ratio tunnel/TCP (median)", f"{med['tunnel_rtt_med'] / med['tcp_rtt_med']:.1f}"),
+        ("idle fs syscalls/s per endpoint, 1 conn (budget <= 10)", f"{med['idle1_syscalls']:.1f}"),
+        ("idle fs syscalls/s per endpoint, 100 conns (budget <= 10)", f"{med['idle100_syscalls']:.1f}"),
+        ("idle CPU % per endpoint, 1 conn (budget <= 0.5)", f"{med['idle1_cpu']:.2f}"),
+        ("idle CPU % per endpoint, 100 conns (budget <= 0.5)", f"{med['idle100_cpu']:.2f}"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    print(f"\nfileforward tunnel benchmark: {args.dir}, median of {args.runs} runs, {args.mb} MB transfers")
+    print(f"| {'metric'.ljust(width)} | value |\n|{'-' * (width + 2)}|-------|")
+    for name, value in rows:
+        print(f"| {name.ljust(width)} | {value} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+"""fileforward: TCP-like byte streams between processes that share only a directory.
+
+    reader, writer = await fileforward.open_connection(tunnel_dir)
+    server = await fileforward.start_server(handle_client, tunnel_dir)
+
+The readers and writers are the standard asyncio.StreamReader / StreamWriter.
+"""
+from .api import Connector, Server, open_connection, start_server
+from .errors import (NoServerError, PeerLostError, ProtocolError, ServerAlreadyRunningError, TunnelError,
+                     UnsafeTunnelDirError)
+from .options import Options
+from .tunneldir import default_tunnel_dir
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "open_connection", "start_server", "Connector", "Server", "Options", "default_tunnel_dir",
+    "TunnelError", "NoServerError", "PeerLostError", "ProtocolError", "ServerAlreadyRunningError",
+    "UnsafeTunnelDirError", "__version__",
+]

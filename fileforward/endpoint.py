@@ -1,0 +1,865 @@
+"""An endpoint: the I/O thread that moves one process's connections through the tunnel dir.
+
+Every filesystem call of the transport happens on this thread, never on the event
+loop: a hung NFS mount stalls this thread (and is reported by a watchdog on the
+loop), not the application.
+
+How the files are used (see tunneldir.py for names):
+
+- Writing: append records to the connection's out chunk file under its lock, at
+  most `window` bytes unread. If this writer was idle for a while, it also appends
+  a WAKE record to the reader's bell, because the reader may have stopped looking.
+- Reading: a connection the reader has seen data on recently is "hot" and drained
+  directly every cycle; a cold one is only looked at when a WAKE for it arrives.
+  That keeps the idle cost at one bell poll per cycle, whatever the number of
+  connections, while active connections never wait for the bell.
+- Liveness: each endpoint appends a PING to each peer's bell every
+  liveness_timeout/5; any record from a peer is a sign of life, timed on our clock.
+- Cycle timing: right after activity the thread polls every poll_min; then it
+  waits half the time since the last activity, up to poll_max.
+"""
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import errno
+import json
+import logging
+import os
+import re
+import secrets
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Set
+
+from . import tunneldir
+from .errors import NoServerError, PeerLostError, ProtocolError, ServerAlreadyRunningError
+from .files import TABLE, SharedFile
+from .options import Options
+from .records import FORMAT_VERSION, HEADER, MAGIC, Kind, decode, encode, encode_text, text_fields
+from .transport import FileTransport
+
+log = logging.getLogger(__name__)
+
+_CID_RE = re.compile(r"^[0-9a-f]{16}-[0-9]{1,12}$")
+_EID_RE = re.compile(r"^[0-9a-f]{16}$")
+POINTER_RECHECK = 0.25
+STEPDOWN_WAIT = 10.0
+_GONE_ERRNOS = (errno.ENOENT, errno.ESTALE)
+
+
+class Conn:
+    """One connection's state, shared by the event loop (the application's side) and
+    the I/O thread. Fields the loop writes are guarded by `lock`."""
+
+    def __init__(self, endpoint: "Endpoint", cid: str, in_path: Path, out_path: Path,
+                 in_file: SharedFile, out_file: SharedFile) -> None:
+        self.endpoint = endpoint
+        self.cid = cid
+        self.in_path, self.out_path = in_path, out_path
+        self.in_file, self.out_file = in_file, out_file
+        self.peer: Optional[str] = None
+        self.transport = FileTransport(self, {
+            "peername": ("fileforward", cid), "sockname": ("fileforward", cid),
+            "tunnel_dir": str(endpoint.tunnel_dir), "connection_id": cid,
+        })
+        self.lock = threading.Lock()
+        self.out_buf = bytearray()
+        self.want_eof = False
+        self.want_close = False
+        self.app_closed = False
+        self.reset_reason: Optional[str] = None
+        self.eof_written = False
+        self.out_done = False
+        self.lost_after_write = False
+        self.in_eof = False
+        self.in_done = False
+        self.reading = True
+        self.hot = True
+        self.last_seen = time.monotonic()
+        self.last_write = float("-inf")
+
+    # --- called on the loop --------------------------------------------------------------
+    def push(self, data: bytes) -> int:
+        """Buffer data for the I/O thread; returns the buffered size."""
+        with self.lock:
+            if not self.out_done:
+                self.out_buf += data
+            size = len(self.out_buf)
+        self.endpoint.wake()
+        return size
+
+    def buffered(self) -> int:
+        """Bytes written by the application and not yet on disk."""
+        with self.lock:
+            return len(self.out_buf)
+
+    def request_end(self, close: bool) -> bool:
+        """write_eof (close=False) or close (close=True), after the buffered data.
+
+        Returns True if our direction was already over (nothing left to do).
+        """
+        with self.lock:
+            if self.out_done:
+                return True
+            self.want_eof = True
+            if close:
+                self.want_close = self.app_closed = True
+        self.endpoint.wake()
+        return False
+
+    def request_reset(self, reason: str) -> None:
+        """Abort: drop buffered data and tell the peer."""
+        with self.lock:
+            self.out_buf.clear()
+            self.app_closed = True
+            if self.reset_reason is None and not self.out_done:
+                self.reset_reason = reason
+        self.endpoint.wake()
+
+    def set_reading(self, reading: bool) -> None:
+        """Flow control from the StreamReader: stop or resume draining the in file."""
+        self.reading = reading
+        if reading:
+            self.hot = True
+            self.endpoint.wake()
+
+    # --- called on the I/O thread ------------------------------------------------------
+    def has_output(self) -> bool:
+        """Whether there is data or an end record waiting to be written."""
+        with self.lock:
+            return not self.out_done and (
+                bool(self.out_buf) or self.reset_reason is not None or self.want_close
+                or (self.want_eof and not self.eof_written))
+
+    def build_batch(self, room: int, chunk: int) -> List[bytes]:
+        """Record buffers for up to `room` bytes of buffered data, then any end record due.
+
+        Zero-copy when everything buffered fits: the buffer itself is handed over.
+        End records are tiny and may overshoot the window slightly; data never does.
+        """
+        parts: List[bytes] = []
+        with self.lock:
+            if self.out_done:
+                return parts
+            if self.reset_reason is not None:
+                self.out_buf.clear()
+                self.out_done = True
+                return [encode(Kind.RESET, self.reset_reason.encode("utf-8", "replace"))]
+            budget = room - HEADER.size * (room // chunk + 1)
+            if self.out_buf and budget > 0:
+                if len(self.out_buf) <= budget:
+                    data, self.out_buf = self.out_buf, bytearray()
+                else:
+                    data = self.out_buf[:budget]
+                    del self.out_buf[:budget]
+                view = memoryview(data)
+                for offset in range(0, len(data), chunk):
+                    payload = view[offset:offset + chunk]
+                    parts += [HEADER.pack(MAGIC, FORMAT_VERSION, Kind.DATA, len(payload)), payload]
+            if not self.out_buf:
+                if self.want_close:
+                    parts.append(encode(Kind.CLOSE))
+                    self.eof_written = self.out_done = True
+                    self.lost_after_write = self.app_closed
+                elif self.want_eof and not self.eof_written:
+                    parts.append(encode(Kind.EOF))
+                    self.eof_written = True
+        return parts
+
+    def peer_closed(self) -> None:
+        """The peer reads no more: drop what we still have and close our direction."""
+        with self.lock:
+            if not self.out_done:
+                self.out_buf.clear()
+                self.want_eof = self.want_close = True
+
+    def end_output(self) -> bool:
+        """Mark our direction over without writing (peer gone). True if it was open."""
+        with self.lock:
+            was_open = not self.out_done
+            self.out_done = True
+            self.out_buf.clear()
+            return was_open
+
+
+class PendingConnect:
+    """A client connection waiting for the server's ACCEPT."""
+
+    def __init__(self, conn: Conn, deadline: float) -> None:
+        self.conn = conn
+        self.deadline = deadline
+        self.future: "concurrent.futures.Future[FileTransport]" = concurrent.futures.Future()
+        self.sent_to: Optional[str] = None
+        self.next_check = 0.0
+        self.refusal = ""
+
+
+class Peer:
+    """Another endpoint we have connections with."""
+
+    def __init__(self, eid: str, bell: SharedFile) -> None:
+        self.eid = eid
+        self.bell = bell
+        self.last_seen = time.monotonic()
+        self.last_ping = float("-inf")
+        self.pings = 0
+        self.conns: Set[str] = set()
+
+
+def _describe_gone(exc: OSError, doing: str) -> Exception:
+    if exc.errno in _GONE_ERRNOS:
+        return PeerLostError(f"connection file vanished while {doing} (the other side removed it): {exc}")
+    return PeerLostError(f"filesystem error while {doing}: {exc}")
+
+
+class Endpoint:
+    """The I/O thread of one process's side of a tunnel directory.
+
+    Create, then `await endpoint.start()`. A serving endpoint also claims the
+    directory's server pointer. With `autostop`, the endpoint stops once it has
+    had connections and has none (and no server role) left.
+    """
+
+    def __init__(self, tunnel_dir: Path, loop: asyncio.AbstractEventLoop, options: Options,
+                 *, serve: bool = False, force: bool = False, autostop: bool = False,
+                 on_accept: Optional[Callable[[FileTransport], None]] = None,
+                 on_stepdown: Optional[Callable[[str], None]] = None) -> None:
+        self.tunnel_dir = tunnel_dir
+        self.loop = loop
+        self.opts = options
+        self.eid = ""
+        self.autostop = autostop
+        self._serve = serve
+        self._force = force
+        self._on_accept = on_accept
+        self._on_stepdown = on_stepdown
+        self._bell: Optional[SharedFile] = None
+        self._pointer: Optional[SharedFile] = None
+        self._conns: Dict[str, Conn] = {}
+        self._connects: Dict[str, PendingConnect] = {}
+        self._peers: Dict[str, Peer] = {}
+        self._commands: List[Callable[[], None]] = []
+        self._commands_lock = threading.Lock()
+        self._closed = False
+        self._wake = threading.Event()
+        self._stop_requested = False
+        self._had_work = False
+        self._next_cid = 0
+        self._last_activity = time.monotonic()
+        self.busy_since: Optional[float] = None
+        self.started: "concurrent.futures.Future[None]" = concurrent.futures.Future()
+        self.stopped: "concurrent.futures.Future[None]" = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._run, name="fileforward-io", daemon=True)
+        self._warned_stall = False
+
+    # --- event loop side ------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the I/O thread; returns once our bell (and server pointer) exist."""
+        self._thread.start()
+        await asyncio.wrap_future(self.started)
+        atexit.register(self._stop_at_exit)
+        self.loop.call_later(1.0, self._check_stall)
+
+    def wake(self) -> None:
+        """Make the I/O thread run a cycle now (data to write, reader resumed...)."""
+        self._wake.set()
+
+    def call(self, command: Callable[[], None]) -> None:
+        """Run `command` on the I/O thread at the start of its next cycle."""
+        with self._commands_lock:
+            if self._closed:
+                raise ConnectionAbortedError(f"fileforward endpoint for {self.tunnel_dir} is shut down")
+            self._commands.append(command)
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Stop: reset open connections, tell peers, remove our files. Thread-safe."""
+        self._stop_requested = True
+        self._wake.set()
+
+    def _stop_at_exit(self) -> None:
+        """Interpreter exit with the endpoint still running: clean up before daemon threads die."""
+        self.stop()
+        self._thread.join(5.0)
+
+    async def wait_stopped(self) -> None:
+        """Wait until the I/O thread has cleaned up and exited."""
+        await asyncio.wrap_future(self.stopped)
+
+    async def connect(self) -> FileTransport:
+        """A new connection to the directory's server (NoServerError if none answers)."""
+        started: "concurrent.futures.Future[PendingConnect]" = concurrent.futures.Future()
+
+        def command() -> None:
+            try:
+                started.set_result(self._begin_connect())
+            except BaseException as exc:  # handed to the caller
+                started.set_exception(exc)
+
+        self.call(command)
+        pending = await asyncio.wrap_future(started)
+        return await asyncio.wrap_future(pending.future)
+
+    def stop_serving(self) -> "concurrent.futures.Future[None]":
+        """Stop accepting and release the server pointer; open connections go on."""
+        done: "concurrent.futures.Future[None]" = concurrent.futures.Future()
+
+        def command() -> None:
+            self._release_pointer(clear=True)
+            done.set_result(None)
+
+        self.call(command)
+        return done
+
+    def _check_stall(self) -> None:
+        busy, now = self.busy_since, time.monotonic()
+        if busy is not None and now - busy > self.opts.slow_call_warning:
+            log.warning("tunnel directory %s: a filesystem call has not returned for %.0f s "
+                        "(is the shared filesystem hung?)", self.tunnel_dir, now - busy)
+            self._warned_stall = True
+        elif self._warned_stall and busy is None:
+            log.warning("tunnel directory %s: the filesystem answers again", self.tunnel_dir)
+            self._warned_stall = False
+        if not self.stopped.done():
+            self.loop.call_later(1.0, self._check_stall)
+
+    def to_loop(self, callback: Callable[..., None], *args: object) -> None:
+        """Schedule `callback` on the event loop (from any thread)."""
+        try:
+            self.loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+    # --- the I/O thread: main loop ------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._open()
+        except BaseException as exc:
+            self.started.set_exception(exc)
+            self.stopped.set_result(None)
+            return
+        self.started.set_result(None)
+        try:
+            while not self._should_stop():
+                self._wake.clear()
+                now = time.monotonic()
+                self.busy_since = now
+                if self._cycle(now):
+                    self._last_activity = time.monotonic()
+                self.busy_since = None
+                self._wake.wait(self._interval())
+        except BaseException:
+            log.exception("fileforward I/O thread for %s failed", self.tunnel_dir)
+        finally:
+            self.busy_since = None
+            self._shutdown()
+            atexit.unregister(self._stop_at_exit)
+            self.stopped.set_result(None)
+
+    def _should_stop(self) -> bool:
+        if self._stop_requested:
+            return True
+        return (self.autostop and self._had_work and not self._conns and not self._connects
+                and self._pointer is None and not self._commands)
+
+    def _interval(self) -> float:
+        idle = time.monotonic() - self._last_activity
+        return min(self.opts.poll_max, max(self.opts.poll_min, idle / 2 if idle > 0.02 else 0.0))
+
+    def _run_commands(self, last: bool = False) -> bool:
+        with self._commands_lock:
+            commands, self._commands = self._commands, []
+            self._closed = last
+        for command in commands:
+            command()
+        return bool(commands)
+
+    def _cycle(self, now: float) -> bool:
+        activity = self._run_commands()
+        for conn in list(self._conns.values()):
+            if conn.has_output():
+                activity |= self._flush(conn, now)
+        activity |= self._poll_bell()
+        for conn in list(self._conns.values()):
+            if conn.hot and conn.reading and not conn.in_done:
+                activity |= self._poll_in(conn, now)
+        for pending in list(self._connects.values()):
+            self._advance_connect(pending, now)
+        self._keep_peers(now)
+        for conn in [c for c in self._conns.values() if c.in_done and c.out_done]:
+            self._forget(conn)
+        return activity
+
+    # --- startup and shutdown -----------------------------------------------------------
+    def _open(self) -> None:
+        self.tunnel_dir = tunneldir.prepare(self.tunnel_dir)
+        while self._bell is None:
+            eid = secrets.token_hex(8)
+            final = tunneldir.bell_path(self.tunnel_dir, eid)
+            bell = TABLE.open(final.with_name(final.name + tunneldir.NEW_SUFFIX), create=True, exclusive=True)
+            bell.try_hold_alive()
+            try:
+                TABLE.rename(bell, final)
+            except FileNotFoundError:  # a cleaner took it for a crashed endpoint's: retry
+                bell.drop_alive()
+                TABLE.release(bell)
+                continue
+            self.eid, self._bell = eid, bell
+        try:
+            if self._serve:
+                self._claim_pointer()
+            self._clear_stale_files()
+        except BaseException:
+            self._shutdown()
+            raise
+
+    def _shutdown(self) -> None:
+        self._run_commands(last=True)
+        for pending in list(self._connects.values()):
+            self._abandon_connect(pending, ConnectionAbortedError(f"fileforward endpoint for {self.tunnel_dir} shut down"))
+        for conn in list(self._conns.values()):
+            if conn.end_output():
+                _quietly(conn.out_file.append, encode(Kind.RESET, b"the other side shut down"))
+            self._end_input(conn)
+            self.to_loop(conn.transport.deliver_lost,
+                          ConnectionAbortedError(f"fileforward endpoint for {self.tunnel_dir} shut down"))
+            self._forget(conn)
+        for peer in list(self._peers.values()):
+            _quietly(peer.bell.append, encode_text(Kind.BYE, self.eid))
+            self._drop_peer(peer)
+        self._release_pointer(clear=True)
+        if self._bell is not None:
+            TABLE.unlink(Path(self._bell.path))
+            self._bell.drop_alive()
+            TABLE.release(self._bell)
+            self._bell = None
+
+    def _clear_stale_files(self) -> None:
+        """Remove what crashed endpoints left behind; a live owner holds its bell's lock."""
+        owners: Dict[str, List[str]] = {}
+        for name in os.listdir(self.tunnel_dir):
+            owner = tunneldir.owner_of(name)
+            if owner is not None and owner != self.eid:
+                owners.setdefault(owner, []).append(name)
+        for owner, names in owners.items():
+            bells = [n for n in names if n.endswith(tunneldir.BELL_SUFFIX)] or \
+                    [n for n in names if n.endswith(tunneldir.NEW_SUFFIX)]
+            if bells and not self._owner_dead(self.tunnel_dir / bells[0]):
+                continue
+            log.info("tunnel directory %s: removing %d file(s) left by a dead endpoint %s",
+                     self.tunnel_dir, len(names), owner)
+            for name in names:
+                TABLE.unlink(self.tunnel_dir / name)
+
+    @staticmethod
+    def _owner_dead(path: Path) -> bool:
+        if TABLE.local_alive_holder(path):
+            return False
+        try:
+            shared = TABLE.open(path)
+        except FileNotFoundError:
+            return False
+        try:
+            if not shared.try_hold_alive():
+                return False
+            shared.drop_alive()
+            return True
+        finally:
+            TABLE.release(shared)
+
+    # --- server pointer ---------------------------------------------------------------------
+    def _pointer_path(self) -> Path:
+        return self.tunnel_dir / tunneldir.SERVER_FILE
+
+    def _claim_pointer(self) -> None:
+        pointer = TABLE.open(self._pointer_path(), create=True)
+        try:
+            if not pointer.try_hold_alive():
+                self._take_over(pointer)
+            pointer.replace(json.dumps({
+                "eid": self.eid, "pid": os.getpid(), "host": socket.gethostname(),
+                "format": FORMAT_VERSION, "started": time.time(),
+            }).encode())
+        except BaseException:
+            TABLE.release(pointer)
+            raise
+        self._pointer = pointer
+        self._had_work = True
+
+    def _take_over(self, pointer: SharedFile) -> None:
+        info = _parse_pointer(pointer.read()) or {}
+        who = f"pid {info.get('pid', '?')} on host {info.get('host', '?')}"
+        if not self._force:
+            raise ServerAlreadyRunningError(
+                f"another process ({who}) already serves tunnel directory {self.tunnel_dir}: "
+                f"stop it, or pass --force (force=True) to make it step down")
+        log.warning("tunnel directory %s: asking the running server (%s) to step down", self.tunnel_dir, who)
+        if _EID_RE.match(str(info.get("eid", ""))):
+            _quietly(self._append_to_bell, info["eid"],
+                     encode_text(Kind.STEPDOWN, self.eid, f"pid {os.getpid()} on host {socket.gethostname()}"))
+        deadline = time.monotonic() + STEPDOWN_WAIT
+        while not pointer.try_hold_alive():
+            if time.monotonic() > deadline:
+                raise ServerAlreadyRunningError(
+                    f"the running server ({who}) in {self.tunnel_dir} did not step down within {STEPDOWN_WAIT:g} s")
+            time.sleep(0.05)
+
+    def _release_pointer(self, clear: bool) -> None:
+        if self._pointer is None:
+            return
+        if clear:
+            _quietly(self._pointer.replace, b"")
+        self._pointer.drop_alive()
+        TABLE.release(self._pointer)
+        self._pointer = None
+
+    def _read_pointer(self) -> Optional[dict]:
+        try:
+            pointer = TABLE.open(self._pointer_path())
+        except FileNotFoundError:
+            return None
+        try:
+            info = _parse_pointer(pointer.read())
+        finally:
+            TABLE.release(pointer)
+        if info is not None and info.get("format") != FORMAT_VERSION:
+            raise ProtocolError(
+                f"tunnel directory {self.tunnel_dir} is served with tunnel format {info.get('format')}, "
+                f"this fileforward speaks format {FORMAT_VERSION}: install the same fileforward version on both sides")
+        return info
+
+    # --- connecting (client) ------------------------------------------------------------
+    def _begin_connect(self) -> PendingConnect:
+        self._next_cid += 1
+        cid = f"{self.eid}-{self._next_cid}"
+        to_server, to_client = tunneldir.chunk_paths(self.tunnel_dir, cid)
+        out_file = TABLE.open(to_server, create=True, exclusive=True)
+        in_file = TABLE.open(to_client, create=True, exclusive=True)
+        conn = Conn(self, cid, to_client, to_server, in_file, out_file)
+        pending = PendingConnect(conn, time.monotonic() + self.opts.connect_timeout)
+        self._conns[cid] = conn
+        self._connects[cid] = pending
+        self._had_work = True
+        return pending
+
+    def _advance_connect(self, pending: PendingConnect, now: float) -> None:
+        if now >= pending.deadline:
+            refusal = f" (last answer: {pending.refusal})" if pending.refusal else ""
+            self._abandon_connect(pending, NoServerError(
+                f"no fileforward server answered in tunnel directory {self.tunnel_dir} within "
+                f"{self.opts.connect_timeout:g} s{refusal}. Start the far end first, e.g. "
+                f"`fileforward --client --port PORT --tunnel_dir {self.tunnel_dir}` on the node that runs "
+                f"the service (or `python -m rpc serve MODULE:FUNCTIONS --tunnel_dir {self.tunnel_dir}` for RPC)"))
+            return
+        if now < pending.next_check:
+            return
+        pending.next_check = now + POINTER_RECHECK
+        try:
+            info = self._read_pointer()
+        except ProtocolError as exc:
+            self._abandon_connect(pending, exc)
+            return
+        eid = str(info.get("eid", "")) if info else ""
+        if not _EID_RE.match(eid) or eid == pending.sent_to:
+            return
+        try:
+            self._append_to_bell(eid, encode_text(Kind.CONNECT, self.eid, pending.conn.cid))
+        except FileNotFoundError:
+            return
+        pending.sent_to = eid
+
+    def _on_answer(self, pending: PendingConnect, kind: Kind, text: str) -> None:
+        if kind is Kind.REFUSE:
+            pending.refusal, pending.sent_to = text, None
+            return
+        conn = pending.conn
+        del self._connects[conn.cid]
+        try:
+            peer = self._peer(text)
+        except (FileNotFoundError, ValueError) as exc:
+            self._abandon_connect(pending, PeerLostError(f"the server vanished while accepting: {exc}"))
+            return
+        conn.peer = peer.eid
+        peer.conns.add(conn.cid)
+        pending.future.set_result(conn.transport)
+
+    def _abandon_connect(self, pending: PendingConnect, exc: BaseException) -> None:
+        conn = pending.conn
+        self._connects.pop(conn.cid, None)
+        if conn.end_output():  # in case the server accepted just now
+            _quietly(conn.out_file.append, encode(Kind.RESET, b"connect abandoned"))
+        TABLE.unlink(conn.in_path)
+        TABLE.unlink(conn.out_path)
+        conn.in_done = True
+        self._forget(conn)
+        if not pending.future.done():
+            pending.future.set_exception(exc)
+
+    # --- accepting (server) -------------------------------------------------------------
+    def _on_connect(self, sender: str, cid: str) -> None:
+        if not (_EID_RE.match(sender) and _CID_RE.match(cid) and cid.startswith(sender + "-")):
+            raise ProtocolError(f"bad connection id {cid!r} from {sender!r}")
+        if cid in self._conns:
+            return
+        to_server, to_client = tunneldir.chunk_paths(self.tunnel_dir, cid)
+        try:
+            in_file = TABLE.open(to_server)
+        except FileNotFoundError:
+            log.debug("ignoring connection %s: its files are gone", cid)
+            return
+        try:
+            out_file = TABLE.open(to_client)
+        except FileNotFoundError:
+            TABLE.release(in_file)
+            return
+        conn = Conn(self, cid, to_server, to_client, in_file, out_file)
+        if self._pointer is None:
+            _quietly(out_file.append, encode(Kind.REFUSE, b"the server is not accepting connections"))
+            TABLE.release(in_file)
+            TABLE.release(out_file)
+            return
+        try:
+            peer = self._peer(sender)
+        except FileNotFoundError:
+            TABLE.release(in_file)
+            TABLE.release(out_file)
+            return
+        conn.peer = sender
+        peer.conns.add(cid)
+        self._conns[cid] = conn
+        try:
+            out_file.append(encode(Kind.ACCEPT, self.eid.encode()))
+        except OSError as exc:
+            self._fail(conn, _describe_gone(exc, "accepting"), tell_peer=False)
+            return
+        conn.last_write = time.monotonic()
+        self._ring(conn)
+        if self._on_accept is not None:
+            self.to_loop(self._on_accept, conn.transport)
+
+    # --- writing ------------------------------------------------------------------------
+    def _flush(self, conn: Conn, now: float) -> bool:
+        eof_before = conn.eof_written
+        try:
+            written = conn.out_file.append_batch(lambda room: conn.build_batch(room, self.opts.chunk),
+                                                 self.opts.window)
+        except OSError as exc:
+            self._fail(conn, _describe_gone(exc, "writing"), tell_peer=False)
+            return True
+        if not written:
+            return False
+        if conn.out_done or conn.eof_written != eof_before or now - conn.last_write > self.opts.wake_after_idle:
+            self._ring(conn)
+        conn.last_write = now
+        self.to_loop(conn.transport.writer_drained)
+        if conn.lost_after_write:
+            conn.lost_after_write = False
+            self.to_loop(conn.transport.deliver_lost, None)
+        return True
+
+    def _ring(self, conn: Conn) -> None:
+        peer = self._peers.get(conn.peer) if conn.peer else None
+        if peer is None:
+            return
+        try:
+            peer.bell.append(encode_text(Kind.WAKE, self.eid, conn.cid))
+        except OSError as exc:
+            self._peer_lost(peer, f"its bell file is gone ({exc.strerror})")
+
+    def _append_to_bell(self, eid: str, record: bytes) -> None:
+        bell = TABLE.open(tunneldir.bell_path(self.tunnel_dir, eid))
+        try:
+            bell.append(record)
+        finally:
+            TABLE.release(bell)
+
+    # --- reading ------------------------------------------------------------------------
+    def _poll_bell(self) -> bool:
+        """Drain our bell; True if it brought activity (not just pings)."""
+        assert self._bell is not None
+        data = self._bell.drain()
+        if not data:
+            return False
+        try:
+            records = decode(data)
+        except ProtocolError as exc:
+            log.error("tunnel directory %s: discarding a damaged bell file (%s)", self.tunnel_dir, exc)
+            return True
+        now = time.monotonic()
+        for kind, payload in records:
+            try:
+                self._on_bell_record(kind, text_fields(payload), now)
+            except (ProtocolError, IndexError, ValueError) as exc:
+                log.error("tunnel directory %s: ignoring a malformed %s record (%s)",
+                          self.tunnel_dir, kind.name, exc)
+        return any(kind is not Kind.PING for kind, _ in records)  # a ping is no reason to poll faster
+
+    def _on_bell_record(self, kind: Kind, fields: List[str], now: float) -> None:
+        sender = fields[0]
+        peer = self._peers.get(sender)
+        if peer is not None:
+            peer.last_seen = now
+        if kind is Kind.WAKE:
+            conn = self._conns.get(fields[1])
+            if conn is not None:
+                conn.hot, conn.last_seen = True, now
+        elif kind is Kind.CONNECT:
+            self._on_connect(sender, fields[1])
+        elif kind is Kind.BYE:
+            if peer is not None:
+                self._peer_lost(peer, "it shut down")
+        elif kind is Kind.STEPDOWN:
+            if self._pointer is not None:
+                description = " ".join(fields[1:])
+                log.warning("tunnel directory %s: stepping down for a new server (%s)", self.tunnel_dir, description)
+                self._release_pointer(clear=False)
+                if self._on_stepdown is not None:
+                    self.to_loop(self._on_stepdown, description)
+        elif kind is not Kind.PING:
+            raise ProtocolError(f"unexpected record {kind.name} in a bell file")
+
+    def _poll_in(self, conn: Conn, started: float) -> bool:
+        try:
+            data = conn.in_file.drain()
+        except OSError as exc:
+            self._fail(conn, _describe_gone(exc, "reading"), tell_peer=True)
+            return True
+        now = time.monotonic()
+        if not data:
+            if started - conn.last_seen > self.opts.cool_after and conn.cid not in self._connects:
+                conn.hot = False
+            return False
+        conn.last_seen = now
+        peer = self._peers.get(conn.peer) if conn.peer else None
+        if peer is not None:
+            peer.last_seen = now
+        try:
+            self._on_records(conn, decode(data))
+        except ProtocolError as exc:
+            self._fail(conn, ProtocolError(f"connection {conn.cid} in {self.tunnel_dir}: {exc}"), tell_peer=True)
+        return True
+
+    def _on_records(self, conn: Conn, records: list) -> None:
+        payloads: List[memoryview] = []
+        for kind, payload in records:
+            if kind is Kind.DATA and not conn.in_eof:
+                payloads.append(payload)
+                continue
+            if payloads:
+                self.to_loop(conn.transport.deliver_data, payloads)
+                payloads = []
+            if kind is Kind.EOF and not conn.in_eof:
+                conn.in_eof = True
+                self.to_loop(conn.transport.deliver_eof)
+            elif kind is Kind.CLOSE:
+                if not conn.in_eof:
+                    conn.in_eof = True
+                    self.to_loop(conn.transport.deliver_eof)
+                self._end_input(conn)
+                conn.peer_closed()
+            elif kind is Kind.RESET:
+                self._end_input(conn)
+                reason = bytes(payload).decode("utf-8", "replace")
+                self._fail(conn, PeerLostError(f"connection reset by the other side ({reason})"), tell_peer=False)
+                return
+            elif kind in (Kind.ACCEPT, Kind.REFUSE) and conn.cid in self._connects:
+                self._on_answer(self._connects[conn.cid], kind, bytes(payload).decode("utf-8", "replace"))
+            else:
+                raise ProtocolError(f"unexpected {kind.name} record")
+        if payloads:
+            self.to_loop(conn.transport.deliver_data, payloads)
+
+    # --- ending connections -------------------------------------------------------------
+    def _end_input(self, conn: Conn) -> None:
+        """No more records will be read from the in file: remove it (its writer is done)."""
+        if not conn.in_done:
+            conn.in_done = True
+            TABLE.unlink(conn.in_path)
+
+    def _fail(self, conn: Conn, exc: BaseException, tell_peer: bool) -> None:
+        """End a connection with an error for the application."""
+        if conn.end_output() and tell_peer:
+            _quietly(conn.out_file.append, encode(Kind.RESET, str(exc).encode("utf-8", "replace")))
+            self._ring(conn)
+        self._end_input(conn)
+        pending = self._connects.get(conn.cid)
+        if pending is not None:
+            self._abandon_connect(pending, exc)
+        else:
+            self.to_loop(conn.transport.deliver_lost, exc)
+
+    def _forget(self, conn: Conn) -> None:
+        if self._conns.pop(conn.cid, None) is None:
+            return
+        peer = self._peers.get(conn.peer) if conn.peer else None
+        if peer is not None:
+            peer.conns.discard(conn.cid)
+            if not peer.conns:
+                self._drop_peer(peer)
+        TABLE.release(conn.in_file)
+        TABLE.release(conn.out_file)
+
+    # --- peers and liveness -------------------------------------------------------------
+    def _peer(self, eid: str) -> Peer:
+        peer = self._peers.get(eid)
+        if peer is None:
+            if not _EID_RE.match(eid):
+                raise ValueError(f"bad endpoint id {eid!r}")
+            peer = Peer(eid, TABLE.open(tunneldir.bell_path(self.tunnel_dir, eid)))
+            self._peers[eid] = peer
+        return peer
+
+    def _drop_peer(self, peer: Peer) -> None:
+        if self._peers.pop(peer.eid, None) is not None:
+            TABLE.release(peer.bell)
+
+    def _keep_peers(self, now: float) -> None:
+        for peer in list(self._peers.values()):
+            if now - peer.last_seen > self.opts.liveness_timeout:
+                self._peer_lost(peer, f"no sign of life for {self.opts.liveness_timeout:g} s "
+                                      f"(it crashed, or the shared filesystem stopped answering)")
+            elif now - peer.last_ping >= self.opts.ping_interval:
+                peer.last_ping = now
+                peer.pings += 1
+                try:
+                    peer.bell.append(encode_text(Kind.PING, self.eid, peer.pings))
+                except OSError as exc:
+                    self._peer_lost(peer, f"its bell file is gone ({exc.strerror})")
+
+    def _peer_lost(self, peer: Peer, why: str) -> None:
+        """The peer is gone: fail its connections and clear the files it cannot."""
+        if self._peers.get(peer.eid) is not peer:
+            return
+        log.info("tunnel directory %s: the other side %s is gone: %s", self.tunnel_dir, peer.eid, why)
+        for cid in list(peer.conns):
+            conn = self._conns.get(cid)
+            if conn is None:
+                continue
+            self._fail(conn, PeerLostError(f"the other side of the tunnel in {self.tunnel_dir} is gone: {why}"),
+                       tell_peer=False)
+            TABLE.unlink(conn.out_path)
+            self._forget(conn)
+        self._drop_peer(peer)
+        bell = tunneldir.bell_path(self.tunnel_dir, peer.eid)
+        if self._owner_dead(bell):
+            TABLE.unlink(bell)
+
+
+def _parse_pointer(data: bytes) -> Optional[dict]:
+    try:
+        info = json.loads(data.decode("utf-8")) if data.strip() else None
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def _quietly(function: Callable[..., object], *args: object) -> None:
+    """Best effort, for messages to a peer that may already be gone."""
+    try:
+        function(*args)
+    except OSError as exc:
+        log.debug("ignored while ending: %s", exc)

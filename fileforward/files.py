@@ -1,0 +1,209 @@
+"""Process-wide table of tunnel files, and the locked operations on them.
+
+POSIX record locks (`fcntl.lockf`) belong to the *process*: two threads of one
+process do not exclude each other, and closing *any* descriptor of a file drops
+every lock the process holds on it. A server and a client endpoint in one process
+(tests, notebooks) would therefore silently corrupt each other's files. As SQLite
+does, we keep one descriptor per file per process, shared and reference counted,
+with a thread mutex taken around every lockf critical section. This table is the
+only process-global state of the transport, forced on us by lockf's semantics.
+
+Byte ranges: the data lock covers [0, ALIVE_OFFSET); an endpoint that owns a file
+holds an exclusive lock on the single byte at ALIVE_OFFSET for its lifetime, so that
+others can tell a crashed owner (lock free) from a live one.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import threading
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List
+
+DATA_LENGTH = 1 << 40
+ALIVE_OFFSET = 1 << 40
+READ_CHUNK = 1 << 20
+
+
+class SharedFile:
+    """One open descriptor of a tunnel file, shared by every user in this process."""
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+        self.refs = 1
+        self.mutex = threading.Lock()
+        self.alive_held = False
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[int]:
+        """Hold the data lock: required for every read and write of tunnel data."""
+        with self.mutex:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX, DATA_LENGTH, 0, os.SEEK_SET)
+            try:
+                yield self.fd
+            finally:
+                fcntl.lockf(self.fd, fcntl.LOCK_UN, DATA_LENGTH, 0, os.SEEK_SET)
+
+    def append(self, data: bytes) -> None:
+        """Append whole records at the size seen under the lock (never O_APPEND)."""
+        with self.locked() as fd:
+            _pwrite_all(fd, data, os.fstat(fd).st_size)
+
+    def append_batch(self, build: Callable[[int], List[bytes]], limit: int) -> int:
+        """Append the buffers `build(room)` returns, where room keeps the file within `limit`.
+
+        The writer's side of flow control: the file's size under the lock is the
+        data the reader has not drained yet. Returns the number of bytes written.
+        """
+        with self.locked() as fd:
+            size = os.fstat(fd).st_size
+            if size >= limit:
+                return 0
+            parts = build(limit - size)
+            return _pwritev_all(fd, parts, size) if parts else 0
+
+    def drain(self) -> bytes:
+        """Read everything in the file and truncate it, atomically under the lock."""
+        with self.locked() as fd:
+            data = _pread_all(fd)
+            if data:
+                os.ftruncate(fd, 0)
+            return data
+
+    def read(self) -> bytes:
+        """Read the whole file under the lock, leaving it as it is."""
+        with self.locked() as fd:
+            return _pread_all(fd)
+
+    def replace(self, data: bytes) -> None:
+        """Replace the whole content under the lock."""
+        with self.locked() as fd:
+            os.ftruncate(fd, 0)
+            _pwrite_all(fd, data, 0)
+
+    def size(self) -> int:
+        """The file's size as seen under the lock (fresh on NFS, unlike stat)."""
+        with self.locked() as fd:
+            return os.fstat(fd).st_size
+
+    def try_hold_alive(self) -> bool:
+        """Take the long-lived owner lock if free. False if another process holds it.
+
+        POSIX locks never conflict within one process, so a holder in this process
+        is tracked by `alive_held`.
+        """
+        with self.mutex:
+            if self.alive_held:
+                return False
+            try:
+                fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, ALIVE_OFFSET, os.SEEK_SET)
+            except OSError as exc:
+                if exc.errno in (errno.EACCES, errno.EAGAIN):
+                    return False
+                raise
+            self.alive_held = True
+            return True
+
+    def drop_alive(self) -> None:
+        """Release the owner lock taken by try_hold_alive."""
+        with self.mutex:
+            if self.alive_held:
+                fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, ALIVE_OFFSET, os.SEEK_SET)
+                self.alive_held = False
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def _pwritev_all(fd: int, parts: List[bytes], offset: int) -> int:
+    total = sum(len(p) for p in parts)
+    written = os.pwritev(fd, parts, offset)
+    if written < total:  # rare: finish with the remainder as one buffer
+        _pwrite_all(fd, b"".join(bytes(p) for p in parts)[written:], offset + written)
+    return total
+
+
+def _pread_all(fd: int) -> bytes:
+    """The whole file; under the lock, a short read of a regular file is its end."""
+    chunks = []
+    offset, want = 0, READ_CHUNK
+    while True:
+        chunk = os.pread(fd, want, offset)
+        chunks.append(chunk)
+        offset += len(chunk)
+        if len(chunk) < want:
+            break
+        want = max(READ_CHUNK, offset)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class FileTable:
+    """Reference-counted shared descriptors, keyed by path."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._files: Dict[str, SharedFile] = {}
+
+    def open(self, path: Path, create: bool = False, exclusive: bool = False) -> SharedFile:
+        """Open (or share) `path`. Raises FileNotFoundError unless `create`."""
+        key = str(path)
+        with self._lock:
+            shared = self._files.get(key)
+            if shared is not None and not exclusive:
+                shared.refs += 1
+                return shared
+            flags = os.O_RDWR | os.O_CLOEXEC
+            if create:
+                flags |= os.O_CREAT
+            if exclusive:
+                flags |= os.O_EXCL
+            fd = os.open(key, flags, 0o600)
+            shared = SharedFile(key, fd)
+            self._files[key] = shared
+            return shared
+
+    def release(self, shared: SharedFile) -> None:
+        """Drop one reference; the last one closes the descriptor (and its locks)."""
+        with self._lock:
+            shared.refs -= 1
+            if shared.refs > 0:
+                return
+            if self._files.get(shared.path) is shared:
+                del self._files[shared.path]
+        os.close(shared.fd)
+
+    def rename(self, shared: SharedFile, new_path: Path) -> None:
+        """Rename a file we hold, keeping its descriptor and locks."""
+        with self._lock:
+            os.rename(shared.path, new_path)
+            if self._files.get(shared.path) is shared:
+                del self._files[shared.path]
+            shared.path = str(new_path)
+            self._files[shared.path] = shared
+
+    def unlink(self, path: Path) -> None:
+        """Remove a name; holders keep their descriptor. A missing name is fine."""
+        key = str(path)
+        with self._lock:
+            shared = self._files.pop(key, None)
+            if shared is not None:
+                shared.path = key + " (deleted)"
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(key)
+
+    def local_alive_holder(self, path: Path) -> bool:
+        """Whether an endpoint of this process holds the owner lock of `path`."""
+        with self._lock:
+            shared = self._files.get(str(path))
+            return shared is not None and shared.alive_held
+
+
+TABLE = FileTable()
+"""The process's table (see the module docstring for why it is global)."""

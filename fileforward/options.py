@@ -1,0 +1,66 @@
+"""Tunable knobs of an endpoint, with their documented defaults."""
+from __future__ import annotations
+
+import dataclasses
+
+MiB = 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Every knob of the transport. The defaults suit a shared NFS home directory.
+
+    - liveness_timeout: a peer that shows no sign of life for this long (seconds,
+      on our own clock) is declared dead and its connections fail.
+    - connect_timeout: how long open_connection waits for a live server.
+    - poll_min / poll_max: polling interval while data flows, and the ceiling an
+      idle endpoint backs off to (the idle cost is a few filesystem calls per
+      poll_max, whatever the number of open connections).
+    - window: per connection and direction, the most unread data left on disk.
+    - chunk: the largest data record.
+    - slow_call_warning: a filesystem call outstanding this long is logged.
+    """
+
+    liveness_timeout: float = 15.0
+    connect_timeout: float = 10.0
+    poll_min: float = 0.0002
+    poll_max: float = 0.5
+    window: int = 4 * MiB
+    chunk: int = 1 * MiB
+    slow_call_warning: float = 5.0
+
+    def __post_init__(self) -> None:
+        for name in ("liveness_timeout", "connect_timeout", "poll_min", "poll_max", "slow_call_warning"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.poll_min > self.poll_max:
+            raise ValueError(f"poll_min ({self.poll_min}) must not exceed poll_max ({self.poll_max})")
+        if self.poll_max * 4 > self.liveness_timeout:
+            raise ValueError(
+                f"liveness_timeout ({self.liveness_timeout} s) must be at least 4x poll_max ({self.poll_max} s)"
+            )
+        if self.chunk < 1024 or self.window < self.chunk:
+            raise ValueError(f"need 1 KiB <= chunk ({self.chunk}) <= window ({self.window})")
+
+    @property
+    def ping_interval(self) -> float:
+        """How often an endpoint proves it is alive to each peer."""
+        return self.liveness_timeout / 5
+
+    @property
+    def wake_after_idle(self) -> float:
+        """A writer idle for longer than this rings the reader's bell with its next write."""
+        return 1.0
+
+    @property
+    def cool_after(self) -> float:
+        """A reader keeps polling a connection directly until an empty poll that
+        started this long after the last data it saw (then it waits for the bell).
+
+        Longer than wake_after_idle, so a write that did not ring is always seen.
+        """
+        return self.wake_after_idle + 0.25
+
+    def replace(self, **changes: object) -> "Options":
+        """A copy with some knobs changed (None values are ignored)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})

@@ -1,0 +1,108 @@
+"""The tunnel directory: where it is, whether it is safe, and what its files are.
+
+Layout (all files 0600, the directory 0700):
+
+- ``server``: the live server's pointer (JSON: eid, pid, host, format version); the
+  server holds its owner lock for as long as it serves;
+- ``<eid>.bell``: an endpoint's bell, which peers append small records to (new
+  connections, wake-ups, pings); the endpoint holds its owner lock;
+- ``<client eid>-<n>.c2s`` / ``.s2c``: one chunk file per connection and direction,
+  created by the client endpoint, named after it so that its files can be found
+  and cleared once it is known to be dead.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from pathlib import Path
+from typing import Optional, Union
+
+from .errors import UnsafeTunnelDirError
+
+log = logging.getLogger(__name__)
+
+ENV_TUNNEL_DIR = "FILEFORWARD_TUNNEL_DIR"
+SERVER_FILE = "server"
+BELL_SUFFIX = ".bell"
+NEW_SUFFIX = ".new"
+TO_SERVER = ".c2s"
+TO_CLIENT = ".s2c"
+
+
+def default_tunnel_dir() -> Path:
+    """``$FILEFORWARD_TUNNEL_DIR``, else ``~/.cache/fileforward/tunnel``.
+
+    Under the home directory on purpose: it is the filesystem every node shares, so
+    the same command on the login node and in a job meets in the same place.
+    """
+    env = os.environ.get(ENV_TUNNEL_DIR)
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "fileforward" / "tunnel"
+
+
+def prepare(tunnel_dir: Union[str, Path, None]) -> Path:
+    """Create the tunnel directory (0700) if needed, refuse an unsafe one.
+
+    Whoever can write into the directory can inject bytes into every connection
+    (and run code through RPC), so it must be ours and closed to group and others.
+    """
+    path = Path(tunnel_dir).expanduser() if tunnel_dir is not None else default_tunnel_dir()
+    path = Path(os.path.abspath(path))
+    _make_dirs(path)
+    path = path.resolve()
+    check_safe(path)
+    return path
+
+
+def _make_dirs(path: Path) -> None:
+    missing = []
+    probe = path
+    while not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+
+
+def check_safe(path: Path) -> None:
+    """Raise UnsafeTunnelDirError naming the fix if `path` is not private to us."""
+    info = os.stat(path)
+    if not stat.S_ISDIR(info.st_mode):
+        raise UnsafeTunnelDirError(f"tunnel directory {path} is not a directory; choose another --tunnel_dir")
+    if info.st_uid != os.getuid():
+        raise UnsafeTunnelDirError(
+            f"tunnel directory {path} is owned by uid {info.st_uid}, not by you (uid {os.getuid()}): "
+            f"anyone who can write there can inject data into your connections; "
+            f"use a directory of your own with --tunnel_dir"
+        )
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o022:
+        raise UnsafeTunnelDirError(
+            f"tunnel directory {path} is writable by group or others (mode {mode:o}): "
+            f"anyone who can write there can inject data into your connections; "
+            f"fix it with: chmod 700 {path}"
+        )
+
+
+def bell_path(tunnel_dir: Path, eid: str) -> Path:
+    """The bell file of endpoint `eid`."""
+    return tunnel_dir / (eid + BELL_SUFFIX)
+
+
+def chunk_paths(tunnel_dir: Path, cid: str) -> "tuple[Path, Path]":
+    """(client-to-server, server-to-client) chunk files of connection `cid`."""
+    return tunnel_dir / (cid + TO_SERVER), tunnel_dir / (cid + TO_CLIENT)
+
+
+def owner_of(name: str) -> Optional[str]:
+    """The endpoint id that owns a tunnel file name, or None for other names."""
+    if name.endswith(BELL_SUFFIX) or name.endswith(BELL_SUFFIX + NEW_SUFFIX):
+        return name.split(".", 1)[0]
+    if name.endswith(TO_SERVER) or name.endswith(TO_CLIENT):
+        return name.split("-", 1)[0]
+    return None

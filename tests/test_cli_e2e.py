@@ -1,0 +1,299 @@
+"""End to end: the real `fileforward` CLI, as subprocesses, between real TCP sockets.
+
+Topology: a test TCP client -> `fileforward --server` (login node) -> tunnel dir ->
+`fileforward --client` (job node) -> a service on the job node (tests/services.py).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import os
+import random
+import signal
+import socket
+import time
+import urllib.request
+
+import pytest
+
+from tests.tunnel_support import free_port, start_cli, start_service, tunnel_files, wait_until, Proc, python
+
+LIVENESS = "3"
+
+
+class Tunnel:
+    """A running login-side and job-side pair, with a service behind the job side."""
+
+    def __init__(self, nodes, service: str = "echo", extra=()) -> None:
+        self.login, self.job = nodes
+        self.extra = list(extra)
+        self.service_port, self.port = free_port(), free_port()
+        self.service = start_service(service, self.service_port, self.job.prefix)
+        self.job_side = self.start_job_side()
+        self.login_side = self.start_login_side()
+
+    def start_job_side(self, *more: str) -> Proc:
+        return start_cli("client", self.service_port, self.job.tunnel_dir, *self.extra, *more, prefix=self.job.prefix)
+
+    def start_login_side(self) -> Proc:
+        return start_cli("server", self.port, self.login.tunnel_dir, *self.extra, prefix=self.login.prefix)
+
+    def connect(self, timeout: float = 30.0) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    def close(self) -> None:
+        for proc in (self.login_side, self.job_side):
+            proc.kill()
+        self.service.kill()
+
+
+@pytest.fixture
+def tunnel(nodes):
+    t = Tunnel(nodes, extra=["--liveness-timeout", LIVENESS])
+    yield t
+    t.close()
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(1 << 20, n - len(buf)))
+        if not chunk:
+            raise AssertionError(f"connection ended after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+def recv_all(sock: socket.socket) -> bytes:
+    buf = bytearray()
+    while True:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            return bytes(buf)
+        buf += chunk
+
+
+def test_32mb_each_way_arrives_intact(tunnel):
+    payload = os.urandom(32 * 1024 * 1024)
+    with tunnel.connect() as sock, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        echoed = pool.submit(recv_exactly, sock, len(payload))
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        assert hashlib.sha256(echoed.result(timeout=90)).hexdigest() == hashlib.sha256(payload).hexdigest()
+        assert recv_all(sock) == b""
+
+
+def test_100_concurrent_echo_connections(tunnel):
+    def session(seed: int) -> bool:
+        rng = random.Random(seed)
+        with tunnel.connect() as sock:
+            for _ in range(5):
+                message = rng.randbytes(rng.randint(1, 20000))
+                sock.sendall(message)
+                if recv_exactly(sock, len(message)) != message:
+                    return False
+        return True
+
+    with concurrent.futures.ThreadPoolExecutor(100) as pool:
+        results = list(pool.map(session, range(100), timeout=90))
+    assert results == [True] * 100
+
+
+def test_half_close_delivers_the_reply(nodes):
+    tunnel = Tunnel(nodes, service="digest")
+    try:
+        payload = os.urandom(1024 * 1024)
+        with tunnel.connect() as sock:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            reply = recv_all(sock)
+        assert reply == f"{len(payload)} {hashlib.sha256(payload).hexdigest()}\n".encode()
+    finally:
+        tunnel.close()
+
+
+def test_http_server_through_the_tunnel(nodes, tmp_path):
+    login, job = nodes
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "page.html").write_bytes(b"<h1>hello through the file system</h1>" * 1000)
+    port, http_port = free_port(), free_port()
+    http = Proc(python("-m", "http.server", "--bind", "127.0.0.1", "--directory", str(site), str(http_port)),
+                job.prefix)
+    job_side = start_cli("client", http_port, job.tunnel_dir, prefix=job.prefix)
+    login_side = start_cli("server", port, login.tunnel_dir, prefix=login.prefix)
+    try:
+        http.wait_for(lambda line: "Serving HTTP" in line)
+        for _ in range(3):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/page.html", timeout=30) as response:
+                assert response.status == 200
+                assert response.read() == (site / "page.html").read_bytes()
+    finally:
+        for proc in (login_side, job_side, http):
+            proc.kill()
+
+
+def test_connection_waits_for_a_late_job_side(nodes):
+    login, job = nodes
+    service_port, port = free_port(), free_port()
+    service = start_service("echo", service_port, job.prefix)
+    login_side = start_cli("server", port, login.tunnel_dir, prefix=login.prefix)
+    job_side = None
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(b"early bird")
+            job_side = start_cli("client", service_port, job.tunnel_dir, prefix=job.prefix)
+            assert recv_exactly(sock, 10) == b"early bird"
+    finally:
+        for proc in (login_side, job_side, service):
+            if proc is not None:
+                proc.kill()
+
+
+def test_no_job_side_gives_a_clear_log_line(nodes):
+    login, _ = nodes
+    port = free_port()
+    login_side = start_cli("server", port, login.tunnel_dir, "--connect-timeout", "1", prefix=login.prefix)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            assert recv_all(sock) == b""
+        line = login_side.wait_for(lambda l: "no fileforward server answered" in l)
+        assert "fileforward --client" in line and str(login.tunnel_dir) in line
+    finally:
+        login_side.kill()
+
+
+@pytest.mark.parametrize("victim", ["job_side", "login_side"])
+def test_sigkill_of_one_side_is_seen_and_a_restart_works(tunnel, victim):
+    sock = tunnel.connect()
+    sock.sendall(b"ping")
+    assert recv_exactly(sock, 4) == b"ping"
+    getattr(tunnel, victim).kill()
+    started = time.monotonic()
+    if victim == "job_side":
+        sock.settimeout(30)
+        assert recv_all_or_reset(sock) == b""  # the login side ends our TCP connection
+        assert time.monotonic() - started < float(LIVENESS) + 3
+        survivor = tunnel.login_side
+        tunnel.job_side = tunnel.start_job_side()
+    else:
+        survivor = tunnel.job_side
+        survivor.wait_for(lambda l: "is gone" in l, timeout=float(LIVENESS) + 3)
+        tunnel.login_side = tunnel.start_login_side()
+    sock.close()
+    with tunnel.connect() as again:
+        again.sendall(b"after restart")
+        assert recv_exactly(again, 13) == b"after restart"
+    assert survivor.popen.poll() is None
+    assert tunnel.login_side.stop() == 0 and tunnel.job_side.stop() == 0
+    assert tunnel_files(tunnel.login.tunnel_dir) == []
+
+
+def recv_all_or_reset(sock: socket.socket) -> bytes:
+    try:
+        return recv_all(sock)
+    except ConnectionResetError:
+        return b""
+
+
+def test_sigterm_stops_cleanly_within_2s_and_removes_files(tunnel):
+    with tunnel.connect() as sock:
+        sock.sendall(b"x" * 1000)
+        recv_exactly(sock, 1000)
+        for proc in (tunnel.login_side, tunnel.job_side):
+            started = time.monotonic()
+            assert proc.stop() == 0
+            assert time.monotonic() - started < 2.0
+            assert "Traceback" not in proc.output
+    assert tunnel_files(tunnel.login.tunnel_dir) == []
+
+
+def test_sigint_also_stops_cleanly(tunnel):
+    tunnel.job_side.signal(signal.SIGINT)
+    assert tunnel.job_side.popen.wait(5) == 0
+
+
+def one_line_error(proc: Proc) -> str:
+    assert proc.popen.wait(15) != 0
+    lines = [l for l in proc.output.splitlines() if l.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.output, proc.output
+    return lines[0]
+
+
+def test_unsafe_tunnel_dir_is_refused(tmp_path):
+    unsafe = tmp_path / "open"
+    unsafe.mkdir()
+    os.chmod(unsafe, 0o777)
+    proc = start_cli("client", free_port(), unsafe, ready=False)
+    line = one_line_error(proc)
+    assert "writable by group or others" in line and f"chmod 700 {unsafe}" in line
+
+
+def test_tunnel_dir_of_another_user_is_refused(tmp_path):
+    if os.getuid() != 0:
+        pytest.skip("needs root to chown a directory to another user")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir(mode=0o700)
+    os.chown(foreign, 65534, 65534)
+    line = one_line_error(start_cli("server", free_port(), foreign, ready=False))
+    assert "not by you" in line
+
+
+def test_new_tunnel_dir_is_private(tmp_path):
+    created = tmp_path / "a" / "b"
+    proc = start_cli("client", free_port(), created)
+    try:
+        assert oct(created.stat().st_mode & 0o777) == oct(0o700)
+        assert oct((tmp_path / "a").stat().st_mode & 0o777) == oct(0o700)
+    finally:
+        proc.kill()
+
+
+def test_second_job_side_is_refused_unless_forced(tunnel):
+    second = start_cli("client", tunnel.service_port, tunnel.job.tunnel_dir, prefix=tunnel.job.prefix, ready=False)
+    line = one_line_error(second)
+    assert "already serves" in line and "--force" in line
+    forced = tunnel.start_job_side("--force")
+    try:
+        assert tunnel.job_side.popen.wait(15) == 0
+        assert "took over" in tunnel.job_side.output
+        tunnel.job_side = forced
+        with tunnel.connect() as sock:
+            sock.sendall(b"new server")
+            assert recv_exactly(sock, 10) == b"new server"
+    finally:
+        forced.kill()
+
+
+def test_port_in_use_is_a_one_line_error(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        line = one_line_error(start_cli("server", port, tmp_path / "t", ready=False))
+    assert f"port {port}" in line and "already in use" in line
+
+
+@pytest.mark.parametrize("argv", [["--server"], ["--server", "--client", "--port", "1"], ["--client", "--port", "x"]])
+def test_bad_arguments_are_a_one_line_error(argv):
+    proc = Proc(python("-m", "fileforward", *argv))
+    assert "fileforward --help" in one_line_error(proc)
+
+
+def test_help_explains_both_sides():
+    proc = Proc(python("-m", "fileforward", "--help"))
+    assert proc.popen.wait(15) == 0
+    text = proc.output
+    for words in ("--server", "--client", "--tunnel_dir", "ssh -L", "FILEFORWARD_TUNNEL_DIR", "127.0.0.1"):
+        assert words in text
+
+
+def test_no_log_file_appears_unless_asked(tunnel, tmp_path):
+    from tests.tunnel_support import REPO_ROOT
+    assert not list(REPO_ROOT.glob("*.log"))
+    log_file = tmp_path / "ff.log"
+    proc = start_cli("server", free_port(), tunnel.login.tunnel_dir, "--log-file", str(log_file))
+    proc.stop()
+    assert "forwarding" in log_file.read_text()

@@ -1,0 +1,318 @@
+"""The transport's asyncio API, in one process: stream semantics, errors, flow
+control, damaged records, cleanup. (Cross-process behaviour: test_cli_e2e.py.)"""
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import fileforward
+from fileforward import records, tunneldir
+from fileforward.files import TABLE
+from tests.tunnel_support import tunnel_files
+
+FAST = dict(liveness_timeout=2.0, connect_timeout=2.0, poll_max=0.1)
+
+
+def run(coro, timeout: float = 60):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while True:
+        data = await reader.read(65536)
+        if not data:
+            break
+        writer.write(data)
+        await writer.drain()
+    writer.write_eof()
+    await reader.read()  # until the peer closes
+    writer.close()
+
+
+async def wait_for_condition(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def test_stream_api_matches_asyncio(tunnel_dir):
+    async def main():
+        async def handler(reader, writer):
+            line = await reader.readline()
+            exact = await reader.readexactly(5)
+            until = await reader.readuntil(b"!")
+            writer.writelines([line.upper(), exact[::-1], until])
+            writer.write_eof()
+            assert await reader.read() == b""
+            writer.close()
+            await writer.wait_closed()
+
+        async with await fileforward.start_server(handler, tunnel_dir, **FAST) as server:
+            assert server.is_serving() and server.sockets == ()
+            reader, writer = await fileforward.open_connection(tunnel_dir, **FAST)
+            assert writer.can_write_eof()
+            assert writer.get_extra_info("tunnel_dir") == str(tunnel_dir)
+            writer.write(b"hello\nabcdeuntil!")
+            await writer.drain()
+            assert await reader.read() == b"HELLO\nedcbauntil!"
+            assert reader.at_eof()
+            writer.close()
+            await writer.wait_closed()
+            assert writer.is_closing()
+    run(main())
+
+
+def test_half_close_keeps_the_other_direction_flowing(tunnel_dir):
+    async def main():
+        async def handler(reader, writer):
+            received = await reader.read()  # until the client's write_eof
+            for _ in range(3):
+                writer.write(received[:10])
+                await writer.drain()
+                await asyncio.sleep(0.05)
+            writer.close()
+
+        async with await fileforward.start_server(handler, tunnel_dir, **FAST):
+            reader, writer = await fileforward.open_connection(tunnel_dir, **FAST)
+            writer.write(os.urandom(1 << 20))
+            writer.write_eof()
+            with pytest.raises(RuntimeError):
+                writer.write(b"after eof")
+            assert len(await reader.read()) == 30
+            writer.close()
+    run(main())
+
+
+def test_no_server_fails_within_the_connect_timeout(tunnel_dir):
+    async def main():
+        started = time.monotonic()
+        with pytest.raises(fileforward.NoServerError) as info:
+            await fileforward.open_connection(tunnel_dir, connect_timeout=1.0)
+        assert 1.0 <= time.monotonic() - started < 3.0
+        assert str(tunnel_dir) in str(info.value) and "fileforward --client" in str(info.value)
+        assert isinstance(info.value, ConnectionRefusedError)
+    run(main())
+    assert tunnel_files(tunnel_dir) == []
+
+
+def test_abort_is_a_reset_on_the_other_side(tunnel_dir):
+    async def main():
+        aborted = asyncio.Event()
+
+        async def handler(reader, writer):
+            await reader.readexactly(3)
+            writer.transport.abort()
+            aborted.set()
+
+        async with await fileforward.start_server(handler, tunnel_dir, **FAST):
+            reader, writer = await fileforward.open_connection(tunnel_dir, **FAST)
+            writer.write(b"abc")
+            await aborted.wait()
+            with pytest.raises(ConnectionResetError, match="reset by the other side"):
+                await reader.read()
+            writer.close()
+    run(main())
+
+
+def test_a_slow_reader_bounds_disk_use_and_blocks_the_writer(tunnel_dir):
+    window = 1 << 20
+
+    async def main():
+        go = asyncio.Event()
+        received = []
+
+        async def handler(reader, writer):
+            await go.wait()
+            received.append(len(await reader.read()))
+            writer.close()
+
+        async with await fileforward.start_server(handler, tunnel_dir, window=window, **FAST):
+            reader, writer = await fileforward.open_connection(tunnel_dir, window=window, **FAST)
+            total = 0
+            peak = 0
+
+            async def write_all():
+                nonlocal total
+                for _ in range(40):
+                    writer.write(b"z" * 262144)
+                    await writer.drain()
+                    total += 262144
+
+            writing = asyncio.ensure_future(write_all())
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                for path in tunnel_dir.glob("*.c2s"):
+                    try:
+                        peak = max(peak, path.stat().st_size)
+                    except FileNotFoundError:
+                        pass
+                await asyncio.sleep(0.01)
+            assert not writing.done(), "drain() should block while the reader does not read"
+            # in flight at most: a window on disk, one drained window in the reader's
+            # memory, the writer's 1 MiB buffer (asyncio's high-water mark) and one write
+            assert total <= 2 * window + (1 << 20) + 262144
+            assert 0 < peak <= window + 64
+            go.set()
+            await writing
+            writer.write_eof()
+            await reader.read()
+            writer.close()
+            assert received == [40 * 262144]
+    run(main())
+
+
+@pytest.mark.parametrize("damage", [b"garbage that is not a record", records.encode(records.Kind.DATA, b"xy")[:-1],
+                                    records.HEADER.pack(b"FF", 99, 1, 0)])
+def test_a_damaged_record_breaks_only_its_own_connection(tunnel_dir, damage):
+    async def main():
+        async with await fileforward.start_server(echo, tunnel_dir, **FAST):
+            async with fileforward.Connector(tunnel_dir, **FAST) as connector:
+                victim = await connector.open_connection()
+                bystander = await connector.open_connection()
+                for reader, writer in (victim, bystander):
+                    writer.write(b"hi")
+                    assert await reader.readexactly(2) == b"hi"
+                cid = victim[1].get_extra_info("connection_id")
+                to_server, _ = tunneldir.chunk_paths(Path(victim[1].get_extra_info("tunnel_dir")), cid)
+                shared = TABLE.open(to_server)
+                try:
+                    with shared.locked() as fd:
+                        os.pwrite(fd, damage, os.fstat(fd).st_size)
+                finally:
+                    TABLE.release(shared)
+                with pytest.raises(ConnectionResetError):
+                    await victim[0].read()
+                bystander[1].write(b"still fine")
+                assert await bystander[0].readexactly(10) == b"still fine"
+    run(main())
+
+
+def test_a_second_server_is_refused_and_force_takes_over(tunnel_dir):
+    async def main():
+        first = await fileforward.start_server(echo, tunnel_dir, **FAST)
+        with pytest.raises(fileforward.ServerAlreadyRunningError, match="--force"):
+            await fileforward.start_server(echo, tunnel_dir, **FAST)
+        second = await fileforward.start_server(echo, tunnel_dir, force=True, **FAST)
+        await asyncio.wait_for(first.wait_closed(), 5)
+        assert first.stepped_down_for and not first.is_serving()
+        reader, writer = await fileforward.open_connection(tunnel_dir, **FAST)
+        writer.write(b"to the new one")
+        assert await reader.readexactly(14) == b"to the new one"
+        writer.close()
+        await first.shutdown()
+        await second.shutdown()
+    run(main())
+
+
+def test_clients_survive_a_server_restart(tunnel_dir):
+    async def main():
+        async with fileforward.Connector(tunnel_dir, **FAST) as connector:
+            for _ in range(2):
+                server = await fileforward.start_server(echo, tunnel_dir, **FAST)
+                reader, writer = await connector.open_connection()
+                writer.write(b"x")
+                assert await reader.readexactly(1) == b"x"
+                await server.shutdown()
+                with pytest.raises(ConnectionResetError):
+                    await reader.read()
+    run(main())
+    assert tunnel_files(tunnel_dir) == []
+
+
+def test_files_are_removed_after_a_clean_close(tunnel_dir):
+    async def main():
+        server = await fileforward.start_server(echo, tunnel_dir, **FAST)
+        for _ in range(3):
+            reader, writer = await fileforward.open_connection(tunnel_dir, **FAST)
+            writer.write(b"abc")
+            writer.write_eof()
+            assert await reader.read() == b"abc"
+            writer.close()
+            await writer.wait_closed()
+        server_bell = tunneldir.bell_path(server.tunnel_dir, server._endpoint.eid).name
+        await wait_for_condition(lambda: set(os.listdir(tunnel_dir)) == {"server", server_bell}, 5,
+                                 "the connection files and the clients' bells to go")
+        await server.shutdown()
+    run(main())
+    assert tunnel_files(tunnel_dir) == []
+
+
+LIVE_HOLDER = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.lockf(fd, fcntl.LOCK_EX, 1, 1 << 40, 0)
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_files_of_crashed_endpoints_are_cleared_but_live_ones_kept(tunnel_dir):
+    tunnel_dir.mkdir(mode=0o700)
+    dead, live = "a" * 16, "b" * 16
+    for eid in (dead, live):
+        (tunnel_dir / f"{eid}.bell").write_bytes(b"")
+        (tunnel_dir / f"{eid}-1.c2s").write_bytes(b"")
+        (tunnel_dir / f"{eid}-1.s2c").write_bytes(b"")
+    (tunnel_dir / f"{'c' * 16}-7.c2s").write_bytes(b"")  # no bell: its owner is gone
+    (tunnel_dir / ".nfs000000000001").write_bytes(b"")
+    holder = subprocess.Popen([sys.executable, "-c", LIVE_HOLDER, str(tunnel_dir / f"{live}.bell")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+
+        async def main():
+            server = await fileforward.start_server(echo, tunnel_dir, **FAST)
+            left = set(os.listdir(tunnel_dir))
+            await server.shutdown()
+            return left
+        left = run(main())
+        assert not any(n.startswith(dead) or n.startswith("c" * 16) for n in left)
+        assert {f"{live}.bell", f"{live}-1.c2s", f"{live}-1.s2c", ".nfs000000000001"} <= left
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_unsafe_directory_is_refused_by_the_api(tmp_path):
+    unsafe = tmp_path / "unsafe"
+    unsafe.mkdir()
+    os.chmod(unsafe, 0o770)
+
+    async def main():
+        with pytest.raises(fileforward.UnsafeTunnelDirError, match="chmod 700"):
+            await fileforward.start_server(echo, unsafe)
+        with pytest.raises(fileforward.UnsafeTunnelDirError):
+            await fileforward.open_connection(unsafe)
+    run(main())
+
+
+def test_default_tunnel_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("FILEFORWARD_TUNNEL_DIR", str(tmp_path / "env"))
+    assert fileforward.default_tunnel_dir() == tmp_path / "env"
+    monkeypatch.delenv("FILEFORWARD_TUNNEL_DIR")
+    assert fileforward.default_tunnel_dir() == Path.home() / ".cache" / "fileforward" / "tunnel"
+
+
+def test_options_are_validated():
+    with pytest.raises(ValueError, match="liveness_timeout"):
+        fileforward.Options(liveness_timeout=1, poll_max=0.5)
+    with pytest.raises(ValueError, match="window"):
+        fileforward.Options(window=1000, chunk=4096)
+
+
+def test_records_round_trip_and_reject_damage():
+    blob = records.encode(records.Kind.DATA, b"abc") + records.encode(records.Kind.EOF)
+    assert [(k, bytes(p)) for k, p in records.decode(blob)] == [(records.Kind.DATA, b"abc"), (records.Kind.EOF, b"")]
+    for damaged, message in [(blob[:-1], "truncated"), (b"XX" + blob[2:], "magic"),
+                             (records.HEADER.pack(b"FF", 1, 77, 0), "unknown record kind"),
+                             (records.HEADER.pack(b"FF", 1, 1, 1 << 31), "exceeds")]:
+        with pytest.raises(fileforward.ProtocolError, match=message):
+            records.decode(damaged)

@@ -1,0 +1,117 @@
+"""Helpers for end-to-end tests: free ports, subprocesses that announce readiness,
+and the `fileforward` CLI run as a real subprocess."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Proc:
+    """A subprocess whose merged output is collected by a thread, line by line."""
+
+    def __init__(self, argv: Sequence[str], prefix: Sequence[str] = (), env: Optional[dict] = None) -> None:
+        self.argv = list(argv)
+        self.popen = subprocess.Popen(list(prefix) + self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL, cwd=REPO_ROOT, env=env, text=True)
+        self.lines: List[str] = []
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._collect, daemon=True)
+        self._reader.start()
+
+    def _collect(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    @property
+    def output(self) -> str:
+        with self._changed:
+            return "\n".join(self.lines)
+
+    def wait_for(self, predicate: Callable[[str], bool], timeout: float = 15.0) -> str:
+        """Wait until a line satisfies `predicate`; fail with the output so far."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for line in self.lines:
+                    if predicate(line):
+                        return line
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.popen.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(f"{self.argv} did not print the expected line; output:\n{self.output}")
+                self._changed.wait(min(remaining, 0.2))
+
+    def signal(self, signum: int) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signum)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM, then SIGKILL if it does not exit within `timeout`. Returns the exit status."""
+        self.signal(signal.SIGTERM)
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(5)
+            raise AssertionError(f"{self.argv} ignored SIGTERM for {timeout} s; output:\n{self.output}")
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait(10)
+
+
+def python(*args: str) -> List[str]:
+    return [sys.executable, *args]
+
+
+def start_service(kind: str, port: int, prefix: Sequence[str] = ()) -> Proc:
+    """One of tests/services.py, ready to accept connections."""
+    proc = Proc(python("-m", "tests.services", kind, str(port)), prefix)
+    proc.wait_for(lambda line: line == "READY")
+    return proc
+
+
+def start_cli(role: str, port: int, tunnel_dir: Path, *extra: str, prefix: Sequence[str] = (),
+              ready: bool = True) -> Proc:
+    """`fileforward --server|--client --port PORT --tunnel_dir DIR ...`, waiting for its start line."""
+    proc = Proc(python("-m", "fileforward", f"--{role}", "--port", str(port), "--tunnel_dir", str(tunnel_dir),
+                       *extra), prefix)
+    if ready:
+        proc.wait_for(lambda line: "forwarding" in line)
+    return proc
+
+
+def tunnel_files(tunnel_dir: Path) -> List[str]:
+    """What is left in a tunnel directory, the (empty) server pointer excepted."""
+    names = sorted(os.listdir(tunnel_dir)) if tunnel_dir.exists() else []
+    return [n for n in names if not (n == "server" and (tunnel_dir / n).stat().st_size == 0)]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll `predicate` until true or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
