@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="take over a tunnel directory whose server looks alive")
     srv.add_argument("--max_frame", type=int, default=DEFAULT_MAX_FRAME,
                      help="largest accepted message in bytes")
+    srv.add_argument("--liveness_timeout", type=float, default=15.0,
+                     help="file transport: seconds of silence after which a client is dead")
     st = commands.add_parser("status", help="show whether a server runs, and its counters")
     _add_transport(st, stdio=False)
     st.add_argument("--connect_timeout", type=float, default=5.0)
@@ -96,7 +98,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "serve":
             serve(load_functions(args.functions), stdio=args.stdio, workers=args.workers,
                   key_file=args.key_file, force=args.force, max_frame=args.max_frame,
-                  **transport)
+                  liveness_timeout=args.liveness_timeout, **transport)
             return 0
         info = status(connect_timeout=args.connect_timeout, key_file=args.key_file,
                       **transport)

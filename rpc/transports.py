@@ -100,7 +100,7 @@ async def open_streams(ep: Endpoint, connect_timeout: float, liveness_timeout: f
         import fileforward  # the transport layer; only needed for this endpoint
         try:
             reader, writer = await fileforward.open_connection(
-                ep.address, connect_timeout=connect_timeout,
+                ep.address, limit=STREAM_LIMIT, connect_timeout=connect_timeout,
                 liveness_timeout=liveness_timeout)
         except ConnectionRefusedError as exc:  # fileforward.NoServerError
             raise _not_running(ep, connect_timeout, exc) from exc
@@ -164,8 +164,8 @@ async def listen(ep: Endpoint, handler: Handler, *, force: bool = False,
     """Start accepting connections on ``ep`` (tunnel, tcp or unix)."""
     if ep.kind == "tunnel":
         import fileforward
-        server = await fileforward.start_server(handler, ep.address, force=force,
-                                                liveness_timeout=liveness_timeout)
+        server = await fileforward.start_server(handler, ep.address, limit=STREAM_LIMIT,
+                                                force=force, liveness_timeout=liveness_timeout)
         return Listener(server, str(ep))
     if ep.kind == "tcp":
         server = await asyncio.start_server(handler, *ep.address, limit=STREAM_LIMIT)

@@ -1,0 +1,78 @@
+"""RPC over the fileforward file transport: no port at all, clients in other processes."""
+import concurrent.futures as cf
+
+import pytest
+
+import rpc
+from rpc_helpers import TESTS, CliServer, rpc_env, run_json, wait_until  # noqa: F401
+
+fileforward = pytest.importorskip("fileforward.api", reason="file transport not merged")
+
+FAST = ("--liveness_timeout", "2")
+
+
+@pytest.fixture
+def tunnel_server(tunnel_dir):
+    srv = CliServer("--tunnel_dir", str(tunnel_dir), extra=FAST)
+    yield srv
+    srv.stop()
+
+
+def test_calls_streams_and_errors_through_the_tunnel(tunnel_server, tunnel_dir):
+    with rpc.connect(tunnel_dir=tunnel_dir) as c:
+        assert c.call("add", 1, b=2) == 3
+        assert c.call("echo", b"\x07" * (3 << 20)) == b"\x07" * (3 << 20)
+        assert list(c.call("count", 10_000)) == list(range(10_000))
+        with pytest.raises(ValueError, match="bad thing"):
+            c.call("boom")
+        assert c.info()["addresses"] == [f"tunnel:{tunnel_dir}"]
+
+
+def test_default_tunnel_dir_comes_from_the_environment(rpc_env):
+    default = rpc_env / "rpc-tunnel"
+    assert rpc.default_tunnel_dir() == default
+    srv = CliServer(extra=FAST)
+    try:
+        assert srv.address == f"tunnel:{default}"
+        echo = rpc.proxy("echo")
+        try:
+            assert echo("default dir") == "default dir"
+        finally:
+            echo.close()
+        assert rpc.status()["pid"] == srv.proc.pid
+    finally:
+        srv.stop()
+
+
+def test_no_server_in_the_tunnel_dir(tunnel_dir):
+    with pytest.raises(rpc.ServerNotRunningError):
+        rpc.connect(tunnel_dir=tunnel_dir, connect_timeout=0.5)
+    assert rpc.status(tunnel_dir, connect_timeout=0.5)["alive"] is False
+
+
+def test_10_client_processes_through_the_tunnel(tunnel_server, tunnel_dir):
+    code, result, err = run_json([str(TESTS / "rpc_fanout.py"), "--tunnel_dir",
+                                  str(tunnel_dir), "--procs", "10", "--calls", "100"])
+    assert (code, result) == (0, {"ok": 10, "failed": 0}), err
+
+
+def test_server_sigkill_through_the_tunnel_then_restart(tunnel_dir, tmp_path):
+    log = tmp_path / "calls.log"
+    srv = CliServer("--tunnel_dir", str(tunnel_dir), extra=FAST)
+    record = rpc.proxy("record", tunnel_dir=tunnel_dir, liveness_timeout=2)
+    with cf.ThreadPoolExecutor(2) as pool:
+        pending = [pool.submit(record, str(log), True) for _ in range(2)]
+        wait_until(lambda: log.exists() and log.read_text().count("called") == 2,
+                   what="two calls running")
+        srv.kill()
+        for future in pending:
+            with pytest.raises(rpc.ConnectionLost):
+                future.result(timeout=20)
+    srv.stop()
+    srv = CliServer("--tunnel_dir", str(tunnel_dir), extra=FAST)
+    try:
+        assert record(str(log), False) == "recorded"
+        assert log.read_text().count("called") == 3
+    finally:
+        record.close()
+        srv.stop()
