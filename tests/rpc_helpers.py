@@ -1,14 +1,19 @@
 """Helpers for the RPC tests: servers in a thread or in a subprocess, raw handshakes."""
 import asyncio
+import concurrent.futures as cf
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
+
+import pytest
 
 import rpc
 from rpc import auth, handshake, protocol
@@ -113,6 +118,31 @@ def run_json(args, timeout=60, **kwargs):
         proc.stderr
 
 
+def sigkill_and_restart(start_server, record, log, pending):
+    """Kill the server with calls in flight through the lazy proxy ``record``.
+
+    Every pending call must raise ConnectionLost; after a restart the next call
+    through the same proxy succeeds, and no call ran twice (``log`` counts runs).
+    """
+    srv = start_server()
+    try:
+        with cf.ThreadPoolExecutor(pending) as pool:
+            calls = [pool.submit(record, str(log), True) for _ in range(pending)]
+            wait_until(lambda: log.exists() and log.read_text().count("called") == pending,
+                       what="the calls to run")
+            srv.kill()
+            for future in calls:
+                with pytest.raises(rpc.ConnectionLost):
+                    future.result(timeout=20)
+        srv.stop()
+        srv = start_server()
+        assert record(str(log), False) == "recorded"
+        assert log.read_text().count("called") == pending + 1
+    finally:
+        record.close()
+        srv.stop()
+
+
 class RawConnection:
     """A blocking socket speaking frames by hand, through the sans-I/O core."""
 
@@ -176,11 +206,6 @@ def fresh_env(**overrides):
 
 
 # ---------------------------------------------------------------- fixtures
-
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,4 @@
 """End to end with real processes: the CLI server, stdio, many clients, SIGKILL, 256 MiB."""
-import concurrent.futures as cf
 import json
 import os
 import signal
@@ -11,7 +10,7 @@ import pytest
 
 import rpc
 from rpc_helpers import (TESTS, CliServer, ServerThread, rpc_env, run_json,  # noqa: F401
-                         sock, sock_dir, wait_until)
+                         sigkill_and_restart, sock, sock_dir, wait_until)
 
 
 @pytest.fixture
@@ -80,25 +79,8 @@ def test_50_client_processes_at_once(cli_server, sock):
 
 def test_server_sigkill_mid_call_then_restart(sock, tmp_path):
     """Pending calls fail with ConnectionLost; the next call reconnects; none runs twice."""
-    log = tmp_path / "calls.log"
-    srv = CliServer("--unix", str(sock))
-    record = rpc.proxy("record", unix=sock)
-    with cf.ThreadPoolExecutor(3) as pool:
-        pending = [pool.submit(record, str(log), True) for _ in range(3)]
-        wait_until(lambda: log.exists() and log.read_text().count("called") == 3,
-                   what="three calls running")
-        srv.kill()
-        for future in pending:
-            with pytest.raises(rpc.ConnectionLost):
-                future.result(timeout=15)
-    srv.stop()
-    srv = CliServer("--unix", str(sock))
-    try:
-        assert record(str(log), False) == "recorded"
-        assert log.read_text().count("called") == 4
-    finally:
-        record.close()
-        srv.stop()
+    sigkill_and_restart(lambda: CliServer("--unix", str(sock)),
+                        rpc.proxy("record", unix=sock), tmp_path / "calls.log", pending=3)
 
 
 def test_client_sigkill_cancels_its_calls(sock):

@@ -1,10 +1,9 @@
 """RPC over the fileforward file transport: no port at all, clients in other processes."""
-import concurrent.futures as cf
-
 import pytest
 
 import rpc
-from rpc_helpers import TESTS, CliServer, rpc_env, run_json, wait_until  # noqa: F401
+from rpc_helpers import (TESTS, CliServer, rpc_env, run_json,  # noqa: F401
+                         sigkill_and_restart)
 
 fileforward = pytest.importorskip("fileforward.api", reason="file transport not merged")
 
@@ -57,22 +56,6 @@ def test_10_client_processes_through_the_tunnel(tunnel_server, tunnel_dir):
 
 
 def test_server_sigkill_through_the_tunnel_then_restart(tunnel_dir, tmp_path):
-    log = tmp_path / "calls.log"
-    srv = CliServer("--tunnel_dir", str(tunnel_dir), extra=FAST)
-    record = rpc.proxy("record", tunnel_dir=tunnel_dir, liveness_timeout=2)
-    with cf.ThreadPoolExecutor(2) as pool:
-        pending = [pool.submit(record, str(log), True) for _ in range(2)]
-        wait_until(lambda: log.exists() and log.read_text().count("called") == 2,
-                   what="two calls running")
-        srv.kill()
-        for future in pending:
-            with pytest.raises(rpc.ConnectionLost):
-                future.result(timeout=20)
-    srv.stop()
-    srv = CliServer("--tunnel_dir", str(tunnel_dir), extra=FAST)
-    try:
-        assert record(str(log), False) == "recorded"
-        assert log.read_text().count("called") == 3
-    finally:
-        record.close()
-        srv.stop()
+    sigkill_and_restart(lambda: CliServer("--tunnel_dir", str(tunnel_dir), extra=FAST),
+                        rpc.proxy("record", tunnel_dir=tunnel_dir, liveness_timeout=2),
+                        tmp_path / "calls.log", pending=2)
