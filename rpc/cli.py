@@ -45,6 +45,9 @@ def _import(name: str) -> ModuleType:
         sys.path.insert(0, "")  # like `python -m`: the current directory first
         return importlib.import_module(name)
     path = Path(name).resolve()
+    if path.stem in sys.modules:
+        raise ImportError(f"cannot load {path} as module {path.stem!r}: a module of that name "
+                          f"is already imported; rename the file")
     spec = importlib.util.spec_from_file_location(path.stem, path)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot load {path}")

@@ -7,13 +7,16 @@ A call whose client cancels it, times out or disconnects is cancelled here too.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import os
+import signal
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator, Callable, Dict, List, Mapping, Optional, Set, Tuple
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import (Any, AsyncIterator, Awaitable, Callable, Dict, List, Mapping, Optional,
+                    Set, Tuple)
 
 from . import execution
 from .auth import load_key
@@ -162,7 +165,8 @@ class _Call:
         self.context = CallContext(name)
         self.args = args  # pickled; dropped as soon as it is unpickled
         self.credit = _Credit()
-        self.task: Optional[asyncio.Task] = None
+        self.task: Optional[asyncio.Task] = None  # on the loop: coroutines and streams
+        self.job: Optional[Future] = None  # in the worker pool: plain functions
 
     def take_args(self) -> Tuple[tuple, dict]:
         """Unpickle the arguments, releasing the frame that held them."""
@@ -174,10 +178,13 @@ class _Call:
                 f"the server cannot unpickle the arguments of {self.context.name}(): "
                 f"{type(exc).__name__}: {exc}") from exc
 
-    def cancel(self) -> None:
+    def cancel(self) -> bool:
+        """Cancel wherever the call is; True if it never started (nothing will finish it)."""
         self.context.cancel()
         if self.task is not None:
             self.task.cancel()
+            return False
+        return self.job is not None and self.job.cancel()
 
 
 class _Connection:
@@ -211,8 +218,13 @@ class _Connection:
             log.info("closing connection from %s", self.channel.peer)
         finally:
             for call in list(self.calls.values()):
-                call.cancel()
+                self.cancel(call)
             await self.channel.aclose()
+
+    def cancel(self, call: _Call) -> None:
+        """The client cancelled the call, or went away."""
+        if call.cancel():
+            self.finish(call)
 
     def abort(self) -> None:
         """Drop the connection (server shutdown)."""
@@ -227,11 +239,11 @@ class _Connection:
                 raise ProtocolError(f"request id {rid} is already in use")
             name, args = decode_call(frame.payload)
             call = self.calls[rid] = _Call(rid, name, args)
-            call.task = asyncio.ensure_future(self.serve(call))
+            self.start(call)
         elif kind is Kind.CANCEL:
             if rid in self.calls:
                 log.debug("client %s cancelled call %d", self.channel.peer, rid)
-                self.calls[rid].cancel()
+                self.cancel(self.calls[rid])
         elif kind is Kind.CREDIT:
             count = decode_credit(frame.payload)
             if rid in self.calls:
@@ -243,37 +255,76 @@ class _Connection:
         else:
             raise ProtocolError(f"unexpected {kind.name} message from a client")
 
-    async def serve(self, call: _Call) -> None:
-        """Run one call and send its outcome (nothing if it was cancelled)."""
-        server, name = self.server, call.context.name
-        server.in_flight += 1
-        execution.enter(call.context)  # this task's context: for coroutine functions
+    def start(self, call: _Call) -> None:
+        """Start a call: plain functions go straight to the worker pool (the fast path,
+        no task), coroutine and async generator functions to a task on the loop."""
+        self.server.in_flight += 1
         try:
-            fn = server.lookup(name)
-            if execution.runs_on_loop(fn):
-                args, kwargs = call.take_args()
-                outcome: Any = fn(*args, **kwargs)
-                del args, kwargs
-                if inspect.isawaitable(outcome):
-                    outcome = _Packed(*pack_value(await outcome, f"the result of {name}()"))
-            else:
-                outcome = await execution.run_in_thread(server._pool, call.context,
-                                                        _run_and_pack, fn, call)
-            if isinstance(outcome, _Packed):
-                self.reply(call, Kind.RESULT if outcome.ok else Kind.ERROR, outcome.payload)
-            elif inspect.isasyncgen(outcome):
-                await self.stream(call, outcome)
-            else:
-                await self.stream(call, execution.iterate_in_thread(
-                    outcome, server._pool, call.context))
+            fn = self.server.lookup(call.context.name)
+        except FunctionNotFoundError as exc:
+            self.reply(call, Kind.ERROR, pack_error(exc))
+            self.finish(call)
+            return
+        if execution.runs_on_loop(fn):
+            call.task = asyncio.ensure_future(self.guard(call, self.run_on_loop(call, fn)))
+        else:
+            context = contextvars.copy_context()
+            context.run(execution.enter, call.context)
+            call.job = self.server._pool.submit(context.run, self.run_in_worker, fn, call,
+                                                asyncio.get_running_loop())
+
+    def run_in_worker(self, fn: Callable[..., Any], call: _Call,
+                      loop: asyncio.AbstractEventLoop) -> None:
+        """Worker thread: unpickle, call, pickle, then hand the outcome to the loop."""
+        try:
+            outcome = _run_and_pack(fn, call)
+        except BaseException as exc:  # the function's own error, for the client
+            outcome = _Packed(False, pack_error(exc))
+        try:
+            loop.call_soon_threadsafe(self.complete, call, outcome)
+        except RuntimeError:
+            pass  # the loop is closed: the server has stopped
+
+    def complete(self, call: _Call, outcome: Any) -> None:
+        """Loop thread: send a worker's outcome (or stream the generator it returned)."""
+        if call.context.cancelled:
+            self.finish(call)  # the client gave up: the result is discarded
+        elif isinstance(outcome, _Packed):
+            self.reply(call, Kind.RESULT if outcome.ok else Kind.ERROR, outcome.payload)
+            self.finish(call)
+        else:
+            call.task = asyncio.ensure_future(self.guard(call, self.stream(
+                call, outcome if inspect.isasyncgen(outcome) else execution.iterate_in_thread(
+                    outcome, self.server._pool, call.context))))
+
+    async def run_on_loop(self, call: _Call, fn: Callable[..., Any]) -> None:
+        """A coroutine function's result, or an async generator's stream."""
+        execution.enter(call.context)  # this task's context: rpc.cancelled() works
+        args, kwargs = call.take_args()
+        outcome: Any = fn(*args, **kwargs)
+        del args, kwargs
+        if inspect.isasyncgen(outcome):
+            await self.stream(call, outcome)
+            return
+        ok, payload = pack_value(await outcome, f"the result of {call.context.name}()")
+        self.reply(call, Kind.RESULT if ok else Kind.ERROR, payload)
+
+    async def guard(self, call: _Call, work: Awaitable[None]) -> None:
+        """Run a call's task: its error goes to the client, its cancellation nowhere."""
+        try:
+            await work
         except asyncio.CancelledError:
-            log.debug("call %d (%s) cancelled", call.request_id, name)
+            log.debug("call %d (%s) cancelled", call.request_id, call.context.name)
         except Exception as exc:
             self.reply(call, Kind.ERROR, pack_error(exc))
         finally:
-            server.in_flight -= 1
-            server.calls_served += 1
-            self.calls.pop(call.request_id, None)
+            self.finish(call)
+
+    def finish(self, call: _Call) -> None:
+        """Bookkeeping when a call is over (exactly once per call)."""
+        if self.calls.pop(call.request_id, None) is call:
+            self.server.in_flight -= 1
+            self.server.calls_served += 1
 
     def reply(self, call: _Call, kind: Kind, payload: Buffer, flags: Flag = Flag.NONE) -> None:
         """Send one frame for ``call``; a result too large for the client becomes an error."""
@@ -319,8 +370,8 @@ class _Packed:
 def _run_and_pack(fn: Callable[..., Any], call: _Call) -> Any:
     """Worker-thread part of a plain call: unpickle, call, pickle (all off the loop).
 
-    Generators (and awaitables or async generators that a plain function happens to
-    return) are handed back as they are, for the loop to stream or await.
+    Generators (and async generators that a plain function happens to return) are
+    handed back as they are, for the loop to stream.
     """
     args, kwargs = call.take_args()
     result = fn(*args, **kwargs)
@@ -362,14 +413,17 @@ async def start_server(functions: Functions, *, tunnel_dir: Any = None, tcp: Any
 def serve(functions: Functions, **kwargs: Any) -> None:
     """Blocking :func:`start_server`: serve until Ctrl-C or SIGTERM (or stdio EOF)."""
     async def main() -> None:
-        server = await start_server(functions, **kwargs)
-        try:
-            import signal
-            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, server.close)
+        stop = asyncio.Event()
+        try:  # before the server starts: a SIGTERM right after it is up must not be lost
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         except (ValueError, RuntimeError, NotImplementedError):
             pass  # not the main thread: Ctrl-C / close() still work
-        async with server:
-            await server.serve_forever()
+        async with await start_server(functions, **kwargs) as server:
+            waits = {asyncio.ensure_future(stop.wait()),
+                     asyncio.ensure_future(server.serve_forever())}
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for waiting in waits:
+                waiting.cancel()
 
     try:
         asyncio.run(main())
