@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import os
 import threading
 from typing import Any, Coroutine, Dict, Optional, Sequence, Union
 
@@ -204,9 +205,12 @@ class LazyProxy:
         self._connect_kwargs = connect_kwargs
         self._lock = threading.Lock()
         self._client: Optional[Client] = None
+        self._pid = os.getpid()
 
     def _current(self) -> Client:
         with self._lock:
+            if self._pid != os.getpid():  # forked: the parent's connection is not ours
+                self._client, self._pid = None, os.getpid()
             if self._client is None or self._client.closed:
                 if self._client is not None:
                     self._client.close()

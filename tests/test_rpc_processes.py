@@ -140,3 +140,36 @@ def test_256_mib_argument_and_result_within_3x_memory(cli_server, sock):
         assert growth <= 3.1 * out["size"], (side, growth / out["size"])
     print(json.dumps({side: round((out["peak"][side] - out["base"][side]) / out["size"], 2)
                       for side in ("client", "server")}))
+
+
+def test_silent_server_is_declared_lost_within_the_liveness_timeout(cli_server, sock):
+    """A frozen server (SIGSTOP: its socket stays open) must not hang the caller."""
+    with rpc.connect(unix=sock, liveness_timeout=1.0) as c:
+        future = c.submit("wait_cancelled", 30)
+        wait_until(lambda: rpc.status(unix=sock)["in_flight"] == 1, what="the call to start")
+        cli_server.proc.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(rpc.ConnectionLost, match="presumed dead"):
+                future.result(timeout=10)
+        finally:
+            cli_server.proc.send_signal(signal.SIGCONT)
+
+
+def test_pings_keep_a_long_call_alive(cli_server, sock):
+    with rpc.connect(unix=sock, liveness_timeout=0.4) as c:
+        assert c.call("wait_cancelled", 1.5) is False  # ran to its end, not cancelled
+
+
+def test_lazy_proxy_reconnects_in_a_forked_child(cli_server, sock):
+    script = textwrap.dedent(f"""
+        import json, os, rpc
+        pid = rpc.proxy("pid", unix={str(sock)!r})
+        server_pid = pid()
+        child = os.fork()
+        if child == 0:
+            os._exit(0 if pid() == server_pid else 1)
+        child_ok = os.waitpid(child, 0)[1] == 0
+        print(json.dumps({{"child_ok": child_ok, "parent_ok": pid() == server_pid}}))
+        """)
+    code, out, err = run_json(["-c", script])
+    assert code == 0 and out == {"child_ok": True, "parent_ok": True}, err
