@@ -15,8 +15,8 @@ import signal
 import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import (Any, AsyncIterator, Awaitable, Callable, Dict, List, Mapping, Optional,
-                    Set, Tuple)
+from typing import (Any, AsyncIterator, Awaitable, Callable, Coroutine, Dict, List, Mapping,
+                    Optional, Set, Tuple)
 
 from . import execution
 from .auth import load_key
@@ -266,7 +266,7 @@ class _Connection:
             self.finish(call)
             return
         if execution.runs_on_loop(fn):
-            call.task = asyncio.ensure_future(self.guard(call, self.run_on_loop(call, fn)))
+            self.run_task(call, self.run_on_loop(call, fn))
         else:
             context = contextvars.copy_context()
             context.run(execution.enter, call.context)
@@ -293,9 +293,9 @@ class _Connection:
             self.reply(call, Kind.RESULT if outcome.ok else Kind.ERROR, outcome.payload)
             self.finish(call)
         else:
-            call.task = asyncio.ensure_future(self.guard(call, self.stream(
-                call, outcome if inspect.isasyncgen(outcome) else execution.iterate_in_thread(
-                    outcome, self.server._pool, call.context))))
+            self.run_task(call, self.stream(call, outcome if inspect.isasyncgen(outcome) else
+                                            execution.iterate_in_thread(
+                                                outcome, self.server._pool, call.context)))
 
     async def run_on_loop(self, call: _Call, fn: Callable[..., Any]) -> None:
         """A coroutine function's result, or an async generator's stream."""
@@ -309,16 +309,24 @@ class _Connection:
         ok, payload = pack_value(await outcome, f"the result of {call.context.name}()")
         self.reply(call, Kind.RESULT if ok else Kind.ERROR, payload)
 
+    def run_task(self, call: _Call, work: Coroutine[Any, Any, None]) -> None:
+        """Run a call's work as a task; finished however it ends, even if it is
+        cancelled before its first step (when no ``finally`` in it would run)."""
+        def done(_: "asyncio.Future[None]") -> None:
+            work.close()  # no-op if it ran; else no "never awaited" warning
+            self.finish(call)
+
+        call.task = asyncio.ensure_future(self.guard(call, work))
+        call.task.add_done_callback(done)
+
     async def guard(self, call: _Call, work: Awaitable[None]) -> None:
-        """Run a call's task: its error goes to the client, its cancellation nowhere."""
+        """A call's task: its error goes to the client, its cancellation nowhere."""
         try:
             await work
         except asyncio.CancelledError:
             log.debug("call %d (%s) cancelled", call.request_id, call.context.name)
         except Exception as exc:
             self.reply(call, Kind.ERROR, pack_error(exc))
-        finally:
-            self.finish(call)
 
     def finish(self, call: _Call) -> None:
         """Bookkeeping when a call is over (exactly once per call)."""

@@ -3,6 +3,7 @@ import asyncio
 import logging
 import os
 import random
+import pickle
 import socket
 
 import pytest
@@ -12,7 +13,7 @@ from rpc import auth, handshake, protocol
 from rpc.channel import Channel
 from rpc.protocol import Kind
 from rpc_helpers import (RawConnection, ServerThread, client, rpc_env, server,  # noqa: F401
-                         sock, sock_dir)
+                         sock, sock_dir, wait_until)
 
 
 @pytest.fixture
@@ -184,9 +185,24 @@ def test_garbage_before_auth_is_never_unpickled(server, sock, tmp_path):
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
 
-    import pickle
     raw = RawConnection(sock)
     raw.send(Kind.CALL, 1, protocol.encode_call("echo", (Exploit(),), {})[0]
              + pickle.dumps(((Exploit(),), {})))
     assert raw.closed_by_peer()
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["aecho", "echo", "count"])
+def test_cancel_in_the_same_packet_as_the_call_leaves_nothing_behind(server, sock, name):
+    raw = RawConnection(sock)
+    raw.authenticate(auth.load_key())
+    head, args = protocol.encode_call(name, (1,), {})
+    raw.sock.sendall(protocol.encode_frame(Kind.CALL, 5, head + args)
+                     + protocol.encode_frame(Kind.CANCEL, 5))
+    wait_until(lambda: server.stats()["in_flight"] == 0, what="the call to be forgotten")
+    raw.send(Kind.INFO, 6)
+    reply = raw.recv()
+    while reply.request_id != 6:  # a late result of call 5 may come first
+        reply = raw.recv()
+    assert pickle.loads(reply.payload)["in_flight"] == 0
+    raw.close()
