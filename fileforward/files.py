@@ -19,12 +19,15 @@ import errno
 import fcntl
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List
 
 DATA_LENGTH = 1 << 40
 ALIVE_OFFSET = 1 << 40
 READ_CHUNK = 1 << 20
+LOCK_RETRY_MIN = 0.0005
+LOCK_RETRY_MAX = 0.01
 
 
 class SharedFile:
@@ -38,36 +41,50 @@ class SharedFile:
         self.alive_held = False
 
     @contextlib.contextmanager
-    def locked(self) -> Iterator[int]:
-        """Hold the data lock: required for every read and write of tunnel data."""
-        with self.mutex:
-            fcntl.lockf(self.fd, fcntl.LOCK_EX, DATA_LENGTH, 0, os.SEEK_SET)
+    def locked(self, wait: bool = True) -> Iterator[int]:
+        """Hold the data lock: required for every read and write of tunnel data.
+
+        Without `wait`, raise Busy at once if another holds it. Waiting retries a
+        non-blocking lock every 0.5-10 ms instead of F_SETLKW, because an NFS client
+        retries a blocked lock with a backoff that grows to seconds.
+        """
+        if not self.mutex.acquire(blocking=wait):
+            raise Busy(self.path)
+        try:
+            delay = LOCK_RETRY_MIN
+            while not _try_lock(self.fd, DATA_LENGTH, 0):
+                if not wait:
+                    raise Busy(self.path)
+                time.sleep(delay)
+                delay = min(delay * 2, LOCK_RETRY_MAX)
             try:
                 yield self.fd
             finally:
                 fcntl.lockf(self.fd, fcntl.LOCK_UN, DATA_LENGTH, 0, os.SEEK_SET)
+        finally:
+            self.mutex.release()
 
     def append(self, data: bytes) -> None:
         """Append whole records at the size seen under the lock (never O_APPEND)."""
         with self.locked() as fd:
             _pwrite_all(fd, data, os.fstat(fd).st_size)
 
-    def append_batch(self, build: Callable[[int], List[bytes]], limit: int) -> int:
+    def append_batch(self, build: Callable[[int], List[bytes]], limit: int, wait: bool = True) -> int:
         """Append the buffers `build(room)` returns, where room keeps the file within `limit`.
 
         The writer's side of flow control: the file's size under the lock is the
         data the reader has not drained yet. Returns the number of bytes written.
         """
-        with self.locked() as fd:
+        with self.locked(wait) as fd:
             size = os.fstat(fd).st_size
             if size >= limit:
                 return 0
             parts = build(limit - size)
             return _pwritev_all(fd, parts, size) if parts else 0
 
-    def drain(self) -> bytes:
+    def drain(self, wait: bool = True) -> bytes:
         """Read everything in the file and truncate it, atomically under the lock."""
-        with self.locked() as fd:
+        with self.locked(wait) as fd:
             data = _pread_all(fd)
             if data:
                 os.ftruncate(fd, 0)
@@ -96,14 +113,8 @@ class SharedFile:
         is tracked by `alive_held`.
         """
         with self.mutex:
-            if self.alive_held:
+            if self.alive_held or not _try_lock(self.fd, 1, ALIVE_OFFSET):
                 return False
-            try:
-                fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, ALIVE_OFFSET, os.SEEK_SET)
-            except OSError as exc:
-                if exc.errno in (errno.EACCES, errno.EAGAIN):
-                    return False
-                raise
             self.alive_held = True
             return True
 
@@ -113,6 +124,20 @@ class SharedFile:
             if self.alive_held:
                 fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, ALIVE_OFFSET, os.SEEK_SET)
                 self.alive_held = False
+
+
+class Busy(Exception):
+    """The lock is held by another process and the caller chose not to wait."""
+
+
+def _try_lock(fd: int, length: int, start: int) -> bool:
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, length, start, os.SEEK_SET)
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EAGAIN):
+            return False
+        raise
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
@@ -177,7 +202,8 @@ class FileTable:
                 return
             if self._files.get(shared.path) is shared:
                 del self._files[shared.path]
-        os.close(shared.fd)
+        fd, shared.fd = shared.fd, -1  # a late use fails with EBADF, never hits a reused descriptor
+        os.close(fd)
 
     def rename(self, shared: SharedFile, new_path: Path) -> None:
         """Rename a file we hold, keeping its descriptor and locks."""

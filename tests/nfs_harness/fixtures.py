@@ -1,0 +1,37 @@
+"""pytest fixtures for the two-node NFS emulation.
+
+Register them by importing them into tests/conftest.py (see the block at its end).
+"""
+import contextlib
+import itertools
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from .cluster import TwoNodes, start_two_nodes
+from .mounts import HarnessUnavailable
+from .options import NodeOptions
+
+
+@pytest.fixture
+def make_two_nodes(tmp_path: Path) -> Iterator[Callable[..., TwoNodes]]:
+    """Factory: `make_two_nodes(**knobs)` mounts a fresh pair of nodes; the knobs are
+    NodeOptions fields (latency_ms, attr_timeout, lock_forwarding, ...). Every pair
+    is unmounted, its processes killed and its namespace deleted after the test."""
+    serial = itertools.count()
+    with contextlib.ExitStack() as stack:
+        def make(**knobs) -> TwoNodes:
+            workdir = tmp_path / f"nodes{next(serial)}"
+            try:
+                return stack.enter_context(start_two_nodes(workdir, NodeOptions(**knobs)))
+            except HarnessUnavailable as exc:
+                pytest.skip(f"two-node NFS harness unavailable: {exc}")
+
+        yield make
+
+
+@pytest.fixture
+def two_nodes(make_two_nodes: Callable[..., TwoNodes]) -> TwoNodes:
+    """Two nodes with the default NFS-like behaviour (0.5 ms latency, 2 s caches)."""
+    return make_two_nodes()

@@ -1,0 +1,41 @@
+"""Transport behaviour that needs the emulated NFS nodes of tests/nfs_harness."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+import fileforward
+from tests.test_transport import echo, run
+
+
+def test_a_hung_filesystem_is_reported_and_the_loop_stays_responsive(two_nodes, caplog):
+    caplog.set_level(logging.WARNING, logger="fileforward")
+    tunnel_dir = two_nodes.a / "tunnel"
+    daemon = two_nodes.daemons["a"]
+    knobs = dict(slow_call_warning=1.0, poll_max=0.1)
+
+    async def wait_for_log(text: str, timeout: float) -> None:
+        for _ in range(int(timeout / 0.05)):
+            if any(text in r.getMessage() for r in caplog.records):
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"no log line with {text!r}; got {[r.getMessage() for r in caplog.records]}")
+
+    async def main():
+        async with await fileforward.start_server(echo, tunnel_dir, **knobs):
+            reader, writer = await fileforward.open_connection(tunnel_dir, **knobs)
+            os.kill(daemon.pid, signal.SIGSTOP)  # the mount stops answering, like a hung NFS server
+            try:
+                writer.write(b"sent while hung")
+                loop = asyncio.get_running_loop()
+                started = loop.time()
+                await wait_for_log("has not returned", 5.0)
+                assert loop.time() - started < 5.0  # the event loop itself never blocked
+            finally:
+                os.kill(daemon.pid, signal.SIGCONT)
+            assert await asyncio.wait_for(reader.readexactly(15), 10) == b"sent while hung"
+            await wait_for_log("answers again", 5.0)
+            writer.close()
+    run(main())
