@@ -40,8 +40,9 @@ class RPCServer:
     def __init__(self, functions: Functions, *, key: bytes, workers: int = 4,
                  max_frame: int = DEFAULT_MAX_FRAME, handshake_timeout: float = 10.0) -> None:
         for name, fn in functions.items():
-            if not callable(fn):
-                raise TypeError(f"functions[{name!r}] is not callable")
+            if not isinstance(name, str) or not callable(fn):
+                raise TypeError(f"functions must map names (str) to callables; "
+                                f"got {name!r}: {fn!r}")
         self.functions: Dict[str, Callable[..., Any]] = dict(functions)
         self.workers = workers
         self.max_frame = check_max_frame(max_frame)
