@@ -118,7 +118,32 @@ def run_json(args, timeout=60, **kwargs):
         proc.stderr
 
 
-def sigkill_and_restart(start_server, record, log, pending):
+def client_sigkill_cancels(address, liveness_timeout=15.0):
+    """A client process killed mid-call: the server cancels the call and drops it."""
+    started, cancelled = threading.Event(), threading.Event()
+
+    def blocking():
+        started.set()
+        if rpc.current_call().wait(60):
+            cancelled.set()
+
+    srv = ServerThread({"blocking": blocking}, liveness_timeout=liveness_timeout, **address)
+    client = subprocess.Popen([sys.executable, "-c", (
+        f"import rpc; rpc.connect(**{address!r}, liveness_timeout={liveness_timeout})"
+        f".call('blocking')")])
+    try:
+        assert started.wait(30)
+        client.kill()
+        client.wait(10)
+        assert cancelled.wait(liveness_timeout + 10)
+        wait_until(lambda: srv.stats()["in_flight"] == 0 and srv.stats()["connections"] == 0,
+                   what="server to drop the dead client")
+    finally:
+        client.kill()
+        srv.stop()
+
+
+def sigkill_and_restart(start_server, record, log, pending, within=15.0):
     """Kill the server with calls in flight through the lazy proxy ``record``.
 
     Every pending call must raise ConnectionLost; after a restart the next call
@@ -131,9 +156,11 @@ def sigkill_and_restart(start_server, record, log, pending):
             wait_until(lambda: log.exists() and log.read_text().count("called") == pending,
                        what="the calls to run")
             srv.kill()
+            killed = time.monotonic()
             for future in calls:
                 with pytest.raises(rpc.ConnectionLost):
-                    future.result(timeout=20)
+                    future.result(timeout=within + 10)
+            assert time.monotonic() - killed < within
         srv.stop()
         srv = start_server()
         assert record(str(log), False) == "recorded"

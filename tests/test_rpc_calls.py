@@ -34,6 +34,18 @@ def test_unix_socket_is_private(server, sock):
     assert sock.stat().st_mode & 0o777 == 0o600
 
 
+def test_closing_the_server_drops_clients_and_the_socket(server, client, sock):
+    async def close():
+        server.server.close()
+
+    assert server.server.is_serving()
+    server.run(close())
+    assert not server.server.is_serving()
+    with pytest.raises(rpc.ConnectionLost):
+        client.call("aecho", 1, delay=5)
+    assert not sock.exists()
+
+
 def test_functions_can_be_closures_and_lambdas_travel(sock):
     srv = ServerThread({"apply": lambda f, x: f(x)}, unix=sock)
     try:

@@ -2,15 +2,15 @@
 import json
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 
 import pytest
 
 import rpc
-from rpc_helpers import (TESTS, CliServer, ServerThread, rpc_env, run_json,  # noqa: F401
-                         sigkill_and_restart, sock, sock_dir, wait_until)
+from rpc_helpers import (TESTS, CliServer, rpc_env, run_json,  # noqa: F401
+                         client_sigkill_cancels, sigkill_and_restart, sock, sock_dir,
+                         wait_until)
 
 
 @pytest.fixture
@@ -84,29 +84,7 @@ def test_server_sigkill_mid_call_then_restart(sock, tmp_path):
 
 
 def test_client_sigkill_cancels_its_calls(sock):
-    import threading
-    started, cancelled = threading.Event(), threading.Event()
-
-    def blocking():
-        started.set()
-        if rpc.current_call().wait(60):
-            cancelled.set()
-
-    srv = ServerThread({"blocking": blocking}, unix=sock)
-    client = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import rpc
-        rpc.connect(unix={str(sock)!r}).call("blocking")
-        """)])
-    try:
-        assert started.wait(30)
-        client.kill()
-        client.wait(10)
-        assert cancelled.wait(15)
-        wait_until(lambda: srv.stats()["in_flight"] == 0 and srv.stats()["connections"] == 0,
-                   what="server to drop the dead client")
-    finally:
-        client.kill()
-        srv.stop()
+    client_sigkill_cancels({"unix": str(sock)})
 
 
 def _vm(pid, field):

@@ -2,8 +2,8 @@
 import pytest
 
 import rpc
-from rpc_helpers import (TESTS, CliServer, rpc_env, run_json,  # noqa: F401
-                         sigkill_and_restart)
+from rpc_helpers import (TESTS, CliServer, client_sigkill_cancels, rpc_env,  # noqa: F401
+                         run_json, sigkill_and_restart)
 
 fileforward = pytest.importorskip("fileforward.api", reason="file transport not merged")
 
@@ -58,4 +58,8 @@ def test_10_client_processes_through_the_tunnel(tunnel_server, tunnel_dir):
 def test_server_sigkill_through_the_tunnel_then_restart(tunnel_dir, tmp_path):
     sigkill_and_restart(lambda: CliServer("--tunnel_dir", str(tunnel_dir), extra=FAST),
                         rpc.proxy("record", tunnel_dir=tunnel_dir, liveness_timeout=2),
-                        tmp_path / "calls.log", pending=2)
+                        tmp_path / "calls.log", pending=2, within=2 + 3)
+
+
+def test_client_sigkill_through_the_tunnel(tunnel_dir):
+    client_sigkill_cancels({"tunnel_dir": str(tunnel_dir)}, liveness_timeout=2)
