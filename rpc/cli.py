@@ -99,14 +99,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     transport = {"tunnel_dir": args.tunnel_dir, "tcp": args.tcp, "unix": args.unix}
     try:
         if args.command == "serve":
-            serve(load_functions(args.functions), stdio=args.stdio, workers=args.workers,
-                  key_file=args.key_file, force=args.force, max_frame=args.max_frame,
+            try:
+                functions = load_functions(args.functions)
+            except (ValueError, TypeError, ImportError, AttributeError) as exc:
+                log.error("cannot load %s: %s: %s", args.functions, type(exc).__name__, exc)
+                return 2
+            serve(functions, stdio=args.stdio, workers=args.workers, key_file=args.key_file,
+                  force=args.force, max_frame=args.max_frame,
                   liveness_timeout=args.liveness_timeout, **transport)
             return 0
         info = status(connect_timeout=args.connect_timeout, key_file=args.key_file,
                       **transport)
-        print(json.dumps(info, indent=2, default=str))
-        return 0 if info["alive"] else 1
-    except (RPCError, OSError, ValueError, TypeError, ImportError, AttributeError) as exc:
+    except (RPCError, OSError, ValueError) as exc:  # OSError: e.g. address in use
         log.error("%s: %s", type(exc).__name__, exc)
         return 2
+    print(json.dumps(info, indent=2, default=str))
+    return 0 if info["alive"] else 1

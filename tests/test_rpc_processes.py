@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import subprocess
 import sys
 import textwrap
 
@@ -151,3 +152,10 @@ def test_lazy_proxy_reconnects_in_a_forked_child(cli_server, sock):
         """)
     code, out, err = run_json(["-c", script])
     assert code == 0 and out == {"child_ok": True, "parent_ok": True}, err
+
+
+def test_cli_errors_are_one_clear_line(sock):
+    proc = subprocess.run([sys.executable, "-m", "rpc", "serve", "no_such_module:F",
+                           "--unix", str(sock)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "cannot load no_such_module:F" in proc.stderr
+    assert "Traceback" not in proc.stderr
