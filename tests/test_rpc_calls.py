@@ -2,6 +2,7 @@
 import asyncio
 import concurrent.futures as cf
 import threading
+import time
 
 import pytest
 
@@ -9,6 +10,16 @@ import rpc
 from rpc_funcs import BadInit, CustomError
 from rpc_helpers import (ServerThread, client, rpc_env, server, sock, sock_dir,  # noqa: F401
                          wait_until)
+
+
+def test_cancelled_is_false_outside_of_a_cancelled_call(sock):
+    srv = ServerThread({"flag": rpc.cancelled}, unix=sock)
+    try:
+        with rpc.connect(unix=sock) as c:
+            assert c.call("flag") is False
+        assert rpc.cancelled() is False and rpc.current_call() is None
+    finally:
+        srv.stop()
 
 
 def test_plain_coroutine_and_keyword_calls(client):
@@ -231,7 +242,7 @@ def test_abandoned_stream_is_cancelled_on_the_server(sock):
 def _observed_server(sock):
     """A server whose functions report when they see their cancellation."""
     seen = {"thread": threading.Event(), "coro": threading.Event(),
-            "started": threading.Event()}
+            "polled": threading.Event(), "started": threading.Event()}
 
     def blocking():
         seen["started"].set()
@@ -246,10 +257,20 @@ def _observed_server(sock):
             seen["coro"].set()
             raise
 
-    return ServerThread({"blocking": blocking, "waiting": waiting}, unix=sock), seen
+    def polling():
+        seen["started"].set()
+        deadline = time.monotonic() + 30
+        while not rpc.cancelled() and time.monotonic() < deadline:
+            time.sleep(0.005)  # a served function doing its work in small steps
+        if rpc.cancelled():
+            seen["polled"].set()
+
+    functions = {"blocking": blocking, "waiting": waiting, "polling": polling}
+    return ServerThread(functions, unix=sock), seen
 
 
-@pytest.mark.parametrize("name, side", [("blocking", "thread"), ("waiting", "coro")])
+@pytest.mark.parametrize("name, side", [("blocking", "thread"), ("waiting", "coro"),
+                                        ("polling", "polled")])
 def test_timeout_raises_builtin_timeout_error_and_cancels_remotely(sock, name, side):
     srv, seen = _observed_server(sock)
     try:
