@@ -1,11 +1,14 @@
 """RPC over the fileforward file transport: no port at all, clients in other processes."""
+import json
+import subprocess
+import sys
+
 import pytest
 
 import rpc
 from rpc_helpers import (TESTS, CliServer, client_sigkill_cancels, rpc_env,  # noqa: F401
                          run_json, sigkill_and_restart)
 
-fileforward = pytest.importorskip("fileforward.api", reason="file transport not merged")
 
 FAST = ("--liveness_timeout", "2")
 
@@ -63,3 +66,22 @@ def test_server_sigkill_through_the_tunnel_then_restart(tunnel_dir, tmp_path):
 
 def test_client_sigkill_through_the_tunnel(tunnel_dir):
     client_sigkill_cancels({"tunnel_dir": str(tunnel_dir)}, liveness_timeout=2)
+
+
+def test_job_node_calls_the_login_node(nodes):
+    """The use case: a job that cannot reach the login node's network calls a function
+    there through the shared directory (on "nfs", through two emulated NFS mounts)."""
+    login, job = nodes
+    srv = CliServer("--tunnel_dir", str(login.tunnel_dir), extra=FAST)
+    script = (
+        "import json, rpc\n"
+        f"with rpc.connect(tunnel_dir={str(job.tunnel_dir)!r}, connect_timeout=30) as c:\n"
+        "    print(json.dumps([c.call('add', 1, b=2), sum(c.call('count', 1000)),\n"
+        "                      len(c.call('echo', b'x' * (2 << 20))), c.call('pid')]))\n")
+    try:
+        proc = subprocess.run([*job.prefix, sys.executable, "-c", script],
+                              capture_output=True, text=True, timeout=90)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout) == [3, sum(range(1000)), 2 << 20, srv.proc.pid]
+    finally:
+        srv.stop()
