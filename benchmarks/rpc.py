@@ -1,0 +1,195 @@
+"""Benchmark of the RPC layer, in one run: file transport, TCP, and a reference.
+
+    python benchmarks/rpc.py [--dir DIR] [--runs 3] [--calls 2000]
+
+For each of: RPC over the file transport (tunnel directory under DIR, default a
+temporary directory on local disk), RPC over TCP loopback, and
+``multiprocessing.connection`` over a Unix socket (the reference: a bare pickled
+send/recv, no framing of ours, no thread pool), it starts a server process and
+measures from this process:
+
+- latency of ``echo(b"x")``: median and p99;
+- latency of ``echo(1 MiB)``: median and p99;
+- calls per second with 4 client threads (RPC: the threads share one client, as
+  users of ``rpc.proxy`` do; the reference: one connection per thread).
+
+Each figure is the median over --runs runs; the table ends with the issue's budgets.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+MIB = 1 << 20
+SMALL_LABEL = 'echo(b"x") ms'
+THREADS = 4
+
+RPC_SERVER = """
+import logging, sys
+import rpc
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+rpc.serve({"echo": lambda x: x}, workers=4, **eval(sys.argv[1]))
+"""
+
+MP_SERVER = """
+import sys, threading
+from multiprocessing.connection import Listener
+listener = Listener(sys.argv[1], "AF_UNIX", authkey=b"bench")
+print("ready", flush=True)
+def serve(conn):
+    try:
+        while True:
+            conn.send(conn.recv())
+    except EOFError:
+        pass
+while True:
+    threading.Thread(target=serve, args=(listener.accept(),), daemon=True).start()
+"""
+
+
+def start(code: str, arg: str, ready: str) -> "tuple[subprocess.Popen, str]":
+    """Start a server process; return it and the first match of ``ready`` in its output."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), arg], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        match = re.search(ready, line)
+        if match:
+            threading.Thread(target=proc.stdout.read, daemon=True).start()
+            return proc, match.group(1) if match.groups() else ""
+    raise RuntimeError(f"server did not start: {' '.join(proc.args)}")
+
+
+def latencies(call: Callable[[bytes], bytes], payload: bytes, n: int) -> List[float]:
+    """Seconds per call of ``n`` sequential calls (after a short warm-up)."""
+    for _ in range(min(n, 20)):
+        call(payload)
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        result = call(payload)
+        out.append(time.perf_counter() - t0)
+        assert len(result) == len(payload)
+    return out
+
+
+def throughput(calls: List[Callable[[bytes], bytes]], per_thread: int) -> float:
+    """Calls per second of len(calls) threads each making ``per_thread`` small calls."""
+    barrier = threading.Barrier(len(calls) + 1)
+
+    def work(call: Callable[[bytes], bytes]) -> None:
+        barrier.wait()
+        for _ in range(per_thread):
+            call(b"x")
+
+    threads = [threading.Thread(target=work, args=(c,)) for c in calls]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    return len(calls) * per_thread / (time.perf_counter() - t0)
+
+
+def measure(calls: List[Callable[[bytes], bytes]], n: int) -> Dict[str, float]:
+    small = latencies(calls[0], b"x", n)
+    big = latencies(calls[0], b"\x01" * MIB, max(20, n // 20))
+    q = lambda xs, p: statistics.quantiles(xs, n=100)[p - 1] * 1e3  # noqa: E731
+    return {"small_med": statistics.median(small) * 1e3, "small_p99": q(small, 99),
+            "big_med": statistics.median(big) * 1e3, "big_p99": q(big, 99),
+            "rate": throughput(calls, n // 2)}
+
+
+def bench_rpc(address: Dict[str, str], n: int) -> Dict[str, float]:
+    import rpc
+    proc, where = start(RPC_SERVER, repr(address), r"serving \d+ functions on (\S+)")
+    try:
+        if where.startswith("tcp://"):
+            address = {"tcp": where[len("tcp://"):]}
+        with rpc.connect(**address) as client:
+            echo = client.proxy("echo")
+            return measure([echo] * THREADS, n)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def bench_mp(sock: str, n: int) -> Dict[str, float]:
+    from multiprocessing.connection import Client
+    proc, _ = start(MP_SERVER, sock, r"ready")
+    conns = [Client(sock, "AF_UNIX", authkey=b"bench") for _ in range(THREADS)]
+    try:
+        def caller(conn):  # type: ignore[no-untyped-def]
+            def call(x: bytes) -> bytes:
+                conn.send(x)
+                return conn.recv()
+            return call
+        return measure([caller(c) for c in conns], n)
+    finally:
+        for conn in conns:
+            conn.close()
+        proc.kill()
+        proc.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", help="where the tunnel directory goes (default: a temp dir)")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--calls", type=int, default=2000, help="small calls per measurement")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="rpcbench", dir=args.dir or "/tmp"))
+    os.environ["FILEFORWARD_RPC_KEY"] = str(work / "rpc.key")
+    import rpc
+    rpc.auth.load_key(create=True)
+    cases = {
+        "file transport": lambda i: bench_rpc({"tunnel_dir": str(work / f"tunnel{i}")},
+                                              args.calls // 2),
+        "RPC over TCP": lambda i: bench_rpc({"tcp": "127.0.0.1:0"}, args.calls),
+        "mp.connection (unix)": lambda i: bench_mp(str(work / f"mp{i}.sock"), args.calls),
+    }
+    results: Dict[str, List[Dict[str, float]]] = {name: [] for name in cases}
+    try:
+        for run in range(args.runs):
+            for name, case in cases.items():
+                results[name].append(case(run))
+                print(f"run {run + 1}/{args.runs}: {name} done", file=sys.stderr)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    med = {name: {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+           for name, runs in results.items()}
+    print(f"\nRPC benchmark, medians of {args.runs} runs "
+          f"(tunnel dir under {args.dir or '/tmp'}; Python {sys.version.split()[0]})\n")
+    print(f"{'':22} {SMALL_LABEL:>18} {'echo(1 MiB) ms':>18} {'calls/s':>9}")
+    print(f"{'':22} {'median':>8} {'p99':>9} {'median':>8} {'p99':>9} {'4 threads':>9}")
+    for name, m in med.items():
+        print(f"{name:22} {m['small_med']:8.3f} {m['small_p99']:9.3f} "
+              f"{m['big_med']:8.2f} {m['big_p99']:9.2f} {m['rate']:9.0f}")
+    f, t, ref = med["file transport"], med["RPC over TCP"], med["mp.connection (unix)"]
+    print("\nbudgets (issue 3)                      measured   budget     fileproxy 0.1.1")
+    print(f"file transport, small-call median       {f['small_med']:7.3f} ms  <= 2 ms     202 ms")
+    print(f"file transport, 1 MiB call median       {f['big_med']:7.2f} ms  <= 15 ms")
+    print(f"file transport, calls/s with 4 threads  {f['rate']:7.0f}     >= 1000     20")
+    print(f"TCP small-call median / mp.connection   {t['small_med'] / ref['small_med']:7.2f} x   "
+          f"<= 5 x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""Call Python functions that run on the other side of any byte stream.
+
+Server (login node)::
+
+    rpc.serve({"completion": completion})           # or: python -m rpc serve mod:FUNCS
+
+Client (compute node)::
+
+    completion = rpc.proxy("completion")
+    completion(model=..., messages=...)
+
+Frames are length-prefixed and carry cloudpickle payloads, after a mutual HMAC
+handshake over a shared key file. Transports: the fileforward tunnel directory (the
+default: no port at all), TCP, Unix sockets, or a subprocess's stdin/stdout.
+"""
+from .auth import KEY_ENV, default_key_path
+from .blocking import Client, LazyProxy, RemoteFunction, connect, proxy, status
+from .client import RemoteStream
+from .errors import (AuthenticationError, ConnectionLost, FunctionNotFoundError,
+                     ProtocolError, RemoteSerializationError, RemoteTraceback, RPCError,
+                     SerializationError, ServerNotRunningError, TruncatedFrameError)
+from .execution import CallContext, cancelled, current_call
+from .protocol import PROTOCOL_VERSION
+from .server import RPCServer, serve, start_server
+from .transports import TUNNEL_DIR_ENV, default_tunnel_dir
+
+__all__ = [
+    "AuthenticationError", "CallContext", "Client", "ConnectionLost",
+    "FunctionNotFoundError", "KEY_ENV", "LazyProxy", "PROTOCOL_VERSION", "ProtocolError",
+    "RPCError", "RPCServer", "RemoteFunction", "RemoteSerializationError", "RemoteStream",
+    "RemoteTraceback", "SerializationError", "ServerNotRunningError", "TUNNEL_DIR_ENV",
+    "TruncatedFrameError", "cancelled", "connect", "current_call", "default_key_path",
+    "default_tunnel_dir", "proxy", "serve", "start_server", "status",
+]

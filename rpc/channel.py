@@ -1,0 +1,134 @@
+"""Frames over one asyncio reader/writer pair (TCP, Unix, pipes or the file transport).
+
+The only place where RPC bytes meet a stream: it feeds what it reads to the
+sans-I/O decoder and writes encoded frames, large ones in chunks so that a 256 MiB
+payload never sits twice in a transport buffer and never blocks smaller frames
+from being queued behind it.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from typing import Deque, Optional, Tuple
+
+from .errors import ConnectionLost, ProtocolError, TruncatedFrameError
+from .protocol import (HANDSHAKE_MAX_FRAME, Buffer, Flag, Frame, FrameDecoder, Kind,
+                       Payload, encode_frame, encode_header, payload_size)
+
+log = logging.getLogger(__name__)
+
+#: Large payloads are written in slices of this size, each followed by a drain.
+WRITE_CHUNK = 1 << 20
+READ_SIZE = 1 << 18
+
+
+class Channel:
+    """Send and receive frames; all methods run on the event loop of the streams."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.decoder = FrameDecoder(HANDSHAKE_MAX_FRAME)
+        #: The largest payload the peer accepts (raised after the handshake).
+        self.peer_max_frame = HANDSHAKE_MAX_FRAME
+        self.peer = describe_peer(writer)
+        self._frames: Deque[Frame] = collections.deque()
+        self._queue: Deque[Tuple[Buffer, ...]] = collections.deque()
+        self._flusher: Optional[asyncio.Task] = None
+        self._drain_lock = asyncio.Lock()
+
+    def set_limits(self, max_frame: int, peer_max_frame: int) -> None:
+        """After authentication: accept and send frames up to the agreed sizes."""
+        self.decoder.max_frame = max_frame
+        self.peer_max_frame = peer_max_frame
+
+    async def recv(self) -> Frame:
+        """The next frame. Raises ConnectionLost at EOF, ProtocolError on garbage."""
+        while not self._frames:
+            try:
+                data = await self.reader.read(READ_SIZE)
+            except (ConnectionError, OSError) as exc:
+                raise ConnectionLost(f"connection to {self.peer} lost: {exc}") from exc
+            if not data:
+                if self.decoder.mid_frame():
+                    raise TruncatedFrameError(
+                        f"connection to {self.peer} ended in the middle of a frame")
+                raise ConnectionLost(f"connection closed by {self.peer}")
+            self._frames.extend(self.decoder.feed(data))
+        return self._frames.popleft()
+
+    def check_size(self, size: int, what: str) -> None:
+        """Raise ProtocolError if the peer would refuse a payload of ``size`` bytes."""
+        if size > self.peer_max_frame:
+            raise ProtocolError(
+                f"{what} is {size} bytes, more than the peer's frame limit of "
+                f"{self.peer_max_frame} bytes (raise max_frame on both ends)")
+
+    def send(self, kind: Kind, request_id: int = 0, payload: Payload = b"",
+             flags: Flag = Flag.NONE) -> None:
+        """Queue one frame; frames go out in the order of the calls."""
+        size = payload_size(payload)
+        self.check_size(size, f"a {kind.name} message")
+        if self.writer.is_closing():
+            raise ConnectionLost(f"connection to {self.peer} is closed")
+        if self._flusher is None and size <= WRITE_CHUNK:
+            self.writer.write(encode_frame(kind, request_id, payload, flags))
+            return
+        parts = payload if isinstance(payload, tuple) else (payload,)
+        self._queue.append((encode_header(kind, request_id, size, flags),) + parts)
+        if self._flusher is None:
+            self._flusher = asyncio.ensure_future(self._flush())
+
+    async def _flush(self) -> None:
+        try:
+            while self._queue:
+                for part in self._queue.popleft():
+                    view = memoryview(part)
+                    for start in range(0, len(view), WRITE_CHUNK):
+                        self.writer.write(view[start:start + WRITE_CHUNK])
+                        await self._drain()
+                del part, view  # let a large payload go as soon as it is written
+        except ConnectionError as exc:
+            log.debug("writing to %s failed: %s", self.peer, exc)
+            self._queue.clear()
+            self.writer.close()
+        finally:
+            self._flusher = None
+
+    async def _drain(self) -> None:
+        # Python 3.9's StreamWriter.drain() may not be awaited by two tasks at once.
+        async with self._drain_lock:
+            await self.writer.drain()
+
+    async def drain(self) -> None:
+        """Wait until queued frames are handed to the transport and its buffer is low."""
+        if self._flusher is not None:
+            await asyncio.wait({self._flusher})
+        try:
+            await self._drain()
+        except ConnectionError as exc:
+            raise ConnectionLost(f"connection to {self.peer} lost: {exc}") from exc
+
+    async def aclose(self) -> None:
+        """Close the stream; never raises (the peer may already be gone)."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+        self.writer.close()
+        try:
+            await asyncio.wait_for(self.writer.wait_closed(), 5.0)
+        except (asyncio.TimeoutError, OSError, RuntimeError):
+            pass
+
+
+def describe_peer(writer: asyncio.StreamWriter) -> str:
+    """A short name for log messages: the peer address, or the transport kind."""
+    peer = writer.get_extra_info("peername")
+    if isinstance(peer, tuple):
+        return ":".join(map(str, peer[:2]))
+    if peer:
+        return str(peer)
+    sockname = writer.get_extra_info("sockname")
+    if sockname:
+        return f"peer on {sockname}"
+    return "pipe peer" if writer.get_extra_info("pipe") is not None else "peer"

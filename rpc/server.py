@@ -1,0 +1,440 @@
+"""The RPC server: authenticates connections and runs the calls they send.
+
+Plain functions run in a pool of worker threads, coroutine functions on the event
+loop; generators (plain or async) stream their items under the client's credit.
+A call whose client cancels it, times out or disconnects is cancelled here too.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import logging
+import os
+import signal
+import socket
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import (Any, AsyncIterator, Awaitable, Callable, Coroutine, Dict, List, Mapping,
+                    Optional, Set, Tuple)
+
+from . import execution
+from .auth import load_key
+from .channel import Channel
+from .errors import (ConnectionLost, FunctionNotFoundError, ProtocolError, RPCError,
+                     SerializationError)
+from .execution import CallContext
+from .handshake import server_handshake, versions
+from .protocol import (DEFAULT_MAX_FRAME, Buffer, Flag, Frame, Kind, check_max_frame,
+                       decode_call, decode_credit, dumps, loads, pack_error, pack_value)
+from .transports import Listener, claim_stdio, endpoint, listen, stdio_streams
+
+log = logging.getLogger(__name__)
+
+Functions = Mapping[str, Callable[..., Any]]
+
+
+class RPCServer:
+    """Serves ``functions`` to every client that proves it holds the key."""
+
+    def __init__(self, functions: Functions, *, key: bytes, workers: int = 4,
+                 max_frame: int = DEFAULT_MAX_FRAME, handshake_timeout: float = 10.0) -> None:
+        for name, fn in functions.items():
+            if not isinstance(name, str) or not callable(fn):
+                raise TypeError(f"functions must map names (str) to callables; "
+                                f"got {name!r}: {fn!r}")
+        self.functions: Dict[str, Callable[..., Any]] = dict(functions)
+        self.workers = workers
+        self.max_frame = check_max_frame(max_frame)
+        self.handshake_timeout = handshake_timeout
+        self.calls_served = 0
+        self.in_flight = 0
+        self.listeners: List[Listener] = []
+        self._key = key
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="rpc-worker")
+        self._connections: Set["_Connection"] = set()
+        self._started = time.monotonic()
+        self._closed: Optional[asyncio.Event] = None
+
+    # -------------------------------------------------------------- lifecycle
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve one connection until it ends (the callback for every transport)."""
+        conn = _Connection(self, Channel(reader, writer))
+        self._connections.add(conn)
+        try:
+            await conn.run()
+        finally:
+            self._connections.discard(conn)
+
+    @property
+    def addresses(self) -> List[str]:
+        """Where this server listens (``tcp://127.0.0.1:PORT``, ``unix:PATH``, ...)."""
+        return [listener.address for listener in self.listeners]
+
+    def is_serving(self) -> bool:
+        """True until :meth:`close` is called."""
+        return self._closed is None or not self._closed.is_set()
+
+    def close(self) -> None:
+        """Stop listening, drop every connection and cancel the calls in flight."""
+        for listener in self.listeners:
+            listener.close()
+        for conn in list(self._connections):
+            conn.abort()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._event().set()
+
+    async def wait_closed(self) -> None:
+        """Wait until :meth:`close` has been called and the listeners are down."""
+        await self._event().wait()
+        for listener in self.listeners:
+            await listener.wait_closed()
+
+    async def serve_forever(self) -> None:
+        """Serve until :meth:`close` is called (or, for stdio, until the stream ends)."""
+        await self._event().wait()
+
+    async def __aenter__(self) -> "RPCServer":
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        self.close()
+        await self.wait_closed()
+
+    def _event(self) -> asyncio.Event:
+        if self._closed is None:  # created lazily: it must belong to the running loop
+            self._closed = asyncio.Event()
+        return self._closed
+
+    # -------------------------------------------------------------- queries
+
+    def lookup(self, name: str) -> Callable[..., Any]:
+        """The function called ``name``, or an error that lists the available ones."""
+        try:
+            return self.functions[name]
+        except KeyError:
+            raise FunctionNotFoundError(
+                f"no function {name!r} on this server; available: "
+                f"{', '.join(sorted(self.functions)) or '(none)'}") from None
+
+    def info(self) -> Dict[str, Any]:
+        """What ``client.info()`` and ``rpc.status()`` report."""
+        return {
+            "alive": True, "pid": os.getpid(), "hostname": socket.gethostname(),
+            "functions": {name: _describe(fn) for name, fn in sorted(self.functions.items())},
+            "calls_served": self.calls_served, "in_flight": self.in_flight,
+            "connections": len(self._connections), "workers": self.workers,
+            "uptime_s": round(time.monotonic() - self._started, 3),
+            "addresses": self.addresses, "versions": versions(),
+        }
+
+
+def _describe(fn: Callable[..., Any]) -> Dict[str, str]:
+    try:
+        signature = str(inspect.signature(fn))
+    except (TypeError, ValueError):
+        signature = "(...)"
+    doc = (inspect.getdoc(fn) or "").strip().splitlines()
+    return {"kind": execution.kind_of(fn), "signature": signature,
+            "doc": doc[0] if doc else ""}
+
+
+class _Credit:
+    """How many more stream items the client is ready to receive."""
+
+    def __init__(self) -> None:
+        self.available = 0
+        self._granted = asyncio.Event()
+
+    def grant(self, count: int) -> None:
+        self.available += count
+        self._granted.set()
+
+    async def take(self) -> None:
+        while not self.available:
+            self._granted.clear()
+            await self._granted.wait()
+        self.available -= 1
+
+
+class _Call:
+    """A call in progress on one connection."""
+
+    def __init__(self, request_id: int, name: str, args: Optional[memoryview]) -> None:
+        self.request_id = request_id
+        self.context = CallContext(name)
+        self.args = args  # pickled; dropped as soon as it is unpickled
+        self.credit = _Credit()
+        self.task: Optional[asyncio.Task] = None  # on the loop: coroutines and streams
+        self.job: Optional[Future] = None  # in the worker pool: plain functions
+
+    def take_args(self) -> Tuple[tuple, dict]:
+        """Unpickle the arguments, releasing the frame that held them."""
+        data, self.args = self.args, None
+        try:
+            return loads(data)
+        except Exception as exc:
+            raise SerializationError(
+                f"the server cannot unpickle the arguments of {self.context.name}(): "
+                f"{type(exc).__name__}: {exc}") from exc
+
+    def cancel(self) -> bool:
+        """Cancel wherever the call is; True if it never started (nothing will finish it)."""
+        self.context.cancel()
+        if self.task is not None:
+            self.task.cancel()
+            return False
+        return self.job is not None and self.job.cancel()
+
+
+class _Connection:
+    """One client connection: handshake, then a loop dispatching its frames."""
+
+    def __init__(self, server: RPCServer, channel: Channel) -> None:
+        self.server = server
+        self.channel = channel
+        self.calls: Dict[int, _Call] = {}
+        self._reader: Optional[asyncio.Task] = None
+
+    async def run(self) -> None:
+        self._reader = asyncio.current_task()
+        try:
+            try:
+                hello = await asyncio.wait_for(
+                    server_handshake(self.channel, self.server._key, self.server.max_frame),
+                    self.server.handshake_timeout)
+            except (RPCError, asyncio.TimeoutError) as exc:
+                log.warning("rejected connection from %s: %s", self.channel.peer,
+                            exc or "handshake timed out")
+                return
+            log.info("client %s (%s) connected", self.channel.peer, hello.get("hostname"))
+            while True:
+                self.dispatch(await self.channel.recv())
+        except ProtocolError as exc:
+            log.warning("dropping connection from %s: %s", self.channel.peer, exc)
+        except ConnectionLost as exc:
+            log.info("client %s disconnected: %s", self.channel.peer, exc)
+        except asyncio.CancelledError:
+            log.info("closing connection from %s", self.channel.peer)
+        finally:
+            for call in list(self.calls.values()):
+                self.cancel(call)
+            await self.channel.aclose()
+
+    def cancel(self, call: _Call) -> None:
+        """The client cancelled the call, or went away."""
+        if call.cancel():
+            self.finish(call)
+
+    def abort(self) -> None:
+        """Drop the connection (server shutdown)."""
+        if self._reader is not None:
+            self._reader.cancel()
+
+    def dispatch(self, frame: Frame) -> None:
+        """Act on one frame from the client."""
+        kind, rid = frame.kind, frame.request_id
+        if kind is Kind.CALL:
+            if rid in self.calls:
+                raise ProtocolError(f"request id {rid} is already in use")
+            name, args = decode_call(frame.payload)
+            call = self.calls[rid] = _Call(rid, name, args)
+            self.start(call)
+        elif kind is Kind.CANCEL:
+            if rid in self.calls:
+                log.debug("client %s cancelled call %d", self.channel.peer, rid)
+                self.cancel(self.calls[rid])
+        elif kind is Kind.CREDIT:
+            count = decode_credit(frame.payload)
+            if rid in self.calls:
+                self.calls[rid].credit.grant(count)
+        elif kind is Kind.PING:
+            self.channel.send(Kind.PONG, rid)
+        elif kind is Kind.INFO:
+            self.channel.send(Kind.RESULT, rid, dumps(self.server.info()))
+        else:
+            raise ProtocolError(f"unexpected {kind.name} message from a client")
+
+    def start(self, call: _Call) -> None:
+        """Start a call: plain functions go straight to the worker pool (the fast path,
+        no task), coroutine and async generator functions to a task on the loop."""
+        self.server.in_flight += 1
+        try:
+            fn = self.server.lookup(call.context.name)
+        except FunctionNotFoundError as exc:
+            self.reply(call, Kind.ERROR, pack_error(exc))
+            self.finish(call)
+            return
+        if execution.runs_on_loop(fn):
+            self.run_task(call, self.run_on_loop(call, fn))
+        else:
+            context = contextvars.copy_context()
+            context.run(execution.enter, call.context)
+            call.job = self.server._pool.submit(context.run, self.run_in_worker, fn, call,
+                                                asyncio.get_running_loop())
+
+    def run_in_worker(self, fn: Callable[..., Any], call: _Call,
+                      loop: asyncio.AbstractEventLoop) -> None:
+        """Worker thread: unpickle, call, pickle, then hand the outcome to the loop."""
+        try:
+            outcome = _run_and_pack(fn, call)
+        except BaseException as exc:  # the function's own error, for the client
+            outcome = _Packed(False, pack_error(exc))
+        try:
+            loop.call_soon_threadsafe(self.complete, call, outcome)
+        except RuntimeError:
+            pass  # the loop is closed: the server has stopped
+
+    def complete(self, call: _Call, outcome: Any) -> None:
+        """Loop thread: send a worker's outcome (or stream the generator it returned)."""
+        if call.context.cancelled:
+            self.finish(call)  # the client gave up: the result is discarded
+        elif isinstance(outcome, _Packed):
+            self.reply(call, Kind.RESULT if outcome.ok else Kind.ERROR, outcome.payload)
+            self.finish(call)
+        else:
+            self.run_task(call, self.stream(call, outcome if inspect.isasyncgen(outcome) else
+                                            execution.iterate_in_thread(
+                                                outcome, self.server._pool, call.context)))
+
+    async def run_on_loop(self, call: _Call, fn: Callable[..., Any]) -> None:
+        """A coroutine function's result, or an async generator's stream."""
+        execution.enter(call.context)  # this task's context: rpc.cancelled() works
+        args, kwargs = call.take_args()
+        outcome: Any = fn(*args, **kwargs)
+        del args, kwargs
+        if inspect.isasyncgen(outcome):
+            await self.stream(call, outcome)
+            return
+        ok, payload = pack_value(await outcome, f"the result of {call.context.name}()")
+        self.reply(call, Kind.RESULT if ok else Kind.ERROR, payload)
+
+    def run_task(self, call: _Call, work: Coroutine[Any, Any, None]) -> None:
+        """Run a call's work as a task; finished however it ends, even if it is
+        cancelled before its first step (when no ``finally`` in it would run)."""
+        def done(_: "asyncio.Future[None]") -> None:
+            work.close()  # no-op if it ran; else no "never awaited" warning
+            self.finish(call)
+
+        call.task = asyncio.ensure_future(self.guard(call, work))
+        call.task.add_done_callback(done)
+
+    async def guard(self, call: _Call, work: Awaitable[None]) -> None:
+        """A call's task: its error goes to the client, its cancellation nowhere."""
+        try:
+            await work
+        except asyncio.CancelledError:
+            log.debug("call %d (%s) cancelled", call.request_id, call.context.name)
+        except Exception as exc:
+            self.reply(call, Kind.ERROR, pack_error(exc))
+
+    def finish(self, call: _Call) -> None:
+        """Bookkeeping when a call is over (exactly once per call)."""
+        if self.calls.pop(call.request_id, None) is call:
+            self.server.in_flight -= 1
+            self.server.calls_served += 1
+
+    def reply(self, call: _Call, kind: Kind, payload: Buffer, flags: Flag = Flag.NONE) -> None:
+        """Send one frame for ``call``; a result too large for the client becomes an error."""
+        try:
+            self.channel.send(kind, call.request_id, payload, flags)
+        except ProtocolError as exc:  # larger than the client accepts
+            self.channel.send(Kind.ERROR, call.request_id, pack_error(exc))
+        except ConnectionLost:
+            pass  # the reader notices too, and cancels what is left
+
+    async def stream(self, call: _Call, items: AsyncIterator[Any]) -> None:
+        """Send a generator's items, each only once the client has granted credit."""
+        what = f"an item streamed by {call.context.name}()"
+        self.reply(call, Kind.RESULT, b"", Flag.STREAM)
+        try:
+            while True:
+                await call.credit.take()
+                try:
+                    item = await items.__anext__()
+                except StopAsyncIteration:
+                    break
+                ok, payload = pack_value(item, what)
+                del item
+                self.reply(call, Kind.STREAM_ITEM if ok else Kind.ERROR, payload)
+                if not ok:
+                    return
+                await self.channel.drain()
+            self.reply(call, Kind.STREAM_END, b"")
+        finally:
+            await items.aclose()  # type: ignore[attr-defined]
+
+
+class _Packed:
+    """A result pickled in the worker thread, so that the loop only sends it."""
+
+    __slots__ = ("ok", "payload")
+
+    def __init__(self, ok: bool, payload: bytes) -> None:
+        self.ok = ok
+        self.payload = payload
+
+
+def _run_and_pack(fn: Callable[..., Any], call: _Call) -> Any:
+    """Worker-thread part of a plain call: unpickle, call, pickle (all off the loop).
+
+    Generators (and async generators that a plain function happens to return) are
+    handed back as they are, for the loop to stream.
+    """
+    args, kwargs = call.take_args()
+    result = fn(*args, **kwargs)
+    del args, kwargs
+    if inspect.isgenerator(result) or inspect.isasyncgen(result):
+        return result
+    return _Packed(*pack_value(result, f"the result of {call.context.name}()"))
+
+
+# ---------------------------------------------------------------- entry points
+
+async def start_server(functions: Functions, *, tunnel_dir: Any = None, tcp: Any = None,
+                       unix: Any = None, stdio: bool = False, workers: int = 4,
+                       key_file: Any = None, force: bool = False,
+                       max_frame: int = DEFAULT_MAX_FRAME,
+                       liveness_timeout: float = 15.0) -> RPCServer:
+    """Start serving ``functions`` (name -> callable) on one transport.
+
+    The transport is the tunnel directory (default: ``rpc.default_tunnel_dir()``),
+    ``tcp="HOST:PORT"`` (host defaults to 127.0.0.1), ``unix=PATH`` (mode 0600) or
+    ``stdio=True`` (one client on stdin/stdout; serving ends when it disconnects).
+    The key file is created (0600) if missing: see ``rpc.default_key_path()``.
+    """
+    server = RPCServer(functions, key=load_key(key_file, create=True), workers=workers,
+                       max_frame=max_frame)
+    ep = endpoint(tunnel_dir=tunnel_dir, tcp=tcp, unix=unix, stdio=stdio)
+    if ep.kind == "stdio":
+        reader, writer = await stdio_streams(*claim_stdio())
+        task = asyncio.ensure_future(server.handle(reader, writer))
+        task.add_done_callback(lambda _: server.close())
+    else:
+        server.listeners.append(await listen(ep, server.handle, force=force,
+                                             liveness_timeout=liveness_timeout))
+    log.info("serving %d functions on %s", len(server.functions),
+             ", ".join(server.addresses) or "stdio")
+    return server
+
+
+def serve(functions: Functions, **kwargs: Any) -> None:
+    """Blocking :func:`start_server`: serve until Ctrl-C or SIGTERM (or stdio EOF)."""
+    async def main() -> None:
+        stop = asyncio.Event()
+        try:  # before the server starts: a SIGTERM right after it is up must not be lost
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        except (ValueError, RuntimeError, NotImplementedError):
+            pass  # not the main thread: Ctrl-C / close() still work
+        async with await start_server(functions, **kwargs) as server:
+            waits = {asyncio.ensure_future(stop.wait()),
+                     asyncio.ensure_future(server.serve_forever())}
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for waiting in waits:
+                waiting.cancel()
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        log.info("interrupted; server stopped")

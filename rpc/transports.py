@@ -1,0 +1,238 @@
+"""Where the byte streams come from: the file transport, TCP, Unix sockets, pipes.
+
+Everything above this module sees only an ``(asyncio.StreamReader,
+asyncio.StreamWriter)`` pair, whichever way it was opened.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import socket
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Optional, Sequence, Tuple, Union
+
+from .errors import RPCError, ServerNotRunningError
+
+#: Environment variable overriding the default tunnel directory of the RPC server.
+TUNNEL_DIR_ENV = "FILEFORWARD_RPC_TUNNEL_DIR"
+#: Bind address when ``tcp=`` names only a port: other users of a login node can
+#: reach its localhost ports, but not beyond.
+DEFAULT_HOST = "127.0.0.1"
+#: StreamReader buffer limit: large enough that big payloads flow in few reads.
+STREAM_LIMIT = 1 << 20
+
+Streams = Tuple[asyncio.StreamReader, asyncio.StreamWriter]
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+TcpAddress = Union[str, int, Tuple[str, int]]
+
+
+def default_tunnel_dir() -> Path:
+    """``$FILEFORWARD_RPC_TUNNEL_DIR``, else ``~/.cache/fileforward/rpc-tunnel``.
+
+    Separate from the port forwarder's default tunnel so that both can run at once.
+    """
+    env = os.environ.get(TUNNEL_DIR_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "fileforward" / "rpc-tunnel"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One way to reach (or serve) an RPC server."""
+
+    kind: str  # "tunnel", "tcp", "unix", "command" or "stdio"
+    address: Any
+
+    def __str__(self) -> str:
+        if self.kind == "tcp":
+            return f"tcp://{self.address[0]}:{self.address[1]}"
+        if self.kind == "command":
+            return "command " + shlex.join(self.address)
+        return f"{self.kind}:{self.address}" if self.address else self.kind
+
+
+def endpoint(tunnel_dir: Any = None, tcp: Optional[TcpAddress] = None,
+             unix: Any = None, command: Union[str, Sequence[str], None] = None,
+             stdio: bool = False) -> Endpoint:
+    """Pick the one transport the caller named; the default tunnel dir if none."""
+    given = [name for name, value in (("tunnel_dir", tunnel_dir), ("tcp", tcp),
+                                      ("unix", unix), ("command", command),
+                                      ("stdio", stdio or None)) if value is not None]
+    if len(given) > 1:
+        raise ValueError(f"give at most one of tunnel_dir, tcp, unix, command, stdio "
+                         f"(got {', '.join(given)})")
+    if tcp is not None:
+        return Endpoint("tcp", parse_tcp(tcp))
+    if unix is not None:
+        return Endpoint("unix", os.fspath(Path(unix).expanduser()))
+    if command is not None:
+        return Endpoint("command", tuple(shlex.split(command) if isinstance(command, str)
+                                         else command))
+    if stdio:
+        return Endpoint("stdio", None)
+    return Endpoint("tunnel", Path(tunnel_dir).expanduser() if tunnel_dir is not None
+                    else default_tunnel_dir())
+
+
+def parse_tcp(address: TcpAddress) -> Tuple[str, int]:
+    """``"HOST:PORT"``, ``":PORT"``, ``"PORT"``, ``PORT`` or ``(HOST, PORT)``."""
+    if isinstance(address, tuple):
+        return str(address[0]), int(address[1])
+    host, _, port = str(address).rpartition(":")
+    try:
+        return host.strip("[]") or DEFAULT_HOST, int(port)
+    except ValueError:
+        raise ValueError(f"bad TCP address {address!r}: expected HOST:PORT") from None
+
+
+# ---------------------------------------------------------------- client side
+
+async def open_streams(ep: Endpoint, connect_timeout: float, liveness_timeout: float
+                       ) -> Tuple[asyncio.StreamReader, asyncio.StreamWriter,
+                                  Optional[asyncio.subprocess.Process]]:
+    """Connect to ``ep``, retrying refused connections until ``connect_timeout``.
+
+    Returns the streams and, for ``command`` endpoints, the child process.
+    """
+    if ep.kind == "tunnel":
+        import fileforward  # the transport layer; only needed for this endpoint
+        try:
+            reader, writer = await fileforward.open_connection(
+                ep.address, limit=STREAM_LIMIT, connect_timeout=connect_timeout,
+                liveness_timeout=liveness_timeout)
+        except ConnectionRefusedError as exc:  # fileforward.NoServerError
+            raise _not_running(ep, connect_timeout, exc) from exc
+        return reader, writer, None
+    if ep.kind == "command":
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *ep.address, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                limit=STREAM_LIMIT)
+        except OSError as exc:
+            raise ServerNotRunningError(f"cannot start {ep}: {exc}") from exc
+        assert proc.stdout is not None and proc.stdin is not None
+        return proc.stdout, proc.stdin, proc
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + connect_timeout
+    delay = 0.01
+    while True:
+        try:
+            if ep.kind == "tcp":
+                reader, writer = await asyncio.open_connection(*ep.address, limit=STREAM_LIMIT)
+            else:
+                reader, writer = await asyncio.open_unix_connection(ep.address,
+                                                                    limit=STREAM_LIMIT)
+            return reader, writer, None
+        except (ConnectionRefusedError, FileNotFoundError) as exc:
+            if loop.time() + delay > deadline:
+                raise _not_running(ep, connect_timeout, exc) from exc
+        await asyncio.sleep(delay)  # back-off between connection attempts
+        delay = min(delay * 2, 0.25)
+
+
+def _not_running(ep: Endpoint, waited: float, exc: BaseException) -> ServerNotRunningError:
+    return ServerNotRunningError(f"no RPC server answered at {ep} within {waited:g} s ({exc})")
+
+
+# ---------------------------------------------------------------- server side
+
+class Listener:
+    """A listening endpoint: asyncio's server, or the file transport's, plus cleanup."""
+
+    def __init__(self, server: Any, address: str,
+                 cleanup: Optional[Callable[[], None]] = None) -> None:
+        self.server = server
+        self.address = address
+        self._cleanup = cleanup
+
+    def close(self) -> None:
+        """Stop accepting connections."""
+        self.server.close()
+        if self._cleanup is not None:
+            self._cleanup()
+            self._cleanup = None
+
+    async def wait_closed(self) -> None:
+        """Wait until the listener is closed."""
+        await self.server.wait_closed()
+
+
+async def listen(ep: Endpoint, handler: Handler, *, force: bool = False,
+                 liveness_timeout: float = 15.0) -> Listener:
+    """Start accepting connections on ``ep`` (tunnel, tcp or unix)."""
+    if ep.kind == "tunnel":
+        import fileforward
+        server = await fileforward.start_server(handler, ep.address, limit=STREAM_LIMIT,
+                                                force=force, liveness_timeout=liveness_timeout)
+        return Listener(server, str(ep))
+    if ep.kind == "tcp":
+        server = await asyncio.start_server(handler, *ep.address, limit=STREAM_LIMIT)
+        host, port = server.sockets[0].getsockname()[:2]
+        return Listener(server, str(Endpoint("tcp", (host, port))))
+    if ep.kind == "unix":
+        sock = _bind_unix(ep.address)
+        server = await asyncio.start_unix_server(handler, sock=sock, limit=STREAM_LIMIT)
+        return Listener(server, str(ep), lambda: _unlink(ep.address))
+    raise ValueError(f"cannot listen on {ep}")
+
+
+def _bind_unix(path: str) -> socket.socket:
+    """Bind a Unix socket readable by its owner only (chmod before listen: no window)."""
+    try:
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)  # stale socket of a dead server
+            else:
+                raise RPCError(f"a server is already listening on {path}")
+            finally:
+                probe.close()
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o600)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+async def stdio_streams(in_fd: int, out_fd: int) -> Streams:
+    """asyncio streams over two pipe file descriptors (``serve --stdio``)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=STREAM_LIMIT)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
+                                 os.fdopen(in_fd, "rb", buffering=0))
+    transport, protocol = await loop.connect_write_pipe(
+        lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()),
+        os.fdopen(out_fd, "wb", buffering=0))
+    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+
+
+def claim_stdio() -> Tuple[int, int]:
+    """Take stdin/stdout for the protocol and return their new descriptors.
+
+    Descriptor 1 then points at stderr and 0 at /dev/null, so a stray ``print()``
+    or ``input()`` in a served function cannot corrupt the frame stream.
+    """
+    import sys
+    sys.stdout.flush()
+    in_fd, out_fd = os.dup(0), os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.dup2(2, 1)
+    return in_fd, out_fd

@@ -1,0 +1,271 @@
+"""Helpers for the RPC tests: servers in a thread or in a subprocess, raw handshakes."""
+import asyncio
+import concurrent.futures as cf
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import rpc
+from rpc import auth, handshake, protocol
+from rpc.protocol import Kind
+
+TESTS = Path(__file__).resolve().parent
+FUNCS_SPEC = f"{TESTS / 'rpc_funcs.py'}:FUNCTIONS"
+
+
+class ServerThread:
+    """An RPC server on an event loop in a background thread of the test process."""
+
+    def __init__(self, functions, **kwargs):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = self.run(rpc.start_server(functions, **kwargs))
+
+    def run(self, coro, timeout=30):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stats(self):
+        return self.run(_info(self.server))
+
+    def stop(self):
+        async def close():
+            self.server.close()
+            await self.server.wait_closed()
+        self.run(close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+async def _info(server):
+    return server.info()
+
+
+def wait_until(predicate, timeout=10.0, what="condition"):
+    """Poll ``predicate`` until it is true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+class CliServer:
+    """`python -m rpc serve` in a subprocess; waits until it says where it serves."""
+
+    def __init__(self, *transport_args, spec=FUNCS_SPEC, env=None, extra=()):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "rpc", "serve", spec, *transport_args, *extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        self.log = []
+        self.address = None
+        deadline = time.monotonic() + 30
+        for line in self.proc.stderr:  # the server logs "serving N functions on ADDR"
+            self.log.append(line)
+            match = re.search(r"serving \d+ functions on (\S+)", line)
+            if match:
+                self.address = match.group(1)
+                break
+            if time.monotonic() > deadline:
+                break
+        if self.address is None:
+            self.proc.kill()
+            raise AssertionError("server did not start:\n" + "".join(self.log))
+        self._drain = threading.Thread(target=self._read_rest, daemon=True)
+        self._drain.start()
+
+    def _read_rest(self):
+        for line in self.proc.stderr:
+            self.log.append(line)
+
+    @property
+    def tcp(self):
+        return self.address[len("tcp://"):]
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._drain.join(5)
+        return "".join(self.log)
+
+
+def run_json(args, timeout=60, **kwargs):
+    """Run a Python command that prints one JSON document; return (code, parsed, stderr)."""
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+    return proc.returncode, (json.loads(proc.stdout) if proc.stdout.strip() else None), \
+        proc.stderr
+
+
+def client_sigkill_cancels(address, liveness_timeout=15.0):
+    """A client process killed mid-call: the server cancels the call and drops it."""
+    started, cancelled = threading.Event(), threading.Event()
+
+    def blocking():
+        started.set()
+        if rpc.current_call().wait(60):
+            cancelled.set()
+
+    srv = ServerThread({"blocking": blocking}, liveness_timeout=liveness_timeout, **address)
+    client = subprocess.Popen([sys.executable, "-c", (
+        f"import rpc; rpc.connect(**{address!r}, liveness_timeout={liveness_timeout})"
+        f".call('blocking')")])
+    try:
+        assert started.wait(30)
+        client.kill()
+        client.wait(10)
+        assert cancelled.wait(liveness_timeout + 10)
+        wait_until(lambda: srv.stats()["in_flight"] == 0 and srv.stats()["connections"] == 0,
+                   what="server to drop the dead client")
+    finally:
+        client.kill()
+        srv.stop()
+
+
+def sigkill_and_restart(start_server, record, log, pending, within=15.0):
+    """Kill the server with calls in flight through the lazy proxy ``record``.
+
+    Every pending call must raise ConnectionLost; after a restart the next call
+    through the same proxy succeeds, and no call ran twice (``log`` counts runs).
+    """
+    srv = start_server()
+    try:
+        with cf.ThreadPoolExecutor(pending) as pool:
+            calls = [pool.submit(record, str(log), True) for _ in range(pending)]
+            wait_until(lambda: log.exists() and log.read_text().count("called") == pending,
+                       what="the calls to run")
+            srv.kill()
+            killed = time.monotonic()
+            for future in calls:
+                with pytest.raises(rpc.ConnectionLost):
+                    future.result(timeout=within + 10)
+            assert time.monotonic() - killed < within
+        srv.stop()
+        srv = start_server()
+        assert record(str(log), False) == "recorded"
+        assert log.read_text().count("called") == pending + 1
+    finally:
+        record.close()
+        srv.stop()
+
+
+class RawConnection:
+    """A blocking socket speaking frames by hand, through the sans-I/O core."""
+
+    def __init__(self, unix_path):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(str(unix_path))
+        self.decoder = protocol.FrameDecoder(protocol.DEFAULT_MAX_FRAME)
+        self.frames = []
+
+    def send(self, kind, rid=0, payload=b""):
+        self.sock.sendall(protocol.encode_frame(kind, rid, payload))
+
+    def recv(self):
+        """The next frame, or None at EOF."""
+        while not self.frames:
+            data = self.sock.recv(65536)
+            if not data:
+                return None
+            self.frames.extend(self.decoder.feed(data))
+        return self.frames.pop(0)
+
+    def closed_by_peer(self):
+        """True if the server closes the connection (after any frames it sends)."""
+        try:
+            while True:
+                if self.recv() is None:
+                    return True
+        except ConnectionResetError:
+            return True
+
+    def hello(self, proto=protocol.PROTOCOL_VERSION, versions=None):
+        nonce = auth.new_nonce()
+        body = {"proto": proto, "nonce": nonce, "max_frame": protocol.DEFAULT_MAX_FRAME,
+                "versions": versions or handshake.versions(), "hostname": "raw"}
+        payload = protocol.encode_json(body)
+        self.sock.sendall(protocol.HEADER.pack(len(payload), proto, Kind.HELLO, 0, 0) + payload)
+        return nonce
+
+    def authenticate(self, key, versions=None):
+        """Complete the client side of the handshake by hand."""
+        nonce_c = self.hello(versions=versions)
+        server_hello = protocol.decode_json(self.recv().payload)
+        self.send(Kind.AUTH, 0, protocol.encode_json(
+            {"mac": auth.answer(key, "client", nonce_c, server_hello["nonce"])}))
+        reply = self.recv()
+        assert reply.kind is Kind.AUTH_OK, reply
+
+    def close(self):
+        self.sock.close()
+
+
+def key_of(path):
+    return auth.load_key(path)
+
+
+def fresh_env(**overrides):
+    env = dict(os.environ)
+    env.update({k: str(v) for k, v in overrides.items()})
+    return env
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(autouse=True)
+def rpc_env(tmp_path, monkeypatch):
+    """Key file and default tunnel dir under tmp_path (inherited by subprocesses)."""
+    monkeypatch.setenv(auth.KEY_ENV, str(tmp_path / "rpc.key"))
+    monkeypatch.setenv(rpc.TUNNEL_DIR_ENV, str(tmp_path / "rpc-tunnel"))
+    return tmp_path
+
+
+@pytest.fixture
+def sock_dir():
+    """A short directory for Unix sockets (their paths are limited to ~107 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="rpc", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def sock(sock_dir):
+    return sock_dir / "s"
+
+
+@pytest.fixture
+def server(sock):
+    """The test functions served in-process on a Unix socket."""
+    from rpc_funcs import FUNCTIONS
+    srv = ServerThread(FUNCTIONS, unix=sock)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def client(server, sock):
+    with rpc.connect(unix=sock) as c:
+        yield c
