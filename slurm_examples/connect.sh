@@ -58,7 +58,7 @@ Ctrl-C here stops the forwarding (the job keeps running); it stops by itself whe
 INFO
 
 ff_wait_job_end "$job_id" "$server"
-if ! ff_running "$server"; then
+if [ -n "$(ff_job_state "$job_id")" ]; then  # the job still runs: the server died
   echo "fileforward --server stopped unexpectedly (see above)" >&2
   exit 1
 fi

@@ -55,7 +55,7 @@ scontrol release "$job_id"
 echo "job $job_id released; serving $functions to it from $(hostname -s) until it ends"
 
 ff_wait_job_end "$job_id" "$server"
-if ! ff_running "$server"; then
+if [ -n "$(ff_job_state "$job_id")" ]; then  # the job still runs: the server died
   echo "the RPC server stopped unexpectedly (see above)" >&2
   exit 1
 fi
