@@ -309,6 +309,21 @@ def test_web_app_example(cluster: SlurmCluster, ws: Workspace) -> None:
     assert_job_left_nothing(cluster, job_id, ws)
 
 
+@pytest.mark.timeout(120)
+def test_web_app_example_whose_service_fails_to_start(cluster: SlurmCluster, ws: Workspace) -> None:
+    """A service that exits at once: the job ends FAILED saying so, connect.sh gives
+    up with a message instead of waiting forever, and nothing is left."""
+    job_id = cluster.sbatch(ws.examples / "web_app.sbatch", "python3", "-c", "raise SystemExit(3)",
+                            "{port}", env=ws.env, cwd=ws.root)
+    connect = ws.login("connect.sh", job_id)
+    job = cluster.wait_finished(job_id, timeout=60)
+    assert job.state == "FAILED", cluster.describe(job_id)
+    assert "exited before listening on port" in job.output
+    assert connect.wait_exit(timeout=30) == 1
+    assert "job %s is not running" % job_id in connect.output()
+    assert_job_left_nothing(cluster, job_id, ws)
+
+
 class Internet:
     """Stands in for the internet the login node reaches: a web page and an
     OpenAI-compatible chat endpoint on 127.0.0.1, answering with a per-test nonce."""
