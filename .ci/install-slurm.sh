@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Install the SLURM and munge packages that tests/test_slurm_examples.py needs to
-# start a private single-node cluster (Debian 12). Run as root. Idempotent and
-# quiet: does nothing when the commands are already there.
+# Install what tests/test_slurm_examples.py needs to start a private single-node
+# SLURM cluster on Debian 12: SLURM, munge, and procps (the examples use ps).
+# Run as root. Idempotent and quiet: does nothing when the commands are there.
 #
 # The packages' maintainer scripts would start system-wide munged/slurmctld/slurmd;
 # the tests start their own daemons with their own config, so a policy-rc.d that
 # denies every daemon start is in place for the duration of the install.
 set -euo pipefail
 
-packages=(munge slurm-wlm slurmctld slurmd slurm-client)
-needed=(munged slurmctld slurmd sbatch scontrol squeue scancel)
+packages=(munge slurm-wlm slurmctld slurmd slurm-client procps)
+needed=(munged slurmctld slurmd sbatch scontrol squeue scancel ps)
 
 missing=0
 for cmd in "${needed[@]}"; do
