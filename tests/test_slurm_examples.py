@@ -47,8 +47,8 @@ def cluster() -> Iterator[SlurmCluster]:
 class LoginProcess:
     """A login-node command (connect.sh...) in its own session, output to a file."""
 
-    def __init__(self, argv: Sequence[str], env: Mapping[str, str], cwd: Path) -> None:
-        self.log = cwd / ("login-%s.log" % Path(argv[0]).stem)
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str], cwd: Path, log: Path) -> None:
+        self.log = log
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(list(argv), env=dict(env), cwd=cwd, stdout=out,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -121,7 +121,9 @@ class Workspace:
 
     def login(self, script: str, *args: str) -> LoginProcess:
         """Run ``examples/script args`` as on the login node."""
-        self._login.append(LoginProcess([str(self.examples / script), *args], self.env, self.root))
+        log = self.root / ("login-%d-%s.log" % (len(self._login), Path(script).stem))
+        self._login.append(LoginProcess([str(self.examples / script), *args], self.env, self.root,
+                                        log))
         return self._login[-1]
 
     def close(self) -> None:
@@ -290,22 +292,33 @@ server.serve_forever()
 @pytest.mark.timeout(120)
 def test_web_app_example(cluster: SlurmCluster, ws: Workspace) -> None:
     """web_app.sbatch runs the given command with {port} filled in; the page comes
-    through connect.sh's port; the app's own exit ends the job COMPLETED, cleanly."""
+    through connect.sh's port; Ctrl-C on connect.sh leaves the job running, and a
+    second connect.sh reaches it again; the app's own exit ends the job COMPLETED,
+    with fileforward stopped by the job's trap (not killed), and nothing left."""
     (ws.root / "app.py").write_text(APP)
     # (an argument with slashes: the script must still find its helpers)
     job_id = cluster.sbatch(ws.examples / "web_app.sbatch", "python3", str(ws.root / "app.py"),
                             "{port}", env=ws.env, cwd=ws.root)
-    connect = ws.login("connect.sh", job_id)
-    port, path = connect.wait_for(URL, timeout=60).groups()
+    first = ws.login("connect.sh", job_id)
+    port, path = first.wait_for(URL, timeout=60).groups()
     assert path == "/"
-
     page = urllib.request.urlopen("http://127.0.0.1:%s/" % port, timeout=30).read().decode()
     assert re.fullmatch(r"hello from job %s, PORT=\d+\n" % job_id, page), page
+
+    os.killpg(first.proc.pid, signal.SIGINT)  # Ctrl-C
+    assert first.wait_exit(timeout=30) == 130, first.output()
+    assert cluster.state(job_id) == "RUNNING"
+    assert (ws.jobs_dir / job_id / "service.info").exists()
+
+    second = ws.login("connect.sh", job_id, str(free_port()))
+    port = second.wait_for(URL, timeout=60).group(1)
+    assert urllib.request.urlopen("http://127.0.0.1:%s/" % port, timeout=30).read().decode() == page
     urllib.request.urlopen("http://127.0.0.1:%s/quit" % port, timeout=30).read()
 
     job = cluster.wait_finished(job_id, timeout=30)
     assert job.state == "COMPLETED", cluster.describe(job_id)
-    assert connect.wait_exit(timeout=30) == 0, connect.output()
+    assert re.search(r"fileforward\[\d+\] INFO stopped", job.output), job.output
+    assert second.wait_exit(timeout=30) == 0, second.output()
     assert_job_left_nothing(cluster, job_id, ws)
 
 
