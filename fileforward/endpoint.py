@@ -437,10 +437,10 @@ class Endpoint:
         for peer in list(self._peers.values()):
             _quietly(peer.bell.append, encode_text(Kind.BYE, self.eid))
             self._drop_peer(peer)
-        self._release_pointer(clear=True)
+        _quietly(self._release_pointer, True)
         if self._bell is not None:
-            TABLE.unlink(Path(self._bell.path))
-            self._bell.drop_alive()
+            _quietly(TABLE.unlink, Path(self._bell.path))
+            _quietly(self._bell.drop_alive)
             TABLE.release(self._bell)
             self._bell = None
 
