@@ -359,7 +359,10 @@ class Endpoint:
             log.exception("fileforward I/O thread for %s failed", self.tunnel_dir)
         finally:
             self.busy_since = None
-            self._shutdown()
+            try:
+                self._shutdown()
+            except OSError as exc:  # e.g. the mount went away first
+                log.warning("tunnel directory %s: cleanup incomplete: %s", self.tunnel_dir, exc)
             atexit.unregister(self._stop_at_exit)
             self.stopped.set_result(None)
 
