@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List
 
+from .errors import TunnelError
+
 DATA_LENGTH = 1 << 40
 ALIVE_OFFSET = 1 << 40
 READ_CHUNK = 1 << 20
@@ -52,7 +54,7 @@ class SharedFile:
             raise Busy(self.path)
         try:
             delay = LOCK_RETRY_MIN
-            while not _try_lock(self.fd, DATA_LENGTH, 0):
+            while not _try_lock(self, DATA_LENGTH, 0):
                 if not wait:
                     raise Busy(self.path)
                 time.sleep(delay)
@@ -113,7 +115,7 @@ class SharedFile:
         is tracked by `alive_held`.
         """
         with self.mutex:
-            if self.alive_held or not _try_lock(self.fd, 1, ALIVE_OFFSET):
+            if self.alive_held or not _try_lock(self, 1, ALIVE_OFFSET):
                 return False
             self.alive_held = True
             return True
@@ -130,13 +132,18 @@ class Busy(Exception):
     """The lock is held by another process and the caller chose not to wait."""
 
 
-def _try_lock(fd: int, length: int, start: int) -> bool:
+def _try_lock(shared: SharedFile, length: int, start: int) -> bool:
     try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, length, start, os.SEEK_SET)
+        fcntl.lockf(shared.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, length, start, os.SEEK_SET)
         return True
     except OSError as exc:
         if exc.errno in (errno.EACCES, errno.EAGAIN):
             return False
+        if exc.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise TunnelError(
+                f"the filesystem of {shared.path} refuses POSIX locks (lockf: {exc.strerror}), which keep "
+                f"the tunnel coherent between nodes (NFSv3 without its lock daemon? Lustre mounted "
+                f"without flock?): use a directory on a filesystem with working locks") from None
         raise
 
 

@@ -8,6 +8,7 @@ import signal
 
 import fileforward
 from tests.test_transport import echo, run
+from tests.tunnel_support import free_port, start_cli
 
 
 def test_a_hung_filesystem_is_reported_and_the_loop_stays_responsive(two_nodes, caplog):
@@ -52,3 +53,10 @@ def test_a_hung_filesystem_is_reported_and_the_loop_stays_responsive(two_nodes, 
         finally:
             await server.shutdown()  # before the fixture unmounts
     run(main())
+
+
+def test_a_filesystem_without_locks_is_a_clear_error(make_two_nodes):
+    pair = make_two_nodes(locks_available=False)
+    proc = start_cli("client", free_port(), pair.a / "tunnel", ready=False)
+    assert proc.popen.wait(30) == 1
+    assert "refuses POSIX locks" in proc.output and "Traceback" not in proc.output
