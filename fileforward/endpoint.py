@@ -361,8 +361,8 @@ class Endpoint:
             self.busy_since = None
             try:
                 self._shutdown()
-            except OSError as exc:  # e.g. the mount went away first
-                log.warning("tunnel directory %s: cleanup incomplete: %s", self.tunnel_dir, exc)
+            except BaseException:  # a broken filesystem: still tell everyone we stopped
+                log.exception("fileforward endpoint for %s: cleanup failed", self.tunnel_dir)
             atexit.unregister(self._stop_at_exit)
             self.stopped.set_result(None)
 
@@ -442,7 +442,7 @@ class Endpoint:
             self._drop_peer(peer)
         _quietly(self._release_pointer, True)
         if self._bell is not None:
-            _quietly(TABLE.unlink, Path(self._bell.path))
+            TABLE.unlink(Path(self._bell.path))
             _quietly(self._bell.drop_alive)
             TABLE.release(self._bell)
             self._bell = None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import threading
 import time
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, List
 
 from .errors import TunnelError
+
+log = logging.getLogger(__name__)
 
 DATA_LENGTH = 1 << 40
 ALIVE_OFFSET = 1 << 40
@@ -210,7 +213,10 @@ class FileTable:
             if self._files.get(shared.path) is shared:
                 del self._files[shared.path]
         fd, shared.fd = shared.fd, -1  # a late use fails with EBADF, never hits a reused descriptor
-        os.close(fd)
+        try:
+            os.close(fd)
+        except OSError as exc:  # NFS reports write-back errors here; the descriptor is freed anyway
+            log.warning("closing %s: %s", shared.path, exc)
 
     def rename(self, shared: SharedFile, new_path: Path) -> None:
         """Rename a file we hold, keeping its descriptor and locks."""
@@ -222,14 +228,19 @@ class FileTable:
             self._files[shared.path] = shared
 
     def unlink(self, path: Path) -> None:
-        """Remove a name; holders keep their descriptor. A missing name is fine."""
+        """Remove a name; holders keep their descriptor. A missing name is fine; another
+        failure (a broken mount) is logged, and the next start's cleaner retries."""
         key = str(path)
         with self._lock:
             shared = self._files.pop(key, None)
             if shared is not None:
                 shared.path = key + " (deleted)"
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 os.unlink(key)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("removing %s: %s", key, exc)
 
     def local_alive_holder(self, path: Path) -> bool:
         """Whether an endpoint of this process holds the owner lock of `path`."""

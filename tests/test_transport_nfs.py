@@ -60,3 +60,29 @@ def test_a_filesystem_without_locks_is_a_clear_error(make_two_nodes):
     proc = start_cli("client", free_port(), pair.a / "tunnel", ready=False)
     assert proc.popen.wait(30) == 1
     assert "refuses POSIX locks" in proc.output and "Traceback" not in proc.output
+
+
+def test_a_mount_that_dies_fails_every_connection_and_close_returns(two_nodes):
+    """Node B's mount dies (its FUSE daemon is killed: every call fails with ENOTCONN,
+    as on a broken NFS client). Each of several connections must end with an error,
+    not wait forever, and closing the connector must return, although closing the
+    files fails too."""
+    server_dir, client_dir = two_nodes.a / "tunnel", two_nodes.b / "tunnel"
+
+    async def main():
+        async with await fileforward.start_server(echo, server_dir, liveness_timeout=2):
+            connector = fileforward.Connector(client_dir, liveness_timeout=2)
+            streams = [await connector.open_connection() for _ in range(3)]
+            for reader, writer in streams:  # each connection works before the mount dies
+                writer.write(b"ping")
+                assert await asyncio.wait_for(reader.readexactly(4), 20) == b"ping"
+            two_nodes.daemons["b"].kill()
+            two_nodes.daemons["b"].wait(10)
+            for reader, _ in streams:
+                try:
+                    data = await asyncio.wait_for(reader.read(), 10)
+                except ConnectionError:
+                    continue
+                raise AssertionError(f"a connection on a dead mount ended cleanly with {data!r}")
+            await asyncio.wait_for(connector.close(), 10)
+    run(main())
