@@ -14,10 +14,17 @@ measures from this process:
   users of ``rpc.proxy`` do; the reference: one connection per thread).
 
 Each figure is the median over --runs runs; the table ends with the issue's budgets.
+
+``--two-nodes`` runs the file transport across the two emulated NFS nodes of
+tests/nfs_harness (root, after .ci/install-nfs.sh; 0.5 ms per request, 2 s caches):
+the server on node A, the client (the job side) as a process on node B, and adds the
+filesystem requests each node's mount served per small call.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import re
 import shutil
@@ -29,13 +36,14 @@ import textwrap
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 MIB = 1 << 20
 SMALL_LABEL = 'echo(b"x") ms'
 THREADS = 4
+WARMUP = 20
 
 RPC_SERVER = """
 import logging, sys
@@ -77,7 +85,7 @@ def start(code: str, arg: str, ready: str) -> "tuple[subprocess.Popen, str]":
 
 def latencies(call: Callable[[bytes], bytes], payload: bytes, n: int) -> List[float]:
     """Seconds per call of ``n`` sequential calls (after a short warm-up)."""
-    for _ in range(min(n, 20)):
+    for _ in range(min(n, WARMUP)):
         call(payload)
     out = []
     for _ in range(n):
@@ -107,24 +115,55 @@ def throughput(calls: List[Callable[[bytes], bytes]], per_thread: int) -> float:
     return len(calls) * per_thread / (time.perf_counter() - t0)
 
 
-def measure(calls: List[Callable[[bytes], bytes]], n: int) -> Dict[str, float]:
+def measure(calls: List[Callable[[bytes], bytes]], n: int,
+            requests: Optional[Callable[[], Dict[str, int]]] = None) -> Dict[str, float]:
+    """The table's figures; with ``requests`` (filesystem requests served so far per
+    node), also the requests per small call on each node."""
+    before = requests() if requests else {}
     small = latencies(calls[0], b"x", n)
+    per_call = {f"requests_{node}": (count - before[node]) / (n + min(n, WARMUP))
+                for node, count in (requests() if requests else {}).items()}
     big = latencies(calls[0], b"\x01" * MIB, max(20, n // 20))
     q = lambda xs, p: statistics.quantiles(xs, n=100)[p - 1] * 1e3  # noqa: E731
     return {"small_med": statistics.median(small) * 1e3, "small_p99": q(small, 99),
             "big_med": statistics.median(big) * 1e3, "big_p99": q(big, 99),
-            "rate": throughput(calls, n // 2)}
+            "rate": throughput(calls, n // 2), **per_call}
 
 
-def bench_rpc(address: Dict[str, str], n: int) -> Dict[str, float]:
+def measure_rpc(address: Dict[str, str], n: int,
+                counters: Optional[Dict[str, str]] = None) -> Dict[str, float]:
+    """The client side: measure() through one client, whose threads share it. With
+    ``counters`` (the harness's per-node request counter files), count requests too."""
     import rpc
+    requests = None
+    if counters:
+        from tests.nfs_harness.counters import read_counters
+        requests = lambda: {node: sum(read_counters(Path(path)).values())  # noqa: E731
+                            for node, path in counters.items()}
+    with rpc.connect(**address, connect_timeout=30) as client:
+        echo = client.proxy("echo")
+        return measure([echo] * THREADS, n, requests)
+
+
+def measure_on_job_node(pair, address: Dict[str, str], n: int) -> Dict[str, float]:
+    """measure_rpc() in a process on node B of the two-node harness ``pair``."""
+    out = subprocess.run(
+        [*pair.b_prefix, sys.executable, __file__, "--job-side", json.dumps(address),
+         "--calls", str(n), "--counters", json.dumps({k: str(v) for k, v in pair.counters.items()})],
+        check=True, stdout=subprocess.PIPE, text=True, timeout=600).stdout
+    return json.loads(out)
+
+
+def bench_rpc(address: Dict[str, str], n: int, pair=None) -> Dict[str, float]:
+    """Serve echo on ``address`` (node A's view with a two-node ``pair``) and measure."""
     proc, where = start(RPC_SERVER, repr(address), r"serving \d+ functions on (\S+)")
     try:
         if where.startswith("tcp://"):
             address = {"tcp": where[len("tcp://"):]}
-        with rpc.connect(**address) as client:
-            echo = client.proxy("echo")
-            return measure([echo] * THREADS, n)
+        if pair is not None:
+            leaf = Path(address["tunnel_dir"]).relative_to(pair.a)
+            return measure_on_job_node(pair, {"tunnel_dir": str(pair.b / leaf)}, n)
+        return measure_rpc(address, n)
     finally:
         proc.kill()
         proc.wait()
@@ -154,35 +193,62 @@ def main() -> None:
     parser.add_argument("--dir", help="where the tunnel directory goes (default: a temp dir)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--calls", type=int, default=2000, help="small calls per measurement")
+    parser.add_argument("--two-nodes", action="store_true",
+                        help="file transport across the two emulated NFS nodes of "
+                             "tests/nfs_harness (root, after .ci/install-nfs.sh)")
+    parser.add_argument("--job-side", metavar="ADDRESS_JSON", help=argparse.SUPPRESS)
+    parser.add_argument("--counters", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.job_side:  # internal: the client half of --two-nodes, on node B
+        print(json.dumps(measure_rpc(json.loads(args.job_side), args.calls,
+                                     json.loads(args.counters) if args.counters else None)))
+        return
+    with contextlib.ExitStack() as stack:
+        run_all(args, stack)
+
+
+def run_all(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
     work = Path(tempfile.mkdtemp(prefix="rpcbench", dir=args.dir or "/tmp"))
+    stack.callback(shutil.rmtree, work, ignore_errors=True)
     os.environ["FILEFORWARD_RPC_KEY"] = str(work / "rpc.key")
     import rpc
     rpc.auth.load_key(create=True)
+    pair, tunnels = None, work
+    if args.two_nodes:
+        from tests.nfs_harness.cluster import start_two_nodes
+        pair = stack.enter_context(start_two_nodes(work / "nodes"))
+        tunnels = pair.a
     cases = {
-        "file transport": lambda i: bench_rpc({"tunnel_dir": str(work / f"tunnel{i}")},
-                                              args.calls // 2),
+        "file transport": lambda i: bench_rpc({"tunnel_dir": str(tunnels / f"tunnel{i}")},
+                                              args.calls // 2, pair),
         "RPC over TCP": lambda i: bench_rpc({"tcp": "127.0.0.1:0"}, args.calls),
         "mp.connection (unix)": lambda i: bench_mp(str(work / f"mp{i}.sock"), args.calls),
     }
     results: Dict[str, List[Dict[str, float]]] = {name: [] for name in cases}
-    try:
-        for run in range(args.runs):
-            for name, case in cases.items():
-                results[name].append(case(run))
-                print(f"run {run + 1}/{args.runs}: {name} done", file=sys.stderr)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    for run in range(args.runs):
+        for name, case in cases.items():
+            results[name].append(case(run))
+            print(f"run {run + 1}/{args.runs}: {name} done", file=sys.stderr)
     med = {name: {key: statistics.median(r[key] for r in runs) for key in runs[0]}
            for name, runs in results.items()}
+    where = ("file transport across two emulated NFS nodes (0.5 ms/request, 2 s caches): "
+             "server on node A, client on node B" if pair else
+             f"tunnel dir under {args.dir or '/tmp'}")
     print(f"\nRPC benchmark, medians of {args.runs} runs "
-          f"(tunnel dir under {args.dir or '/tmp'}; Python {sys.version.split()[0]})\n")
+          f"({where}; Python {sys.version.split()[0]})\n")
     print(f"{'':22} {SMALL_LABEL:>18} {'echo(1 MiB) ms':>18} {'calls/s':>9}")
     print(f"{'':22} {'median':>8} {'p99':>9} {'median':>8} {'p99':>9} {'4 threads':>9}")
     for name, m in med.items():
         print(f"{name:22} {m['small_med']:8.3f} {m['small_p99']:9.3f} "
               f"{m['big_med']:8.2f} {m['big_p99']:9.2f} {m['rate']:9.0f}")
     f, t, ref = med["file transport"], med["RPC over TCP"], med["mp.connection (unix)"]
+    if pair:
+        print("\nbudget (issue 4)                                   measured   budget")
+        print(f"two NFS nodes, small-call median                    {f['small_med']:7.2f} ms"
+              f"  <= 25 ms")
+        print(f"filesystem requests per small call, node A (server) {f['requests_a']:7.1f}")
+        print(f"filesystem requests per small call, node B (client) {f['requests_b']:7.1f}")
+        return
     print("\nbudgets (issue 3)                      measured   budget     fileproxy 0.1.1")
     print(f"file transport, small-call median       {f['small_med']:7.3f} ms  <= 2 ms     202 ms")
     print(f"file transport, 1 MiB call median       {f['big_med']:7.2f} ms  <= 15 ms")

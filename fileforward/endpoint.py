@@ -359,7 +359,10 @@ class Endpoint:
             log.exception("fileforward I/O thread for %s failed", self.tunnel_dir)
         finally:
             self.busy_since = None
-            self._shutdown()
+            try:
+                self._shutdown()
+            except BaseException:  # a broken filesystem: still tell everyone we stopped
+                log.exception("fileforward endpoint for %s: cleanup failed", self.tunnel_dir)
             atexit.unregister(self._stop_at_exit)
             self.stopped.set_result(None)
 
@@ -437,10 +440,10 @@ class Endpoint:
         for peer in list(self._peers.values()):
             _quietly(peer.bell.append, encode_text(Kind.BYE, self.eid))
             self._drop_peer(peer)
-        self._release_pointer(clear=True)
+        _quietly(self._release_pointer, True)
         if self._bell is not None:
             TABLE.unlink(Path(self._bell.path))
-            self._bell.drop_alive()
+            _quietly(self._bell.drop_alive)
             TABLE.release(self._bell)
             self._bell = None
 

@@ -17,11 +17,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import threading
 import time
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List
+
+from .errors import TunnelError
+
+log = logging.getLogger(__name__)
 
 DATA_LENGTH = 1 << 40
 ALIVE_OFFSET = 1 << 40
@@ -52,7 +57,7 @@ class SharedFile:
             raise Busy(self.path)
         try:
             delay = LOCK_RETRY_MIN
-            while not _try_lock(self.fd, DATA_LENGTH, 0):
+            while not _try_lock(self, DATA_LENGTH, 0):
                 if not wait:
                     raise Busy(self.path)
                 time.sleep(delay)
@@ -113,7 +118,7 @@ class SharedFile:
         is tracked by `alive_held`.
         """
         with self.mutex:
-            if self.alive_held or not _try_lock(self.fd, 1, ALIVE_OFFSET):
+            if self.alive_held or not _try_lock(self, 1, ALIVE_OFFSET):
                 return False
             self.alive_held = True
             return True
@@ -130,13 +135,18 @@ class Busy(Exception):
     """The lock is held by another process and the caller chose not to wait."""
 
 
-def _try_lock(fd: int, length: int, start: int) -> bool:
+def _try_lock(shared: SharedFile, length: int, start: int) -> bool:
     try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, length, start, os.SEEK_SET)
+        fcntl.lockf(shared.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, length, start, os.SEEK_SET)
         return True
     except OSError as exc:
         if exc.errno in (errno.EACCES, errno.EAGAIN):
             return False
+        if exc.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise TunnelError(
+                f"the filesystem of {shared.path} refuses POSIX locks (lockf: {exc.strerror}), which keep "
+                f"the tunnel coherent between nodes (NFSv3 without its lock daemon? Lustre mounted "
+                f"without flock?): use a directory on a filesystem with working locks") from None
         raise
 
 
@@ -203,7 +213,10 @@ class FileTable:
             if self._files.get(shared.path) is shared:
                 del self._files[shared.path]
         fd, shared.fd = shared.fd, -1  # a late use fails with EBADF, never hits a reused descriptor
-        os.close(fd)
+        try:
+            os.close(fd)
+        except OSError as exc:  # NFS reports write-back errors here; the descriptor is freed anyway
+            log.warning("closing %s: %s", shared.path, exc)
 
     def rename(self, shared: SharedFile, new_path: Path) -> None:
         """Rename a file we hold, keeping its descriptor and locks."""
@@ -215,14 +228,19 @@ class FileTable:
             self._files[shared.path] = shared
 
     def unlink(self, path: Path) -> None:
-        """Remove a name; holders keep their descriptor. A missing name is fine."""
+        """Remove a name; holders keep their descriptor. A missing name is fine; another
+        failure (a broken mount) is logged, and the next start's cleaner retries."""
         key = str(path)
         with self._lock:
             shared = self._files.pop(key, None)
             if shared is not None:
                 shared.path = key + " (deleted)"
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 os.unlink(key)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("removing %s: %s", key, exc)
 
     def local_alive_holder(self, path: Path) -> bool:
         """Whether an endpoint of this process holds the owner lock of `path`."""

@@ -64,11 +64,14 @@ def wait_until(predicate, timeout=10.0, what="condition"):
 
 
 class CliServer:
-    """`python -m rpc serve` in a subprocess; waits until it says where it serves."""
+    """`python -m rpc serve` in a subprocess; waits until it says where it serves.
 
-    def __init__(self, *transport_args, spec=FUNCS_SPEC, env=None, extra=()):
+    ``prefix`` is the argv prefix that runs it on another node (tests/conftest.py Node).
+    """
+
+    def __init__(self, *transport_args, spec=FUNCS_SPEC, env=None, extra=(), prefix=()):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rpc", "serve", spec, *transport_args, *extra],
+            [*prefix, sys.executable, "-m", "rpc", "serve", spec, *transport_args, *extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
         self.log = []
         self.address = None
@@ -110,16 +113,25 @@ class CliServer:
         return "".join(self.log)
 
 
-def run_json(args, timeout=60, **kwargs):
-    """Run a Python command that prints one JSON document; return (code, parsed, stderr)."""
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True,
+def run_json(args, timeout=60, prefix=(), **kwargs):
+    """Run a Python command that prints one JSON document; return (code, parsed, stderr).
+
+    ``prefix`` is the argv prefix that runs it on another node (tests/conftest.py Node).
+    """
+    proc = subprocess.run([*prefix, sys.executable, *args], capture_output=True, text=True,
                           timeout=timeout, **kwargs)
     return proc.returncode, (json.loads(proc.stdout) if proc.stdout.strip() else None), \
         proc.stderr
 
 
-def client_sigkill_cancels(address, liveness_timeout=15.0):
-    """A client process killed mid-call: the server cancels the call and drops it."""
+def client_sigkill_cancels(address, liveness_timeout=15.0, client_address=None, prefix=()):
+    """A client process killed mid-call: the server cancels the call and drops it.
+
+    The server runs in this process on ``address``; the client process connects to
+    ``client_address`` (default: the same), started under the argv ``prefix`` (to run
+    it on another node, which sees a shared tunnel directory under another path).
+    """
+    client_address = address if client_address is None else client_address
     started, cancelled = threading.Event(), threading.Event()
 
     def blocking():
@@ -128,8 +140,9 @@ def client_sigkill_cancels(address, liveness_timeout=15.0):
             cancelled.set()
 
     srv = ServerThread({"blocking": blocking}, liveness_timeout=liveness_timeout, **address)
-    client = subprocess.Popen([sys.executable, "-c", (
-        f"import rpc; rpc.connect(**{address!r}, liveness_timeout={liveness_timeout})"
+    client = subprocess.Popen([*prefix, sys.executable, "-c", (
+        f"import rpc; rpc.connect(**{client_address!r}, liveness_timeout={liveness_timeout}, "
+        f"connect_timeout=30)"
         f".call('blocking')")])
     try:
         assert started.wait(30)

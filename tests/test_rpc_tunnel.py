@@ -1,7 +1,10 @@
-"""RPC over the fileforward file transport: no port at all, clients in other processes."""
-import json
-import subprocess
-import sys
+"""RPC over the fileforward file transport: no port at all, clients in other processes.
+
+Most tests run across `nodes` (tests/conftest.py): the server on the login node, the
+clients on the job node, either both on this machine ("local") or on the two emulated
+NFS nodes ("nfs": the job node has its own mount and cannot reach our network).
+"""
+import textwrap
 
 import pytest
 
@@ -13,21 +16,104 @@ from rpc_helpers import (TESTS, CliServer, client_sigkill_cancels, rpc_env,  # n
 FAST = ("--liveness_timeout", "2")
 
 
+def start_login_server(login):
+    """The test functions served by `python -m rpc serve` on the login node."""
+    return CliServer("--tunnel_dir", str(login.tunnel_dir), extra=FAST, prefix=login.prefix)
+
+
 @pytest.fixture
-def tunnel_server(tunnel_dir):
-    srv = CliServer("--tunnel_dir", str(tunnel_dir), extra=FAST)
+def login_server(nodes):
+    srv = start_login_server(nodes[0])
     yield srv
     srv.stop()
 
 
-def test_calls_streams_and_errors_through_the_tunnel(tunnel_server, tunnel_dir):
-    with rpc.connect(tunnel_dir=tunnel_dir) as c:
-        assert c.call("add", 1, b=2) == 3
-        assert c.call("echo", b"\x07" * (3 << 20)) == b"\x07" * (3 << 20)
-        assert list(c.call("count", 10_000)) == list(range(10_000))
-        with pytest.raises(ValueError, match="bad thing"):
+def on_job_node(job, script, *args, timeout=90):
+    """Run a Python script on the job node; it prints one JSON document, returned here."""
+    code, out, err = run_json(["-c", textwrap.dedent(script), *map(str, args)],
+                              timeout=timeout, prefix=job.prefix)
+    assert code == 0, err
+    return out
+
+
+JOB_CALLS = """
+    import hashlib, json, os, sys
+    import rpc
+    digest = lambda b: hashlib.sha256(b).hexdigest()
+    big = os.urandom(3 << 20)
+    mib = [os.urandom(1 << 20) for _ in range(4)]
+    with rpc.connect(tunnel_dir=sys.argv[1], connect_timeout=30) as c:
+        echoed = c.call("echo", big)
+        together = [f.result(60) for f in [c.submit("echo", m) for m in mib]]
+        try:
             c.call("boom")
-        assert c.info()["addresses"] == [f"tunnel:{tunnel_dir}"]
+            error = None
+        except ValueError as exc:
+            error = str(exc)
+        print(json.dumps({
+            "add": c.call("add", 1, b=2),
+            "big": [len(echoed), digest(echoed) == digest(big)],
+            "concurrent": [digest(t) for t in together] == [digest(m) for m in mib],
+            "stream": list(c.call("count", 10_000)) == list(range(10_000)),
+            "error": error,
+            "server": [c.call("pid"), c.info()["addresses"]],
+        }))
+"""
+
+
+def test_job_node_calls_the_login_node(nodes, login_server):
+    """The use case, with integrity checks: a job that cannot reach the login node's
+    network calls functions there (large arguments and results, concurrent calls, a
+    stream of 10,000 items, an exception) through the shared directory."""
+    login, job = nodes
+    assert on_job_node(job, JOB_CALLS, job.tunnel_dir) == {
+        "add": 3, "big": [3 << 20, True], "concurrent": True, "stream": True,
+        "error": "bad thing",
+        "server": [login_server.proc.pid, [f"tunnel:{login.tunnel_dir}"]]}
+
+
+def test_10_client_processes_on_the_job_node(nodes, login_server):
+    login, job = nodes
+    code, result, err = run_json([str(TESTS / "rpc_fanout.py"), "--tunnel_dir",
+                                  str(job.tunnel_dir), "--procs", "10", "--calls", "100"],
+                                 timeout=110, prefix=job.prefix)
+    assert (code, result) == (0, {"ok": 10, "failed": 0}), err
+    assert rpc.status(login.tunnel_dir)["calls_served"] >= 1000
+
+
+def test_server_sigkill_then_restart(nodes, tmp_path):
+    """Calls pending on the job node (this process, through the job node's mount) when
+    the login node's server dies fail with ConnectionLost; none runs twice."""
+    login, job = nodes
+    sigkill_and_restart(lambda: start_login_server(login),
+                        rpc.proxy("record", tunnel_dir=job.tunnel_dir, liveness_timeout=2),
+                        tmp_path / "calls.log", pending=2, within=2 + 3)
+
+
+def test_client_sigkill_on_the_job_node(nodes):
+    login, job = nodes
+    client_sigkill_cancels({"tunnel_dir": str(login.tunnel_dir)}, liveness_timeout=2,
+                           client_address={"tunnel_dir": str(job.tunnel_dir)},
+                           prefix=job.prefix)
+
+
+def test_no_server_seen_from_the_job_node(nodes):
+    """Nothing served yet, then a server SIGKILLed (its files left behind): a client on
+    the job node gets ServerNotRunningError, `rpc status` says not alive (exit 1)."""
+    login, job = nodes
+
+    def assert_no_server():
+        with pytest.raises(rpc.ServerNotRunningError):
+            rpc.connect(tunnel_dir=job.tunnel_dir, connect_timeout=0.5)
+        code, info, err = run_json(["-m", "rpc", "status", "--tunnel_dir", str(job.tunnel_dir),
+                                    "--connect_timeout", "0.5"], prefix=job.prefix)
+        assert (code, info["alive"]) == (1, False), err
+
+    assert_no_server()
+    srv = start_login_server(login)
+    srv.kill()
+    srv.stop()
+    assert_no_server()
 
 
 def test_default_tunnel_dir_comes_from_the_environment(rpc_env):
@@ -42,46 +128,5 @@ def test_default_tunnel_dir_comes_from_the_environment(rpc_env):
         finally:
             echo.close()
         assert rpc.status()["pid"] == srv.proc.pid
-    finally:
-        srv.stop()
-
-
-def test_no_server_in_the_tunnel_dir(tunnel_dir):
-    with pytest.raises(rpc.ServerNotRunningError):
-        rpc.connect(tunnel_dir=tunnel_dir, connect_timeout=0.5)
-    assert rpc.status(tunnel_dir, connect_timeout=0.5)["alive"] is False
-
-
-def test_10_client_processes_through_the_tunnel(tunnel_server, tunnel_dir):
-    code, result, err = run_json([str(TESTS / "rpc_fanout.py"), "--tunnel_dir",
-                                  str(tunnel_dir), "--procs", "10", "--calls", "100"])
-    assert (code, result) == (0, {"ok": 10, "failed": 0}), err
-
-
-def test_server_sigkill_through_the_tunnel_then_restart(tunnel_dir, tmp_path):
-    sigkill_and_restart(lambda: CliServer("--tunnel_dir", str(tunnel_dir), extra=FAST),
-                        rpc.proxy("record", tunnel_dir=tunnel_dir, liveness_timeout=2),
-                        tmp_path / "calls.log", pending=2, within=2 + 3)
-
-
-def test_client_sigkill_through_the_tunnel(tunnel_dir):
-    client_sigkill_cancels({"tunnel_dir": str(tunnel_dir)}, liveness_timeout=2)
-
-
-def test_job_node_calls_the_login_node(nodes):
-    """The use case: a job that cannot reach the login node's network calls a function
-    there through the shared directory (on "nfs", through two emulated NFS mounts)."""
-    login, job = nodes
-    srv = CliServer("--tunnel_dir", str(login.tunnel_dir), extra=FAST)
-    script = (
-        "import json, rpc\n"
-        f"with rpc.connect(tunnel_dir={str(job.tunnel_dir)!r}, connect_timeout=30) as c:\n"
-        "    print(json.dumps([c.call('add', 1, b=2), sum(c.call('count', 1000)),\n"
-        "                      len(c.call('echo', b'x' * (2 << 20))), c.call('pid')]))\n")
-    try:
-        proc = subprocess.run([*job.prefix, sys.executable, "-c", script],
-                              capture_output=True, text=True, timeout=90)
-        assert proc.returncode == 0, proc.stderr
-        assert json.loads(proc.stdout) == [3, sum(range(1000)), 2 << 20, srv.proc.pid]
     finally:
         srv.stop()

@@ -10,6 +10,7 @@ across mounts (see locks.py).
 """
 import argparse
 import ctypes
+import errno
 import fcntl
 import functools
 import itertools
@@ -296,6 +297,8 @@ class NfsClientOps:
 
     def lock(self, path: Optional[str], fi, cmd: int, lock_p) -> int:
         """Forward F_GETLK/F_SETLK/F_SETLKW; a granted lock revalidates the file."""
+        if not self._options.locks_available:
+            raise mfusepy.FuseOSError(errno.ENOLCK)
         entry = self._file(fi)
         fl = lock_p.contents
         owner = fi.lock_owner

@@ -14,6 +14,7 @@ class NodeOptions:
     negative_timeout: float = 2.0    # seconds a name looked up as missing stays missing
     lock_forwarding: bool = True     # off: locks stay local to each mount (no exclusion)
     lock_invalidation: bool = True   # off: a granted lock leaves stale caches in place
+    locks_available: bool = True     # off: every lock fails with ENOLCK (NFSv3 without lockd/statd)
 
     def to_argv(self) -> List[str]:
         """Command-line flags that `add_arguments`/`from_args` turn back into these."""
