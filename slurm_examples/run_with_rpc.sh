@@ -21,7 +21,9 @@ if [ $# -eq 0 ]; then
 fi
 functions=${RPC_FUNCTIONS:-rpc_server:FUNCTIONS}
 
-job_id=$(sbatch --parsable --hold "$@")
+# The job gets this environment (sbatch exports it), except the LLM API key:
+# that stays on the login node, with the functions that use it.
+job_id=$(env -u LLM_API_KEY sbatch --parsable --hold "$@")
 job_id=${job_id%%;*}
 job_dir=$(ff_job_dir "$job_id")
 ff_make_private "$job_dir" "$job_dir/rpc"

@@ -83,7 +83,8 @@ def _sbin(cmd: str) -> str:
     return found
 
 
-def _proc_environ(pid: int) -> Dict[str, str]:
+def process_environ(pid: int) -> Dict[str, str]:
+    """The environment of process ``pid`` (empty if it is gone)."""
     try:
         raw = Path("/proc/%d/environ" % pid).read_bytes()
     except OSError:  # gone, or a kernel thread
@@ -274,7 +275,7 @@ class SlurmCluster:
         for entry in os.listdir("/proc"):
             if not entry.isdigit() or int(entry) == os.getpid():
                 continue
-            env = _proc_environ(int(entry))
+            env = process_environ(int(entry))
             if env.get("SLURM_CONF") != str(self.conf) or "SLURM_JOB_ID" not in env:
                 continue
             if job_id is not None and job_id not in (env.get("SLURM_JOB_ID"),
@@ -400,7 +401,7 @@ class SlurmCluster:
         pids = []
         for entry in os.listdir("/proc"):
             if entry.isdigit() and _proc_cmdline(int(entry)).startswith("slurmstepd") and \
-                    _proc_environ(int(entry)).get("SLURM_CONF") == str(self.conf):
+                    process_environ(int(entry)).get("SLURM_CONF") == str(self.conf):
                 pids.append(int(entry))
         return pids
 

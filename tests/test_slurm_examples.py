@@ -28,7 +28,7 @@ import pytest
 
 from jupyter_api import JupyterClient
 from slurm_cluster import (SlurmCluster, free_port, missing_requirements, poll,
-                           session_processes)
+                           process_environ, session_processes)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO_ROOT / "slurm_examples"
@@ -436,11 +436,16 @@ def test_rpc_job_example(cluster: SlurmCluster, ws: Workspace, internet: Interne
 def test_rpc_ctrl_c_on_the_login_node_cancels_the_job(
         cluster: SlurmCluster, ws: Workspace, internet: Internet) -> None:
     """Ctrl-C to run_with_rpc.sh during a call: the job is cancelled (it cannot
-    work without its server), and nothing of either side is left."""
+    work without its server), and nothing of either side is left. (And the job
+    never saw the LLM API key.)"""
     runner = ws.login("run_with_rpc.sh", str(ws.examples / "rpc_job.py"), internet.url + "/slow")
     job_id = runner.wait_for(r"job (\d+) released", timeout=60).group(1)
     poll(lambda: True if ("/slow", None) in internet.requests else None, 60,
          "the job's fetch() to reach the internet")
+    job_envs = [process_environ(p.pid) for p in cluster.job_processes(job_id)]
+    assert job_envs and all("SLURM_JOB_ID" in env for env in job_envs)
+    assert not any("LLM_API_KEY" in env for env in job_envs)  # stays on the login node
+
     os.killpg(runner.proc.pid, signal.SIGINT)  # what Ctrl-C in its terminal does
     # (the server's worker is stuck in fetch(): run_with_rpc.sh kills it after 10 s)
     assert runner.wait_exit(timeout=30) == 130, runner.output()
