@@ -25,7 +25,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, TypeVar
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -225,22 +225,6 @@ class SlurmCluster:
     def state(self, job_id: str) -> str:
         """The job's current state (PENDING, RUNNING, COMPLETED...)."""
         return self.job_info(job_id)["JobState"]
-
-    def wait_state(self, job_id: str, states: Iterable[str], timeout: float) -> str:
-        """Poll until the job is in one of ``states``; return that state."""
-        wanted = set(states)
-
-        def check() -> Optional[str]:
-            current = self.state(job_id)
-            if current in wanted:
-                return current
-            if current in FINISHED_STATES:
-                raise ClusterError("job %s ended %s while waiting for %s:\n%s"
-                                   % (job_id, current, sorted(wanted), self.describe(job_id)))
-            return None
-
-        return poll(check, timeout, "job %s to be %s" % (job_id, "/".join(sorted(wanted))),
-                    interval=0.2)
 
     def wait_finished(self, job_id: str, timeout: float) -> Job:
         """Poll until the job (every task of an array) has finished; return its record."""
