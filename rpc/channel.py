@@ -23,25 +23,46 @@ WRITE_CHUNK = 1 << 20
 READ_SIZE = 1 << 18
 
 
-class Channel:
-    """Send and receive frames; all methods run on the event loop of the streams."""
+class Framing:
+    """What every way of moving frames shares: the decoder and both frame limits."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
+    def __init__(self, peer: str) -> None:
+        self.peer = peer
         self.decoder = FrameDecoder(HANDSHAKE_MAX_FRAME)
         #: The largest payload the peer accepts (raised after the handshake).
         self.peer_max_frame = HANDSHAKE_MAX_FRAME
-        self.peer = describe_peer(writer)
-        self._frames: Deque[Frame] = collections.deque()
-        self._queue: Deque[Tuple[Buffer, ...]] = collections.deque()
-        self._flusher: Optional[asyncio.Task] = None
-        self._drain_lock = asyncio.Lock()
 
     def set_limits(self, max_frame: int, peer_max_frame: int) -> None:
         """After authentication: accept and send frames up to the agreed sizes."""
         self.decoder.max_frame = max_frame
         self.peer_max_frame = peer_max_frame
+
+    def check_size(self, size: int, what: str) -> None:
+        """Raise ProtocolError if the peer would refuse a payload of ``size`` bytes."""
+        if size > self.peer_max_frame:
+            raise ProtocolError(
+                f"{what} is {size} bytes, more than the peer's frame limit of "
+                f"{self.peer_max_frame} bytes (raise max_frame on both ends)")
+
+    def end_of_stream(self) -> ConnectionLost:
+        """The error for the peer closing the stream (in the middle of a frame or not)."""
+        if self.decoder.mid_frame():
+            return TruncatedFrameError(
+                f"connection to {self.peer} ended in the middle of a frame")
+        return ConnectionLost(f"connection closed by {self.peer}")
+
+
+class Channel(Framing):
+    """Send and receive frames; all methods run on the event loop of the streams."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        super().__init__(describe_peer(writer))
+        self.reader = reader
+        self.writer = writer
+        self._frames: Deque[Frame] = collections.deque()
+        self._queue: Deque[Tuple[Buffer, ...]] = collections.deque()
+        self._flusher: Optional[asyncio.Task] = None
+        self._drain_lock = asyncio.Lock()
 
     async def recv(self) -> Frame:
         """The next frame. Raises ConnectionLost at EOF, ProtocolError on garbage."""
@@ -51,19 +72,9 @@ class Channel:
             except (ConnectionError, OSError) as exc:
                 raise ConnectionLost(f"connection to {self.peer} lost: {exc}") from exc
             if not data:
-                if self.decoder.mid_frame():
-                    raise TruncatedFrameError(
-                        f"connection to {self.peer} ended in the middle of a frame")
-                raise ConnectionLost(f"connection closed by {self.peer}")
+                raise self.end_of_stream()
             self._frames.extend(self.decoder.feed(data))
         return self._frames.popleft()
-
-    def check_size(self, size: int, what: str) -> None:
-        """Raise ProtocolError if the peer would refuse a payload of ``size`` bytes."""
-        if size > self.peer_max_frame:
-            raise ProtocolError(
-                f"{what} is {size} bytes, more than the peer's frame limit of "
-                f"{self.peer_max_frame} bytes (raise max_frame on both ends)")
 
     def send(self, kind: Kind, request_id: int = 0, payload: Payload = b"",
              flags: Flag = Flag.NONE) -> None:

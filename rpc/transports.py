@@ -89,10 +89,14 @@ def parse_tcp(address: TcpAddress) -> Tuple[str, int]:
 
 # ---------------------------------------------------------------- client side
 
+#: Endpoint kinds reached through a socket (see :func:`connect_socket`).
+SOCKET_KINDS = ("tcp", "unix")
+
+
 async def open_streams(ep: Endpoint, connect_timeout: float, liveness_timeout: float
                        ) -> Tuple[asyncio.StreamReader, asyncio.StreamWriter,
                                   Optional[asyncio.subprocess.Process]]:
-    """Connect to ``ep``, retrying refused connections until ``connect_timeout``.
+    """Connect to a ``tunnel`` or ``command`` endpoint.
 
     Returns the streams and, for ``command`` endpoints, the child process.
     """
@@ -114,22 +118,45 @@ async def open_streams(ep: Endpoint, connect_timeout: float, liveness_timeout: f
             raise ServerNotRunningError(f"cannot start {ep}: {exc}") from exc
         assert proc.stdout is not None and proc.stdin is not None
         return proc.stdout, proc.stdin, proc
+    raise ValueError(f"{ep} is reached with connect_socket()")
+
+
+async def connect_socket(ep: Endpoint, connect_timeout: float) -> socket.socket:
+    """A blocking socket connected to a ``tcp`` or ``unix`` endpoint (TCP_NODELAY set).
+
+    Refused connections are retried, with back-off, until ``connect_timeout``: a
+    server that is still starting is waited for.
+    """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + connect_timeout
     delay = 0.01
     while True:
         try:
-            if ep.kind == "tcp":
-                reader, writer = await asyncio.open_connection(*ep.address, limit=STREAM_LIMIT)
-            else:
-                reader, writer = await asyncio.open_unix_connection(ep.address,
-                                                                    limit=STREAM_LIMIT)
-            return reader, writer, None
+            return await loop.run_in_executor(None, _connect_once, ep,
+                                              max(deadline - loop.time(), 0.01))
         except (ConnectionRefusedError, FileNotFoundError) as exc:
             if loop.time() + delay > deadline:
                 raise _not_running(ep, connect_timeout, exc) from exc
+        except socket.timeout as exc:
+            raise _not_running(ep, connect_timeout, exc) from exc
         await asyncio.sleep(delay)  # back-off between connection attempts
         delay = min(delay * 2, 0.25)
+
+
+def _connect_once(ep: Endpoint, timeout: float) -> socket.socket:
+    if ep.kind == "tcp":
+        sock = socket.create_connection(ep.address, timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    else:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(ep.address)
+        except BaseException:
+            sock.close()
+            raise
+    sock.settimeout(None)
+    return sock
 
 
 def _not_running(ep: Endpoint, waited: float, exc: BaseException) -> ServerNotRunningError:

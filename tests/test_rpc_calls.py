@@ -130,6 +130,16 @@ def test_threads_share_one_client(client):
         assert all(pool.map(work, range(8)))
 
 
+def test_threads_sending_large_and_small_frames_never_interleave(client):
+    # Over a socket each calling thread writes its own frames: a 3 MiB argument
+    # must go out whole while other threads send small calls.
+    def work(t):
+        arg = bytes([t]) * ((3 << 20) if t % 2 else 10)
+        return all(client.call("echo", arg) == arg for _ in range(5))
+    with cf.ThreadPoolExecutor(6) as pool:
+        assert all(pool.map(work, range(6), timeout=60))
+
+
 def test_info_reports_the_server(client, server):
     client.call("echo", 1)
     info = client.info()
