@@ -116,6 +116,9 @@ class SocketLink(Framing):
         self.sock = sock
         self._write_lock = threading.Lock()
         self._frames: Deque[Frame] = collections.deque()
+        #: recv_into() this one buffer: a fresh 256 KiB one per read would be mapped
+        #: and unmapped by malloc every time (see transports.SOCKET_READ_SIZE).
+        self._buffer = memoryview(bytearray(READ_SIZE))
         self._reader: Optional[threading.Thread] = None
         self._closing = False
 
@@ -156,14 +159,15 @@ class SocketLink(Framing):
             self._frames.extend(self.decoder.feed(self._recv()))
         return self._frames.popleft()
 
-    def _recv(self) -> bytes:
+    def _recv(self) -> memoryview:
+        """The bytes of one read (valid until the next; the decoder copies them)."""
         try:
-            data = self.sock.recv(READ_SIZE)
+            size = self.sock.recv_into(self._buffer)
         except OSError as exc:
             raise ConnectionLost(f"connection to {self.peer} lost: {exc}") from exc
-        if not data:
+        if not size:
             raise self.end_of_stream()
-        return data
+        return self._buffer[:size]
 
     def start(self, receiver: Receiver, interval: float) -> None:
         """Start the reader thread (after the handshake)."""

@@ -23,6 +23,10 @@ TUNNEL_DIR_ENV = "FILEFORWARD_RPC_TUNNEL_DIR"
 DEFAULT_HOST = "127.0.0.1"
 #: StreamReader buffer limit: large enough that big payloads flow in few reads.
 STREAM_LIMIT = 1 << 20
+#: Bytes per recv() of the server's socket transports. asyncio's default, 256 KiB,
+#: is above glibc's mmap threshold: every read then maps, remaps and unmaps its
+#: buffer, about 20 us, more than all the rest of the server's work on a small call.
+SOCKET_READ_SIZE = 1 << 16
 
 Streams = Tuple[asyncio.StreamReader, asyncio.StreamWriter]
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -194,6 +198,7 @@ async def listen(ep: Endpoint, handler: Handler, *, force: bool = False,
         server = await fileforward.start_server(handler, ep.address, limit=STREAM_LIMIT,
                                                 force=force, liveness_timeout=liveness_timeout)
         return Listener(server, str(ep))
+    handler = _with_small_reads(handler)
     if ep.kind == "tcp":
         server = await asyncio.start_server(handler, *ep.address, limit=STREAM_LIMIT)
         host, port = server.sockets[0].getsockname()[:2]
@@ -203,6 +208,14 @@ async def listen(ep: Endpoint, handler: Handler, *, force: bool = False,
         server = await asyncio.start_unix_server(handler, sock=sock, limit=STREAM_LIMIT)
         return Listener(server, str(ep), lambda: _unlink(ep.address))
     raise ValueError(f"cannot listen on {ep}")
+
+
+def _with_small_reads(handler: Handler) -> Handler:
+    """``handler``, on a socket transport that reads SOCKET_READ_SIZE bytes at a time."""
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.transport.max_size = SOCKET_READ_SIZE  # type: ignore[attr-defined]
+        await handler(reader, writer)
+    return handle
 
 
 def _bind_unix(path: str) -> socket.socket:
