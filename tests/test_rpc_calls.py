@@ -131,10 +131,11 @@ def test_threads_share_one_client(client):
 
 
 def test_threads_sending_large_and_small_frames_never_interleave(client):
-    # Over a socket each calling thread writes its own frames: a 3 MiB argument
-    # must go out whole while other threads send small calls.
+    # Over a socket each calling thread writes its own frames, and the server's
+    # workers write their replies: a 3 MiB frame must go out whole while other
+    # threads send and receive small and 60 KiB ones (partial writes).
     def work(t):
-        arg = bytes([t]) * ((3 << 20) if t % 2 else 10)
+        arg = bytes([t]) * ((3 << 20, 60 << 10, 10)[t % 3])
         return all(client.call("echo", arg) == arg for _ in range(5))
     with cf.ThreadPoolExecutor(6) as pool:
         assert all(pool.map(work, range(6), timeout=60))
