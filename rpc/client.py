@@ -15,7 +15,7 @@ import itertools
 import logging
 import threading
 import time
-from typing import Any, Callable, Deque, Dict, Optional, Tuple, Union
+from typing import Any, Callable, ContextManager, Deque, Dict, Optional, Tuple, Union
 
 from .auth import load_key
 from .channel import Channel
@@ -24,7 +24,8 @@ from .errors import (ConnectionLost, ProtocolError, RPCError, SerializationError
 from .handshake import client_handshake
 from .protocol import (Buffer, Flag, Frame, Kind, Payload, encode_credit, loads,
                        payload_size, unpack_error)
-from .links import LoopLink, SocketLink
+from .links import LoopLink
+from .socketlink import SocketLink
 from .transports import SOCKET_KINDS, Endpoint, connect_socket, open_streams
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,14 @@ class ClientConnection:
         self.soon(self._send_request, kind, request_id, payload)
         return future
 
+    def attending(self) -> ContextManager[None]:
+        """Around a blocking call: its thread may read its reply itself (sockets)."""
+        return self.link.attending()
+
+    def wait(self, future: cf.Future, timeout: Optional[float]) -> Any:
+        """``future.result(timeout)`` of a request made inside :meth:`attending`."""
+        return self.link.wait(future, timeout)
+
     def soon(self, fn: Callable[..., None], *args: Any) -> None:
         """Run ``fn(*args)`` where the link sends frames (the loop, or right here)."""
         self.link.soon(fn, *args)
@@ -188,6 +197,10 @@ class ClientConnection:
         else:
             self.soon(self._ping)
         return True
+
+    def busy(self) -> bool:
+        """True while calls or streams wait for frames."""
+        return bool(self._pending or self._streams)
 
     def _ping(self) -> None:
         try:
