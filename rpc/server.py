@@ -293,11 +293,13 @@ class _Connection:
             outcome = _run_and_pack(fn, call)
         except BaseException as exc:  # the function's own error, for the client
             outcome = _Packed(False, pack_error(exc))
-        if (isinstance(outcome, _Packed) and not call.context.cancelled
-                and self.channel.send_from_thread(Kind.RESULT if outcome.ok else Kind.ERROR,
-                                                  call.request_id, outcome.payload)):
+        if isinstance(outcome, _Packed) and not call.context.cancelled:
+            # Booked before the client can see the reply (and ask info()); booking
+            # twice is harmless if the reply goes through the loop after all.
             self.server._replied.put((self, call))
-            return
+            if self.channel.send_from_thread(Kind.RESULT if outcome.ok else Kind.ERROR,
+                                             call.request_id, outcome.payload):
+                return
         try:
             loop.call_soon_threadsafe(self.complete, call, outcome)
         except RuntimeError:
