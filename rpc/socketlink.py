@@ -51,9 +51,11 @@ class SocketLink(Framing):
         self._poller.register(sock, select.POLLIN)
         #: Held by the one thread that reads the socket.
         self._reading = threading.Lock()
-        #: Where threads wait for their reply or for the reading to be free.
+        #: Where the background reader waits until it is needed.
         self._turn = threading.Condition(threading.Lock())
-        self._followers = 0  # callers waiting in _turn for their reply or the reading
+        #: Callers waiting for their reply while another thread reads, first in line
+        #: first; each is woken alone: by its reply, or to take over the reading.
+        self._followers: Deque[threading.Event] = collections.deque()
         self._callers = 0  # threads inside attending(): they read for themselves
         self._receiver: Optional[Receiver] = None
         self._interval = 1.0
@@ -147,26 +149,39 @@ class SocketLink(Framing):
         Call inside :meth:`attending`.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not future.done():
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise cf.TimeoutError()
-            if self._reading.acquire(blocking=False):
-                try:
-                    self._read_until(future.done, remaining)
-                finally:
-                    self._reading.release()
-                    if self._followers:
-                        self._notify()  # one of them reads next
-            else:
-                with self._turn:
-                    self._followers += 1
+        woken: Optional[threading.Event] = None
+        try:
+            while not future.done():
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise cf.TimeoutError()
+                if self._reading.acquire(blocking=False):
                     try:
-                        self._turn.wait_for(lambda: future.done() or not self._reading.locked(),
-                                            remaining)
+                        self._read_until(future.done, remaining)
                     finally:
-                        self._followers -= 1
+                        self._reading.release()
+                        self._pass_reading()
+                elif woken is None:  # get in line, then look again at the reading
+                    woken = threading.Event()
+                    future.add_done_callback(lambda _: woken.set())  # type: ignore[union-attr]
+                    with self._turn:
+                        self._followers.append(woken)
+                else:
+                    woken.wait(remaining)
+                    woken.clear()  # whatever woke it is checked by the loop
+        finally:
+            if woken is not None:
+                with self._turn:
+                    self._followers.remove(woken)
+                self._pass_reading()  # in case it was handed the reading as it left
         return future.result(0)
+
+    def _pass_reading(self) -> None:
+        """Wake the first caller in line to take over the reading, if it is free."""
+        if self._followers and not self._reading.locked():
+            with self._turn:
+                if self._followers:
+                    self._followers[0].set()
 
     def _read_until(self, done: Callable[[], bool], timeout: Optional[float]) -> None:
         """Read and deliver frames until ``done()``, the timeout, or the end."""
@@ -192,8 +207,6 @@ class SocketLink(Framing):
                 self._end(ConnectionLost("the connection was closed by this client")
                           if self._closing else reading_error(exc))
                 return
-            if self._followers:
-                self._notify()  # a reply may be for a caller waiting in _turn
 
     def _serve_background(self) -> None:
         """Read while something waits that no caller reads for; tick while idle."""
@@ -217,8 +230,7 @@ class SocketLink(Framing):
                         receiver.tick()
                 finally:
                     self._reading.release()
-                    if self._followers:
-                        self._notify()
+                    self._pass_reading()
         self._end(ConnectionLost("the connection was closed by this client"))
         with self._reading, self._write_lock:  # nobody uses the descriptor any more
             self.sock.close()
