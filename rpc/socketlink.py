@@ -20,7 +20,7 @@ import select
 import socket
 import threading
 import time
-from typing import Any, Callable, Deque, Iterator, Optional
+from typing import Any, Callable, Deque, Iterator, List, Optional, Tuple
 
 from .channel import READ_SIZE, Framing
 from .errors import ConnectionLost, RPCError
@@ -43,6 +43,8 @@ class SocketLink(Framing):
         super().__init__(_describe(sock))
         self.sock = sock
         self._write_lock = threading.Lock()
+        self._writer: Optional[int] = None  # the thread holding _write_lock
+        self._deferred: List[Tuple[Callable[..., None], tuple]] = []
         self._frames: Deque[Frame] = collections.deque()
         #: recv_into() this one buffer: a fresh 256 KiB one per read would be mapped
         #: and unmapped by malloc every time (see transports.SOCKET_READ_SIZE).
@@ -51,8 +53,9 @@ class SocketLink(Framing):
         self._poller.register(sock, select.POLLIN)
         #: Held by the one thread that reads the socket.
         self._reading = threading.Lock()
-        #: Where the background reader waits until it is needed.
-        self._turn = threading.Condition(threading.Lock())
+        #: Where the background reader waits until it is needed. Reentrant: a
+        #: finalizer run by the garbage collector under it may send (and notify).
+        self._turn = threading.Condition()
         #: Callers waiting for their reply while another thread reads, first in line
         #: first; each is woken alone: by its reply, or to take over the reading.
         self._followers: Deque[threading.Event] = collections.deque()
@@ -80,20 +83,33 @@ class SocketLink(Framing):
         else:
             parts = (encode_header(kind, request_id, size, flags),) + (
                 payload if isinstance(payload, tuple) else (payload,))
-        with self._write_lock:
-            try:
-                for part in parts:
-                    self.sock.sendall(part)
-            except OSError as exc:
-                raise ConnectionLost(f"connection to {self.peer} lost: {exc}") from exc
-            except BaseException:  # e.g. Ctrl-C: part of a frame may have gone out,
-                self._shutdown()   # and the stream cannot be resynchronised
-                raise
+        try:
+            with self._write_lock:
+                self._writer = threading.get_ident()
+                try:
+                    for part in parts:
+                        self.sock.sendall(part)
+                except OSError as exc:
+                    raise ConnectionLost(f"connection to {self.peer} lost: {exc}") from exc
+                except BaseException:  # e.g. Ctrl-C: part of a frame may have gone out,
+                    self._shutdown()   # and the stream cannot be resynchronised
+                    raise
+                finally:
+                    self._writer = None
+        finally:
+            while self._deferred:
+                fn, args = self._deferred.pop(0)
+                fn(*args)
         if self._callers == 0:  # no caller will read the reply: the background must
             self._notify()
 
     def soon(self, fn: Callable[..., None], *args: Any) -> None:
-        """Run ``fn(*args)`` now: sending is thread-safe, there is no loop to go to."""
+        """Run ``fn(*args)`` now (sending is thread-safe, there is no loop to go to);
+        if this thread is in the middle of writing a frame (a finalizer, such as a
+        dropped stream's, run by the garbage collector), right after that frame."""
+        if self._writer == threading.get_ident():
+            self._deferred.append((fn, args))
+            return
         fn(*args)
 
     # ------------------------------------------------------------ handshake
