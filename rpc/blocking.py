@@ -10,7 +10,7 @@ import asyncio
 import concurrent.futures as cf
 import os
 import threading
-from typing import Any, Coroutine, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Coroutine, Dict, Optional, Sequence, Union
 
 from .client import ClientConnection, RemoteStream
 from .errors import SerializationError, ServerNotRunningError
@@ -67,7 +67,7 @@ class Client:
 
         A generator function returns an iterator over its items as they arrive.
         """
-        return self._wait(self.submit(name, *args, **kwargs), self.timeout, name)
+        return self._wait(lambda: self.submit(name, *args, **kwargs), self.timeout, name)
 
     def submit(self, name: str, *args: Any, **kwargs: Any) -> cf.Future:
         """Start a call; the returned future's ``cancel()`` cancels it on the server."""
@@ -88,7 +88,8 @@ class Client:
 
     def info(self) -> Dict[str, Any]:
         """The server's status: pid, hostname, functions, counters, versions."""
-        return self._wait(self._conn.request(Kind.INFO, b"", "info"), self.timeout, "info")
+        return self._wait(lambda: self._conn.request(Kind.INFO, b"", "info"), self.timeout,
+                          "info")
 
     def close(self) -> None:
         """Close the connection and stop the client's thread (idempotent)."""
@@ -106,18 +107,23 @@ class Client:
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
 
-    def _wait(self, future: cf.Future, timeout: Optional[float], name: str) -> Any:
-        try:
-            return _stream_timeout(future.result(timeout), timeout)
-        except cf.TimeoutError:
-            if future.done():  # the function itself raised TimeoutError
+    def _wait(self, start: Callable[[], cf.Future], timeout: Optional[float],
+              name: str) -> Any:
+        """Start a request and wait for it; over a socket this thread may read the
+        reply itself (see :meth:`ClientConnection.attending`)."""
+        with self._conn.attending():
+            future = start()
+            try:
+                return _stream_timeout(self._conn.wait(future, timeout), timeout)
+            except cf.TimeoutError:
+                if future.done():  # the function itself raised TimeoutError
+                    raise
+                if future.cancel():
+                    raise _call_timed_out(name, timeout) from None
+                return _stream_timeout(future.result(), timeout)
+            except BaseException:  # KeyboardInterrupt and the like: cancel remotely too
+                future.cancel()
                 raise
-            if future.cancel():
-                raise _call_timed_out(name, timeout) from None
-            return _stream_timeout(future.result(), timeout)
-        except BaseException:  # KeyboardInterrupt and the like: cancel remotely too
-            future.cancel()
-            raise
 
     async def _await(self, future: cf.Future, timeout: Optional[float], name: str) -> Any:
         waiting = asyncio.wrap_future(future)
@@ -153,7 +159,7 @@ class RemoteFunction:
         self.timeout = timeout
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.client._wait(self.client.submit(self.name, *args, **kwargs),
+        return self.client._wait(lambda: self.client.submit(self.name, *args, **kwargs),
                                  self.timeout, self.name)
 
     async def acall(self, *args: Any, **kwargs: Any) -> Any:

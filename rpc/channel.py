@@ -15,33 +15,58 @@ from typing import Deque, Optional, Tuple
 from .errors import ConnectionLost, ProtocolError, TruncatedFrameError
 from .protocol import (HANDSHAKE_MAX_FRAME, Buffer, Flag, Frame, FrameDecoder, Kind,
                        Payload, encode_frame, encode_header, payload_size)
+from .shortcut import Shortcut
 
 log = logging.getLogger(__name__)
 
 #: Large payloads are written in slices of this size, each followed by a drain.
 WRITE_CHUNK = 1 << 20
+#: Frames up to this size may be written by a worker thread (see shortcut.py).
+SHORTCUT_LIMIT = 1 << 16
 READ_SIZE = 1 << 18
 
 
-class Channel:
-    """Send and receive frames; all methods run on the event loop of the streams."""
+class Framing:
+    """What every way of moving frames shares: the decoder and both frame limits."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
+    def __init__(self, peer: str) -> None:
+        self.peer = peer
         self.decoder = FrameDecoder(HANDSHAKE_MAX_FRAME)
         #: The largest payload the peer accepts (raised after the handshake).
         self.peer_max_frame = HANDSHAKE_MAX_FRAME
-        self.peer = describe_peer(writer)
-        self._frames: Deque[Frame] = collections.deque()
-        self._queue: Deque[Tuple[Buffer, ...]] = collections.deque()
-        self._flusher: Optional[asyncio.Task] = None
-        self._drain_lock = asyncio.Lock()
 
     def set_limits(self, max_frame: int, peer_max_frame: int) -> None:
         """After authentication: accept and send frames up to the agreed sizes."""
         self.decoder.max_frame = max_frame
         self.peer_max_frame = peer_max_frame
+
+    def check_size(self, size: int, what: str) -> None:
+        """Raise ProtocolError if the peer would refuse a payload of ``size`` bytes."""
+        if size > self.peer_max_frame:
+            raise ProtocolError(
+                f"{what} is {size} bytes, more than the peer's frame limit of "
+                f"{self.peer_max_frame} bytes (raise max_frame on both ends)")
+
+    def end_of_stream(self) -> ConnectionLost:
+        """The error for the peer closing the stream (in the middle of a frame or not)."""
+        if self.decoder.mid_frame():
+            return TruncatedFrameError(
+                f"connection to {self.peer} ended in the middle of a frame")
+        return ConnectionLost(f"connection closed by {self.peer}")
+
+
+class Channel(Framing):
+    """Send and receive frames; all methods run on the event loop of the streams."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        super().__init__(describe_peer(writer))
+        self.reader = reader
+        self.writer = writer
+        self._frames: Deque[Frame] = collections.deque()
+        self._queue: Deque[Tuple[Buffer, ...]] = collections.deque()
+        self._flusher: Optional[asyncio.Task] = None
+        self._drain_lock = asyncio.Lock()
+        self._shortcut = Shortcut.attach(writer)
 
     async def recv(self) -> Frame:
         """The next frame. Raises ConnectionLost at EOF, ProtocolError on garbage."""
@@ -51,19 +76,9 @@ class Channel:
             except (ConnectionError, OSError) as exc:
                 raise ConnectionLost(f"connection to {self.peer} lost: {exc}") from exc
             if not data:
-                if self.decoder.mid_frame():
-                    raise TruncatedFrameError(
-                        f"connection to {self.peer} ended in the middle of a frame")
-                raise ConnectionLost(f"connection closed by {self.peer}")
+                raise self.end_of_stream()
             self._frames.extend(self.decoder.feed(data))
         return self._frames.popleft()
-
-    def check_size(self, size: int, what: str) -> None:
-        """Raise ProtocolError if the peer would refuse a payload of ``size`` bytes."""
-        if size > self.peer_max_frame:
-            raise ProtocolError(
-                f"{what} is {size} bytes, more than the peer's frame limit of "
-                f"{self.peer_max_frame} bytes (raise max_frame on both ends)")
 
     def send(self, kind: Kind, request_id: int = 0, payload: Payload = b"",
              flags: Flag = Flag.NONE) -> None:
@@ -73,7 +88,7 @@ class Channel:
         if self.writer.is_closing():
             raise ConnectionLost(f"connection to {self.peer} is closed")
         if self._flusher is None and size <= WRITE_CHUNK:
-            self.writer.write(encode_frame(kind, request_id, payload, flags))
+            self._write(encode_frame(kind, request_id, payload, flags))
             return
         parts = payload if isinstance(payload, tuple) else (payload,)
         self._queue.append((encode_header(kind, request_id, size, flags),) + parts)
@@ -86,7 +101,7 @@ class Channel:
                 for part in self._queue.popleft():
                     view = memoryview(part)
                     for start in range(0, len(view), WRITE_CHUNK):
-                        self.writer.write(view[start:start + WRITE_CHUNK])
+                        self._write(view[start:start + WRITE_CHUNK])
                         await self._drain()
                 del part, view  # let a large payload go as soon as it is written
         except ConnectionError as exc:
@@ -95,6 +110,27 @@ class Channel:
             self.writer.close()
         finally:
             self._flusher = None
+
+    def send_from_thread(self, kind: Kind, request_id: int, payload: bytes) -> bool:
+        """From any thread: write a small frame now if nothing is queued ahead of it.
+
+        False if it was not written (not a socket, too large, or frames queued):
+        then :meth:`send` it on the loop.
+        """
+        if (self._shortcut is None
+                or len(payload) > min(SHORTCUT_LIMIT, self.peer_max_frame)):
+            return False
+        return self._shortcut.write_from_thread(encode_frame(kind, request_id, payload),
+                                                self._idle)
+
+    def _idle(self) -> bool:
+        return self._flusher is None and not self._queue
+
+    def _write(self, data: Buffer) -> None:
+        if self._shortcut is None:
+            self.writer.write(data)
+        else:
+            self._shortcut.write_on_loop(data)
 
     async def _drain(self) -> None:
         # Python 3.9's StreamWriter.drain() may not be awaited by two tasks at once.
@@ -115,6 +151,8 @@ class Channel:
         if self._flusher is not None:
             self._flusher.cancel()
         self.writer.close()
+        if self._shortcut is not None:
+            self._shortcut.close()  # the peer sees the end once no descriptor is left
         try:
             await asyncio.wait_for(self.writer.wait_closed(), 5.0)
         except (asyncio.TimeoutError, OSError, RuntimeError):

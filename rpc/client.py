@@ -1,8 +1,10 @@
 """The client core: one authenticated connection, usable from any thread.
 
-Frames are read and written on the connection's event loop. Requests may start
-from any thread; each outcome arrives through a ``concurrent.futures.Future``, so
-the blocking front-end and ``acall`` share this one implementation.
+Frames move through a link (``links.py``): on the connection's event loop, or,
+for sockets, straight from the calling thread and a reader thread. Requests may
+start from any thread; each outcome arrives through a
+``concurrent.futures.Future``, so the blocking front-end and ``acall`` share this
+one implementation.
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import concurrent.futures as cf
 import itertools
 import logging
 import threading
-from typing import Any, Callable, Deque, Dict, Optional, Tuple
+import time
+from typing import Any, Callable, ContextManager, Deque, Dict, Optional, Tuple, Union
 
 from .auth import load_key
 from .channel import Channel
@@ -21,7 +24,9 @@ from .errors import (ConnectionLost, ProtocolError, RPCError, SerializationError
 from .handshake import client_handshake
 from .protocol import (Buffer, Flag, Frame, Kind, Payload, encode_credit, loads,
                        payload_size, unpack_error)
-from .transports import Endpoint, open_streams
+from .links import LoopLink
+from .socketlink import SocketLink
+from .transports import SOCKET_KINDS, Endpoint, connect_socket, open_streams
 
 log = logging.getLogger(__name__)
 
@@ -29,34 +34,35 @@ log = logging.getLogger(__name__)
 class ClientConnection:
     """Requests, replies and streams of one connection to a server."""
 
-    def __init__(self, channel: Channel, hello: Dict[str, Any], *,
+    def __init__(self, link: Union[LoopLink, SocketLink], hello: Dict[str, Any], *,
                  liveness_timeout: float, stream_window: int,
                  process: Optional[asyncio.subprocess.Process] = None) -> None:
-        self.channel = channel
+        self.link = link
         self.server_hello = hello
         self.liveness_timeout = liveness_timeout
         self.stream_window = max(2, stream_window)
-        self._loop = asyncio.get_running_loop()
-        self._loop_thread = threading.get_ident()
         self._process = process
         self._lock = threading.Lock()
         self._pending: Dict[int, cf.Future] = {}
         self._streams: Dict[int, "RemoteStream"] = {}
         self._ids = itertools.count(1)
         self._error: Optional[RPCError] = None
-        self._last_heard = self._loop.time()
-        self._tasks = [asyncio.ensure_future(self._read_loop()),
-                       asyncio.ensure_future(self._heartbeat())]
+        self._last_heard = time.monotonic()
+        link.start(self, liveness_timeout / 4)
 
     @classmethod
     async def open(cls, ep: Endpoint, *, key_file: Any, connect_timeout: float,
                    liveness_timeout: float, max_frame: int,
                    stream_window: int) -> "ClientConnection":
-        """Connect to ``ep`` and authenticate; runs on the connection's loop.
-
-        """
-        reader, writer, process = await open_streams(ep, connect_timeout, liveness_timeout)
-        channel = Channel(reader, writer)
+        """Connect to ``ep`` and authenticate; runs on the connection's loop."""
+        process = None
+        channel: Union[Channel, SocketLink]
+        if ep.kind in SOCKET_KINDS:
+            channel = SocketLink(await connect_socket(ep, connect_timeout))
+        else:
+            reader, writer, process = await open_streams(ep, connect_timeout,
+                                                         liveness_timeout)
+            channel = Channel(reader, writer)
         try:
             hello = await asyncio.wait_for(
                 client_handshake(channel, lambda: load_key(key_file), max_frame),
@@ -74,7 +80,8 @@ class ClientConnection:
                 raise ServerNotRunningError(
                     f"{ep} closed the connection during the handshake{detail}") from exc
             raise
-        return cls(channel, hello, liveness_timeout=liveness_timeout,
+        link = channel if isinstance(channel, SocketLink) else LoopLink(channel)
+        return cls(link, hello, liveness_timeout=liveness_timeout,
                    stream_window=stream_window, process=process)
 
     # ------------------------------------------------------------ any thread
@@ -89,7 +96,7 @@ class ClientConnection:
 
         Cancelling the future cancels the call on the server.
         """
-        self.channel.check_size(payload_size(payload), what)
+        self.link.check_size(payload_size(payload), what)
         future: cf.Future = cf.Future()
         with self._lock:
             if self._error is not None:
@@ -101,21 +108,23 @@ class ClientConnection:
         self.soon(self._send_request, kind, request_id, payload)
         return future
 
-    def soon(self, fn: Callable[..., None], *args: Any) -> None:
-        """Run ``fn(*args)`` on the connection's loop (directly if already on it)."""
-        if threading.get_ident() == self._loop_thread:
-            fn(*args)
-            return
-        try:
-            self._loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:  # loop closed: the connection is gone already
-            pass
+    def attending(self) -> ContextManager[None]:
+        """Around a blocking call: its thread may read its reply itself (sockets)."""
+        return self.link.attending()
 
-    # ------------------------------------------------------------ loop thread
+    def wait(self, future: cf.Future, timeout: Optional[float]) -> Any:
+        """``future.result(timeout)`` of a request made inside :meth:`attending`."""
+        return self.link.wait(future, timeout)
+
+    def soon(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn(*args)`` where the link sends frames (the loop, or right here)."""
+        self.link.soon(fn, *args)
+
+    # ------------------------------------------------------------ where the link sends
 
     def _send_request(self, kind: Kind, request_id: int, payload: Payload) -> None:
         try:
-            self.channel.send(kind, request_id, payload)
+            self.link.send(kind, request_id, payload)
         except RPCError as exc:
             future = self._pending.pop(request_id, None)
             if future is not None:
@@ -125,36 +134,23 @@ class ClientConnection:
         had = self._pending.pop(request_id, None) or self._streams.pop(request_id, None)
         if had is not None and self._error is None:
             try:
-                self.channel.send(Kind.CANCEL, request_id)
+                self.link.send(Kind.CANCEL, request_id)
             except RPCError:
                 pass
 
     def grant(self, request_id: int, count: int) -> None:
-        """Let the server send ``count`` more items of a stream (loop thread)."""
+        """Let the server send ``count`` more items of a stream (see :meth:`soon`)."""
         if request_id in self._streams and self._error is None:
             try:
-                self.channel.send(Kind.CREDIT, request_id, encode_credit(count))
+                self.link.send(Kind.CREDIT, request_id, encode_credit(count))
             except RPCError:
                 pass
 
-    async def _read_loop(self) -> None:
-        error: RPCError
-        try:
-            while True:
-                frame = await self.channel.recv()
-                self._last_heard = self._loop.time()
-                self._dispatch(frame)
-        except RPCError as exc:
-            error = exc
-        except asyncio.CancelledError:
-            error = ConnectionLost("the connection was closed by this client")
-        except Exception as exc:  # a bug: never leave callers waiting forever
-            log.exception("RPC client reader failed")
-            error = ConnectionLost(f"the RPC client failed: {exc!r}")
-        self._fail(error)
-        await self.channel.aclose()
+    # ------------------------------------------------------------ the link's reader
 
-    def _dispatch(self, frame: Frame) -> None:
+    def receive(self, frame: Frame) -> None:
+        """Deliver a reply, stream item or error to whoever waits for it."""
+        self._last_heard = time.monotonic()
         kind, request_id = frame.kind, frame.request_id
         if kind is Kind.RESULT or kind is Kind.ERROR:
             future = self._pending.pop(request_id, None)
@@ -162,10 +158,9 @@ class ClientConnection:
                 self._settle_reply(future, frame)
                 return
         if kind in (Kind.STREAM_ITEM, Kind.STREAM_END, Kind.ERROR):
-            stream = self._streams.get(request_id)
+            stream = (self._streams.get(request_id) if kind is Kind.STREAM_ITEM
+                      else self._streams.pop(request_id, None))
             if stream is not None:
-                if kind is not Kind.STREAM_ITEM:
-                    del self._streams[request_id]
                 stream.push(kind, frame.payload)
             return  # otherwise: a late reply to a call cancelled here; drop it
         if kind not in (Kind.PONG, Kind.RESULT):
@@ -175,6 +170,9 @@ class ClientConnection:
         if frame.kind is Kind.RESULT and frame.flags & Flag.STREAM:
             stream = RemoteStream(self, frame.request_id)
             self._streams[frame.request_id] = stream
+            if future.cancelled():  # while the reply was on its way (reader thread)
+                self._cancel(frame.request_id)
+                return
             self.grant(frame.request_id, self.stream_window)
             _settle(future, value=stream)
             return
@@ -186,33 +184,38 @@ class ClientConnection:
         except SerializationError as exc:
             _settle(future, error=exc)
 
-    async def _heartbeat(self) -> None:
-        """While calls wait, ping the server; declare it lost if it stays silent."""
-        while True:
-            await asyncio.sleep(self.liveness_timeout / 4)
-            now = self._loop.time()
-            if not (self._pending or self._streams):
-                self._last_heard = now  # idle: silence proves nothing
-            elif now - self._last_heard > self.liveness_timeout:
-                self._fail(ConnectionLost(
-                    f"the server sent nothing for {self.liveness_timeout:g} s, not even "
-                    f"an answer to a ping; it is presumed dead"))
-                self._tasks[0].cancel()
-                return
-            else:
-                try:
-                    self.channel.send(Kind.PING)
-                except RPCError:
-                    pass
+    def tick(self) -> bool:
+        """While calls wait, ping the server; False once it stayed silent too long."""
+        now = time.monotonic()
+        if not (self._pending or self._streams):
+            self._last_heard = now  # idle: silence proves nothing
+        elif now - self._last_heard > self.liveness_timeout:
+            self.fail(ConnectionLost(
+                f"the server sent nothing for {self.liveness_timeout:g} s, not even "
+                f"an answer to a ping; it is presumed dead"))
+            return False
+        else:
+            self.soon(self._ping)
+        return True
 
-    def _fail(self, error: RPCError) -> None:
+    def busy(self) -> bool:
+        """True while calls or streams wait for frames."""
+        return bool(self._pending or self._streams)
+
+    def _ping(self) -> None:
+        try:
+            self.link.send(Kind.PING)
+        except RPCError:
+            pass
+
+    def fail(self, error: RPCError) -> None:
         """Mark the connection dead and fail every request and stream in flight."""
         with self._lock:
             if self._error is not None:
                 return
             self._error = error
             pending, self._pending = self._pending, {}
-        streams, self._streams = self._streams, {}
+            streams, self._streams = self._streams, {}
         for future in pending.values():
             _settle(future, error=_fresh(error))
         for stream in streams.values():
@@ -223,9 +226,7 @@ class ClientConnection:
 
     async def aclose(self) -> None:
         """Close the connection; calls still in flight fail with ConnectionLost."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.link.aclose()
         if self._process is not None:
             await _reap(self._process, 5.0)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import platform
 import socket
-from typing import Any, Callable, Dict, List
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Union
 
 import cloudpickle
 
@@ -23,6 +23,9 @@ from .channel import Channel
 from .errors import AuthenticationError, ConnectionLost, ProtocolError
 from .protocol import (ABSOLUTE_MAX_FRAME, PROTOCOL_VERSION, Kind, decode_json,
                        encode_json)
+
+if TYPE_CHECKING:
+    from .links import SocketLink
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +58,7 @@ def _hello(nonce: str, max_frame: int) -> bytes:
                         "versions": versions(), "hostname": socket.gethostname()})
 
 
-async def _expect(channel: Channel, kind: Kind) -> Dict[str, Any]:
+async def _expect(channel: Union[Channel, "SocketLink"], kind: Kind) -> Dict[str, Any]:
     frame = await channel.recv()
     if frame.kind is Kind.REJECT:
         reply = decode_json(frame.payload)
@@ -83,7 +86,7 @@ def _check_hello(hello: Dict[str, Any], peer_role: str) -> None:
                     "may fail to load", peer_role, hello.get("hostname"), warning)
 
 
-async def client_handshake(channel: Channel, get_key: Callable[[], bytes],
+async def client_handshake(channel: Union[Channel, "SocketLink"], get_key: Callable[[], bytes],
                            max_frame: int) -> Dict[str, Any]:
     """Authenticate to the server; returns the server's HELLO.
 

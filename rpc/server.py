@@ -11,6 +11,7 @@ import contextvars
 import inspect
 import logging
 import os
+import queue
 import signal
 import socket
 import time
@@ -53,6 +54,8 @@ class RPCServer:
         self._key = key
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="rpc-worker")
         self._connections: Set["_Connection"] = set()
+        #: Calls whose worker sent the reply itself; the loop books them when it next runs.
+        self._replied: "queue.SimpleQueue[Tuple[_Connection, _Call]]" = queue.SimpleQueue()
         self._started = time.monotonic()
         self._closed: Optional[asyncio.Event] = None
 
@@ -118,8 +121,15 @@ class RPCServer:
                 f"no function {name!r} on this server; available: "
                 f"{', '.join(sorted(self.functions)) or '(none)'}") from None
 
+    def book_replied(self) -> None:
+        """Loop thread: finish the calls whose workers sent their replies themselves."""
+        while not self._replied.empty():
+            conn, call = self._replied.get_nowait()
+            conn.finish(call)
+
     def info(self) -> Dict[str, Any]:
         """What ``client.info()`` and ``rpc.status()`` report."""
+        self.book_replied()
         return {
             "alive": True, "pid": os.getpid(), "hostname": socket.gethostname(),
             "functions": {name: _describe(fn) for name, fn in sorted(self.functions.items())},
@@ -234,6 +244,7 @@ class _Connection:
 
     def dispatch(self, frame: Frame) -> None:
         """Act on one frame from the client."""
+        self.server.book_replied()
         kind, rid = frame.kind, frame.request_id
         if kind is Kind.CALL:
             if rid in self.calls:
@@ -276,11 +287,19 @@ class _Connection:
 
     def run_in_worker(self, fn: Callable[..., Any], call: _Call,
                       loop: asyncio.AbstractEventLoop) -> None:
-        """Worker thread: unpickle, call, pickle, then hand the outcome to the loop."""
+        """Worker thread: unpickle, call, pickle, then send the reply (or hand the
+        outcome to the loop, when it cannot be sent from here)."""
         try:
             outcome = _run_and_pack(fn, call)
         except BaseException as exc:  # the function's own error, for the client
             outcome = _Packed(False, pack_error(exc))
+        if isinstance(outcome, _Packed) and not call.context.cancelled:
+            # Booked before the client can see the reply (and ask info()); booking
+            # twice is harmless if the reply goes through the loop after all.
+            self.server._replied.put((self, call))
+            if self.channel.send_from_thread(Kind.RESULT if outcome.ok else Kind.ERROR,
+                                             call.request_id, outcome.payload):
+                return
         try:
             loop.call_soon_threadsafe(self.complete, call, outcome)
         except RuntimeError:

@@ -23,6 +23,10 @@ TUNNEL_DIR_ENV = "FILEFORWARD_RPC_TUNNEL_DIR"
 DEFAULT_HOST = "127.0.0.1"
 #: StreamReader buffer limit: large enough that big payloads flow in few reads.
 STREAM_LIMIT = 1 << 20
+#: Bytes per recv() of the server's socket transports. asyncio's default, 256 KiB,
+#: is above glibc's mmap threshold: every read then maps, remaps and unmaps its
+#: buffer, about 20 us, more than all the rest of the server's work on a small call.
+SOCKET_READ_SIZE = 1 << 16
 
 Streams = Tuple[asyncio.StreamReader, asyncio.StreamWriter]
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -89,10 +93,14 @@ def parse_tcp(address: TcpAddress) -> Tuple[str, int]:
 
 # ---------------------------------------------------------------- client side
 
+#: Endpoint kinds reached through a socket (see :func:`connect_socket`).
+SOCKET_KINDS = ("tcp", "unix")
+
+
 async def open_streams(ep: Endpoint, connect_timeout: float, liveness_timeout: float
                        ) -> Tuple[asyncio.StreamReader, asyncio.StreamWriter,
                                   Optional[asyncio.subprocess.Process]]:
-    """Connect to ``ep``, retrying refused connections until ``connect_timeout``.
+    """Connect to a ``tunnel`` or ``command`` endpoint.
 
     Returns the streams and, for ``command`` endpoints, the child process.
     """
@@ -114,22 +122,45 @@ async def open_streams(ep: Endpoint, connect_timeout: float, liveness_timeout: f
             raise ServerNotRunningError(f"cannot start {ep}: {exc}") from exc
         assert proc.stdout is not None and proc.stdin is not None
         return proc.stdout, proc.stdin, proc
+    raise ValueError(f"{ep} is reached with connect_socket()")
+
+
+async def connect_socket(ep: Endpoint, connect_timeout: float) -> socket.socket:
+    """A blocking socket connected to a ``tcp`` or ``unix`` endpoint (TCP_NODELAY set).
+
+    Refused connections are retried, with back-off, until ``connect_timeout``: a
+    server that is still starting is waited for.
+    """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + connect_timeout
     delay = 0.01
     while True:
         try:
-            if ep.kind == "tcp":
-                reader, writer = await asyncio.open_connection(*ep.address, limit=STREAM_LIMIT)
-            else:
-                reader, writer = await asyncio.open_unix_connection(ep.address,
-                                                                    limit=STREAM_LIMIT)
-            return reader, writer, None
+            return await loop.run_in_executor(None, _connect_once, ep,
+                                              max(deadline - loop.time(), 0.01))
         except (ConnectionRefusedError, FileNotFoundError) as exc:
             if loop.time() + delay > deadline:
                 raise _not_running(ep, connect_timeout, exc) from exc
+        except socket.timeout as exc:
+            raise _not_running(ep, connect_timeout, exc) from exc
         await asyncio.sleep(delay)  # back-off between connection attempts
         delay = min(delay * 2, 0.25)
+
+
+def _connect_once(ep: Endpoint, timeout: float) -> socket.socket:
+    if ep.kind == "tcp":
+        sock = socket.create_connection(ep.address, timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    else:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(ep.address)
+        except BaseException:
+            sock.close()
+            raise
+    sock.settimeout(None)
+    return sock
 
 
 def _not_running(ep: Endpoint, waited: float, exc: BaseException) -> ServerNotRunningError:
@@ -167,6 +198,7 @@ async def listen(ep: Endpoint, handler: Handler, *, force: bool = False,
         server = await fileforward.start_server(handler, ep.address, limit=STREAM_LIMIT,
                                                 force=force, liveness_timeout=liveness_timeout)
         return Listener(server, str(ep))
+    handler = _with_small_reads(handler)
     if ep.kind == "tcp":
         server = await asyncio.start_server(handler, *ep.address, limit=STREAM_LIMIT)
         host, port = server.sockets[0].getsockname()[:2]
@@ -176,6 +208,14 @@ async def listen(ep: Endpoint, handler: Handler, *, force: bool = False,
         server = await asyncio.start_unix_server(handler, sock=sock, limit=STREAM_LIMIT)
         return Listener(server, str(ep), lambda: _unlink(ep.address))
     raise ValueError(f"cannot listen on {ep}")
+
+
+def _with_small_reads(handler: Handler) -> Handler:
+    """``handler``, on a socket transport that reads SOCKET_READ_SIZE bytes at a time."""
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.transport.max_size = SOCKET_READ_SIZE  # type: ignore[attr-defined]
+        await handler(reader, writer)
+    return handle
 
 
 def _bind_unix(path: str) -> socket.socket:

@@ -130,6 +130,37 @@ def test_threads_share_one_client(client):
         assert all(pool.map(work, range(8)))
 
 
+def test_threads_sending_large_and_small_frames_never_interleave(client):
+    # Over a socket each calling thread writes its own frames, and the server's
+    # workers write their replies: a 3 MiB frame must go out whole while other
+    # threads send and receive small and 60 KiB ones (partial writes).
+    def work(t):
+        arg = bytes([t]) * ((3 << 20, 60 << 10, 10)[t % 3])
+        return all(client.call("echo", arg) == arg for _ in range(5))
+    with cf.ThreadPoolExecutor(6) as pool:
+        assert all(pool.map(work, range(6), timeout=60))
+
+
+def test_replies_reach_futures_and_streams_whoever_reads_the_socket(client):
+    # Over a socket a blocking call's thread reads the socket itself; replies for
+    # submitted futures and stream items must arrive while it does, and after.
+    slow = [client.submit("aecho", i, delay=0.2) for i in range(5)]
+    items = client.call("count", 3)
+    stop = threading.Event()
+
+    def caller():
+        while not stop.is_set():
+            assert client.call("echo", b"x") == b"x"
+    with cf.ThreadPoolExecutor(2) as pool:
+        busy = [pool.submit(caller) for _ in range(2)]
+        assert [f.result(10) for f in slow] == list(range(5))
+        assert list(items) == [0, 1, 2]
+        stop.set()
+        for f in busy:
+            f.result(10)
+    assert client.submit("aecho", "after", delay=0.1).result(2) == "after"  # no poll lag
+
+
 def test_info_reports_the_server(client, server):
     client.call("echo", 1)
     info = client.info()

@@ -37,8 +37,8 @@ def test_wrong_key_is_refused_and_logged_and_others_keep_working(server, client,
     auth.load_key(other, create=True)
     with pytest.raises(rpc.AuthenticationError, match="does not match"):
         rpc.connect(unix=sock, key_file=other)
-    # the server logs after sending its refusal, which the client may read first
-    wait_until(lambda: logged(caplog_rpc, "rejected connection"), what="the server to log the refusal")
+    # The server logs after sending its refusal, in its own thread: wait for it.
+    wait_until(lambda: logged(caplog_rpc, "rejected connection"), what="the log line")
     assert client.call("echo", "unaffected") == "unaffected"
 
 
