@@ -14,6 +14,7 @@ import os
 import queue
 import signal
 import socket
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import (Any, AsyncIterator, Awaitable, Callable, Coroutine, Dict, List, Mapping,
@@ -33,6 +34,7 @@ from .transports import Listener, claim_stdio, endpoint, listen, stdio_streams
 log = logging.getLogger(__name__)
 
 Functions = Mapping[str, Callable[..., Any]]
+WORKER_THREAD_PREFIX = "rpc-worker"
 
 
 class RPCServer:
@@ -52,7 +54,7 @@ class RPCServer:
         self.in_flight = 0
         self.listeners: List[Listener] = []
         self._key = key
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="rpc-worker")
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix=WORKER_THREAD_PREFIX)
         self._connections: Set["_Connection"] = set()
         #: Calls whose worker sent the reply itself; the loop books them when it next runs.
         self._replied: "queue.SimpleQueue[Tuple[_Connection, _Call]]" = queue.SimpleQueue()
@@ -67,6 +69,8 @@ class RPCServer:
         self._connections.add(conn)
         try:
             await conn.run()
+        except asyncio.CancelledError:
+            pass  # the server is closing; asyncio 3.11 logs a cancelled callback as an error
         finally:
             self._connections.discard(conn)
 
@@ -457,3 +461,27 @@ def serve(functions: Functions, **kwargs: Any) -> None:
         asyncio.run(main())
     except KeyboardInterrupt:
         log.info("interrupted; server stopped")
+    if threading.current_thread() is threading.main_thread():
+        _leave_stuck_calls_behind(STUCK_CALL_GRACE)
+
+
+STUCK_CALL_GRACE = 2.0
+
+
+def _leave_stuck_calls_behind(grace: float) -> None:
+    """Exit even if a function ignores its cancellation.
+
+    Interpreter exit joins the worker pool's threads, so one call stuck in, say, a
+    network read would keep a stopped server (and a SLURM job's cleanup) waiting
+    forever. After `grace` seconds, leave without it: the process owns nothing else.
+    """
+    deadline = time.monotonic() + grace
+    workers = [t for t in threading.enumerate() if t.name.startswith(WORKER_THREAD_PREFIX)]
+    for worker in workers:
+        worker.join(max(0.0, deadline - time.monotonic()))
+    stuck = sum(worker.is_alive() for worker in workers)
+    if stuck:
+        log.warning("%d call(s) still running %.0f s after the server stopped; exiting without them",
+                    stuck, grace)
+        logging.shutdown()
+        os._exit(0)

@@ -1,6 +1,7 @@
 """Functions served by the RPC test servers (in-process and `python -m rpc serve`)."""
 import asyncio
 import os
+import time
 import threading
 
 import rpc
@@ -108,7 +109,12 @@ async def barrier(n):
     return os.getpid()
 
 
+def stubborn(seconds):
+    """Ignores cancellation: like a function stuck in a network read."""
+    time.sleep(seconds)
+
+
 FUNCTIONS = {f.__name__: f for f in (
     echo, add, aecho, count, acount, fail_after, boom, custom, raise_unpicklable,
     raise_bad_init, unpicklable_result, unpicklable_item, noisy, pid, record,
-    wait_cancelled, barrier)}
+    wait_cancelled, barrier, stubborn)}

@@ -47,6 +47,16 @@ def test_sigterm_stops_the_cli_server_and_removes_its_socket(cli_server, sock):
     assert not sock.exists()
 
 
+def test_sigterm_stops_the_cli_server_even_with_a_call_that_ignores_cancellation(cli_server, sock):
+    with rpc.connect(unix=sock) as client:
+        client.submit("stubborn", 60)
+        wait_until(lambda: client.info()["in_flight"] == 1, what="the call to start")
+        cli_server.proc.send_signal(signal.SIGTERM)
+        assert cli_server.proc.wait(10) == 0
+    cli_server.stop()  # collects the rest of its log
+    assert any("still running" in line for line in cli_server.log)
+
+
 def test_stdio_subprocess_server():
     rpc.auth.load_key(create=True)  # as on a cluster: the key exists in the shared home
     command = [sys.executable, "-m", "rpc", "serve", f"{TESTS / 'rpc_funcs.py'}:FUNCTIONS",
