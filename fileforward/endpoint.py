@@ -83,6 +83,7 @@ class Conn:
         self.hot = True
         self.last_seen = time.monotonic()
         self.last_write = float("-inf")
+        self.in_next = self.out_next = 0.0  # see _leave_free_since
 
     # --- called on the loop --------------------------------------------------------------
     def push(self, data: bytes) -> int:
@@ -387,9 +388,9 @@ class Endpoint:
     def _cycle(self, now: float) -> bool:
         activity = self._run_commands()
         for conn in list(self._conns.values()):
-            if conn.has_output():
+            if now >= conn.out_next and conn.has_output():
                 activity |= self._flush(conn, now)
-        hot = [c for c in self._conns.values() if c.hot and c.reading and not c.in_done]
+        hot = [c for c in self._conns.values() if c.hot and c.reading and not c.in_done and now >= c.in_next]
         if not hot or now - self._last_bell_poll >= BELL_POLL_WHILE_HOT:
             self._last_bell_poll = now
             activity |= self._poll_bell()
@@ -653,13 +654,15 @@ class Endpoint:
     # --- writing ------------------------------------------------------------------------
     def _flush(self, conn: Conn, now: float) -> bool:
         eof_before = conn.eof_written
+        started = time.monotonic()
         try:
             written = conn.out_file.append_batch(lambda room: conn.build_batch(room, self.opts.chunk),
                                                  self.opts.window)
         except OSError as exc:
             self._fail(conn, _describe_gone(exc, "writing"), tell_peer=False)
             return True
-        if not written:
+        if not written:  # the window is full: let the reader at the file
+            conn.out_next = _leave_free_since(started)
             return False
         if conn.out_done or conn.eof_written != eof_before or now - conn.last_write > self.opts.wake_after_idle:
             self._ring(conn)
@@ -735,15 +738,18 @@ class Endpoint:
             raise ProtocolError(f"unexpected record {kind.name} in a bell file")
 
     def _poll_in(self, conn: Conn, started: float) -> bool:
+        polled = time.monotonic()
         try:
             data = conn.in_file.drain(wait=False)
         except Busy:  # the writer is appending: come back in a moment
+            conn.in_next = _leave_free_since(polled)
             return True
         except OSError as exc:
             self._fail(conn, _describe_gone(exc, "reading"), tell_peer=True)
             return True
         now = time.monotonic()
         if not data:
+            conn.in_next = _leave_free_since(polled)
             if started - conn.last_seen > self.opts.cool_after and conn.cid not in self._connects:
                 conn.hot = False
             return False
@@ -861,6 +867,15 @@ class Endpoint:
         bell = tunneldir.bell_path(self.tunnel_dir, peer.eid)
         if self._owner_dead(bell):
             TABLE.unlink(bell)
+
+
+def _leave_free_since(started: float) -> float:
+    """When to try a file again after a fruitless look at it: leave its lock free
+    for as long as we just held it, so that a polling reader cannot starve the
+    writer (nor a writer waiting for room the reader). Microseconds on a local disk,
+    milliseconds on NFS."""
+    now = time.monotonic()
+    return now + (now - started)
 
 
 def _parse_pointer(data: bytes) -> Optional[dict]:
