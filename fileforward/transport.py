@@ -8,13 +8,10 @@ endpoint's I/O thread moves the bytes and reports back with call_soon_threadsafe
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 if TYPE_CHECKING:  # pragma: no cover
     from .endpoint import Conn
-
-log = logging.getLogger(__name__)
 
 DEFAULT_HIGH_WATER = 1024 * 1024
 

@@ -12,15 +12,12 @@ Layout (all files 0600, the directory 0700):
 """
 from __future__ import annotations
 
-import logging
 import os
 import stat
 from pathlib import Path
 from typing import Optional, Union
 
 from .errors import UnsafeTunnelDirError
-
-log = logging.getLogger(__name__)
 
 ENV_TUNNEL_DIR = "FILEFORWARD_TUNNEL_DIR"
 SERVER_FILE = "server"

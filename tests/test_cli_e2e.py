@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from tests.tunnel_support import free_port, start_cli, start_service, tunnel_files, wait_until, Proc, python
+from tests.tunnel_support import free_port, start_cli, start_service, tunnel_files, Proc, python
 
 LIVENESS = "3"
 

@@ -106,12 +106,3 @@ def tunnel_files(tunnel_dir: Path) -> List[str]:
     """What is left in a tunnel directory, the (empty) server pointer excepted."""
     names = sorted(os.listdir(tunnel_dir)) if tunnel_dir.exists() else []
     return [n for n in names if not (n == "server" and (tunnel_dir / n).stat().st_size == 0)]
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll `predicate` until true or fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
