@@ -77,6 +77,9 @@ class Conn:
         self.eof_written = False
         self.out_done = False
         self.lost_after_write = False
+        self.writer_paused = False
+        self.resume_below = 0
+        self.resume_writer = False  # set by build_batch when the paused writer may go on
         self.in_eof = False
         self.in_done = False
         self.reading = True
@@ -86,14 +89,17 @@ class Conn:
         self.in_next = self.out_next = 0.0  # see _leave_free_since
 
     # --- called on the loop --------------------------------------------------------------
-    def push(self, data: bytes) -> int:
-        """Buffer data for the I/O thread; returns the buffered size."""
+    def push(self, data: bytes, high: int, low: int) -> bool:
+        """Buffer data for the I/O thread. True if the writer must now pause: the
+        buffer passed `high`; the I/O thread resumes it once it is down to `low`."""
         with self.lock:
             if not self.out_done:
                 self.out_buf += data
-            size = len(self.out_buf)
+            pause = not self.writer_paused and len(self.out_buf) > high
+            if pause:
+                self.writer_paused, self.resume_below = True, low
         self.endpoint.wake()
-        return size
+        return pause
 
     def buffered(self) -> int:
         """Bytes written by the application and not yet on disk."""
@@ -146,6 +152,7 @@ class Conn:
         """
         parts: List[bytes] = []
         with self.lock:
+            self._resume_writer_if_drained()  # also after a reset or the peer's CLOSE emptied it
             if self.out_done:
                 return parts
             if self.reset_reason is not None:
@@ -163,6 +170,7 @@ class Conn:
                 for offset in range(0, len(data), chunk):
                     payload = view[offset:offset + chunk]
                     parts += [HEADER.pack(MAGIC, FORMAT_VERSION, Kind.DATA, len(payload)), payload]
+            self._resume_writer_if_drained()
             if not self.out_buf:
                 if self.want_close:
                     parts.append(encode(Kind.CLOSE))
@@ -172,6 +180,10 @@ class Conn:
                     parts.append(encode(Kind.EOF))
                     self.eof_written = True
         return parts
+
+    def _resume_writer_if_drained(self) -> None:
+        if self.writer_paused and len(self.out_buf) <= self.resume_below:
+            self.writer_paused, self.resume_writer = False, True
 
     def peer_closed(self) -> None:
         """The peer reads no more: drop what we still have and close our direction."""
@@ -509,7 +521,7 @@ class Endpoint:
                 f"stop it, or pass --force (force=True) to make it step down")
         log.warning("tunnel directory %s: asking the running server (%s) to step down", self.tunnel_dir, who)
         if _EID_RE.match(str(info.get("eid", ""))):
-            _quietly(self._append_to_bell, info["eid"],
+            _quietly(self._append_to, tunneldir.bell_path(self.tunnel_dir, info["eid"]),
                      encode_text(Kind.STEPDOWN, self.eid, f"pid {os.getpid()} on host {socket.gethostname()}"))
         deadline = time.monotonic() + STEPDOWN_WAIT
         while not pointer.try_hold_alive():
@@ -577,7 +589,8 @@ class Endpoint:
         if not _EID_RE.match(eid) or eid == pending.sent_to:
             return
         try:
-            self._append_to_bell(eid, encode_text(Kind.CONNECT, self.eid, pending.conn.cid))
+            self._append_to(tunneldir.bell_path(self.tunnel_dir, eid),
+                            encode_text(Kind.CONNECT, self.eid, pending.conn.cid))
         except FileNotFoundError:
             return
         pending.sent_to = eid
@@ -616,28 +629,21 @@ class Endpoint:
         if cid in self._conns:
             return
         to_server, to_client = tunneldir.chunk_paths(self.tunnel_dir, cid)
-        try:
-            in_file = TABLE.open(to_server)
-        except FileNotFoundError:
-            log.debug("ignoring connection %s: its files are gone", cid)
-            return
-        try:
-            out_file = TABLE.open(to_client)
-        except FileNotFoundError:
-            TABLE.release(in_file)
-            return
-        conn = Conn(self, cid, to_server, to_client, in_file, out_file)
         if self._pointer is None:
-            _quietly(out_file.append, encode(Kind.REFUSE, b"the server is not accepting connections"))
-            TABLE.release(in_file)
-            TABLE.release(out_file)
+            _quietly(self._append_to, to_client, encode(Kind.REFUSE, b"the server is not accepting connections"))
             return
+        files: List[SharedFile] = []
         try:
+            for path in (to_server, to_client):
+                files.append(TABLE.open(path))
             peer = self._peer(sender)
         except FileNotFoundError:
-            TABLE.release(in_file)
-            TABLE.release(out_file)
+            for shared in files:
+                TABLE.release(shared)
+            log.debug("ignoring connection %s: its files or its client are gone", cid)
             return
+        in_file, out_file = files
+        conn = Conn(self, cid, to_server, to_client, in_file, out_file)
         conn.peer = sender
         peer.conns.add(cid)
         self._conns[cid] = conn
@@ -661,13 +667,15 @@ class Endpoint:
         except OSError as exc:
             self._fail(conn, _describe_gone(exc, "writing"), tell_peer=False)
             return True
+        if conn.resume_writer:  # only then wake the loop: not once per flush
+            conn.resume_writer = False
+            self.to_loop(conn.transport.writer_drained)
         if not written:  # the window is full: let the reader at the file
             conn.out_next = _leave_free_since(started)
             return False
         if conn.out_done or conn.eof_written != eof_before or now - conn.last_write > self.opts.wake_after_idle:
             self._ring(conn)
         conn.last_write = now
-        self.to_loop(conn.transport.writer_drained)
         if conn.lost_after_write:
             conn.lost_after_write = False
             self.to_loop(conn.transport.deliver_lost, None)
@@ -682,12 +690,14 @@ class Endpoint:
         except OSError as exc:
             self._peer_lost(peer, f"its bell file is gone ({exc.strerror})")
 
-    def _append_to_bell(self, eid: str, record: bytes) -> None:
-        bell = TABLE.open(tunneldir.bell_path(self.tunnel_dir, eid))
+    @staticmethod
+    def _append_to(path: Path, record: bytes) -> None:
+        """Append one record to a file we do not keep open (a bell, a refused connection)."""
+        shared = TABLE.open(path)
         try:
-            bell.append(record)
+            shared.append(record)
         finally:
-            TABLE.release(bell)
+            TABLE.release(shared)
 
     # --- reading ------------------------------------------------------------------------
     def _poll_bell(self) -> bool:

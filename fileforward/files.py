@@ -106,11 +106,6 @@ class SharedFile:
             os.ftruncate(fd, 0)
             _pwrite_all(fd, data, 0)
 
-    def size(self) -> int:
-        """The file's size as seen under the lock (fresh on NFS, unlike stat)."""
-        with self.locked() as fd:
-            return os.fstat(fd).st_size
-
     def try_hold_alive(self) -> bool:
         """Take the long-lived owner lock if free. False if another process holds it.
 

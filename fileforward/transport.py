@@ -28,7 +28,6 @@ class FileTransport(asyncio.Transport):
         self._closing = False
         self._lost = False
         self._eof_written = False
-        self._writing_paused = False
         self._high = DEFAULT_HIGH_WATER
         self._low = DEFAULT_HIGH_WATER // 4
 
@@ -74,11 +73,9 @@ class FileTransport(asyncio.Transport):
         self._event(event)
 
     def writer_drained(self) -> None:
-        """The I/O thread moved buffered data to disk: maybe let the writer go on."""
+        """The I/O thread moved the buffer below the low-water mark: the writer may go on."""
         def event() -> None:
-            if self._writing_paused and self._conn.buffered() <= self._low:
-                self._writing_paused = False
-                self._protocol.resume_writing()  # type: ignore[union-attr]
+            self._protocol.resume_writing()  # type: ignore[union-attr]
         self._event(event)
 
     # --- asyncio.Transport API ------------------------------------------------------
@@ -89,9 +86,7 @@ class FileTransport(asyncio.Transport):
             raise RuntimeError("Cannot call write() after write_eof()")
         if self._closing or not data:
             return
-        size = self._conn.push(data)
-        if size > self._high and not self._writing_paused:
-            self._writing_paused = True
+        if self._conn.push(data, self._high, self._low):
             self._protocol.pause_writing()  # type: ignore[union-attr]
 
     def write_eof(self) -> None:
