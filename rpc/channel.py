@@ -12,10 +12,12 @@ import collections
 import logging
 from typing import Deque, Optional, Tuple
 
-from .errors import ConnectionLost, ProtocolError, TruncatedFrameError
-from .protocol import (HANDSHAKE_MAX_FRAME, Buffer, Flag, Frame, FrameDecoder, Kind,
-                       Payload, encode_frame, encode_header, payload_size)
+from .errors import ConnectionLost
+from .framing import READ_SIZE, Framing
+from .protocol import (Buffer, Flag, Frame, Kind, Payload, encode_frame, encode_header,
+                       payload_size)
 from .shortcut import Shortcut
+from .socketreader import SocketReader
 
 log = logging.getLogger(__name__)
 
@@ -23,36 +25,6 @@ log = logging.getLogger(__name__)
 WRITE_CHUNK = 1 << 20
 #: Frames up to this size may be written by a worker thread (see shortcut.py).
 SHORTCUT_LIMIT = 1 << 16
-READ_SIZE = 1 << 18
-
-
-class Framing:
-    """What every way of moving frames shares: the decoder and both frame limits."""
-
-    def __init__(self, peer: str) -> None:
-        self.peer = peer
-        self.decoder = FrameDecoder(HANDSHAKE_MAX_FRAME)
-        #: The largest payload the peer accepts (raised after the handshake).
-        self.peer_max_frame = HANDSHAKE_MAX_FRAME
-
-    def set_limits(self, max_frame: int, peer_max_frame: int) -> None:
-        """After authentication: accept and send frames up to the agreed sizes."""
-        self.decoder.max_frame = max_frame
-        self.peer_max_frame = peer_max_frame
-
-    def check_size(self, size: int, what: str) -> None:
-        """Raise ProtocolError if the peer would refuse a payload of ``size`` bytes."""
-        if size > self.peer_max_frame:
-            raise ProtocolError(
-                f"{what} is {size} bytes, more than the peer's frame limit of "
-                f"{self.peer_max_frame} bytes (raise max_frame on both ends)")
-
-    def end_of_stream(self) -> ConnectionLost:
-        """The error for the peer closing the stream (in the middle of a frame or not)."""
-        if self.decoder.mid_frame():
-            return TruncatedFrameError(
-                f"connection to {self.peer} ended in the middle of a frame")
-        return ConnectionLost(f"connection closed by {self.peer}")
 
 
 class Channel(Framing):
@@ -79,6 +51,22 @@ class Channel(Framing):
                 raise self.end_of_stream()
             self._frames.extend(self.decoder.feed(data))
         return self._frames.popleft()
+
+    def take_over_reading(self) -> Optional[SocketReader]:
+        """For a TCP or Unix socket: the event loop stops reading it, and threads read
+        it from the returned reader (frames already decoded come first). None for
+        other streams, which the loop keeps reading through :meth:`recv`.
+
+        Call it right after :meth:`recv` returned, with no ``await`` in between:
+        then every byte the loop read is in the decoder, none in the stream reader.
+        """
+        if self._shortcut is None:
+            return None
+        self.writer.transport.pause_reading()
+        reader = SocketReader(self._shortcut.sock, self)
+        reader.frames.extend(self._frames)
+        self._frames.clear()
+        return reader
 
     def send(self, kind: Kind, request_id: int = 0, payload: Payload = b"",
              flags: Flag = Flag.NONE) -> None:

@@ -22,21 +22,33 @@ class CallContext:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._event = threading.Event()
+        self._cancelled = False
+        #: Made by the first wait (most calls are never waited on), under the lock.
+        self._event: Optional[threading.Event] = None
+        self._lock = threading.Lock()
         self._on_cancel: List[Callable[[], None]] = []
 
     @property
     def cancelled(self) -> bool:
         """True once the client cancelled the call, timed out, or disconnected."""
-        return self._event.is_set()
+        return self._cancelled
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Block until cancelled (True) or until ``timeout`` passes (False)."""
+        with self._lock:
+            if self._event is None:
+                self._event = threading.Event()
+        if self._cancelled:  # set before the event existed
+            self._event.set()
         return self._event.wait(timeout)
 
     def cancel(self) -> None:
         """Mark the call cancelled and wake whatever waits on it (thread-safe)."""
-        self._event.set()
+        self._cancelled = True
+        with self._lock:
+            event = self._event
+        if event is not None:
+            event.set()
         for callback in self._on_cancel:
             callback()
 

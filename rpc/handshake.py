@@ -109,8 +109,14 @@ async def client_handshake(channel: Union[Channel, "SocketLink"], get_key: Calla
     return hello
 
 
-async def server_handshake(channel: Channel, key: bytes, max_frame: int) -> Dict[str, Any]:
-    """Authenticate a client; returns its HELLO. On failure, tells it why, then raises."""
+async def server_handshake(channel: Channel, key: bytes, max_frame: int,
+                           before_accepting: Callable[[], None] = lambda: None
+                           ) -> Dict[str, Any]:
+    """Authenticate a client; returns its HELLO. On failure, tells it why, then raises.
+
+    ``before_accepting()`` runs once the client is authenticated, just before it is
+    told so: until then, it sends nothing more.
+    """
     hello = await _expect(channel, Kind.HELLO)
     nonce_s = auth.new_nonce()
     channel.send(Kind.HELLO, payload=_hello(nonce_s, max_frame))
@@ -129,8 +135,9 @@ async def server_handshake(channel: Channel, key: bytes, max_frame: int) -> Dict
         except ConnectionLost:
             pass
         raise
+    channel.set_limits(max_frame, hello["max_frame"])
+    before_accepting()
     channel.send(Kind.AUTH_OK, payload=encode_json(
         {"mac": auth.answer(key, "server", nonce_c, nonce_s)}))
-    channel.set_limits(max_frame, hello["max_frame"])
     return hello
 

@@ -69,6 +69,11 @@ class Flag(enum.IntFlag):
     STREAM = 1
 
 
+#: Header values to enum members, by dictionary: ``Kind(n)`` costs a microsecond.
+_KINDS = {int(kind): kind for kind in Kind}
+_FLAGS = {int(flag): flag for flag in Flag}
+
+
 class Frame(NamedTuple):
     """One decoded frame."""
 
@@ -164,11 +169,10 @@ class FrameDecoder:
         return Frame(kind, rid, flags, payload, version)
 
     def _parse_header(self, header: Buffer) -> Tuple[Kind, int, Flag, int, int]:
-        length, version, kind, flags, rid = HEADER.unpack(header)
-        try:
-            kind = Kind(kind)
-        except ValueError:
-            raise ProtocolError(f"malformed frame: unknown message kind {kind}") from None
+        length, version, number, flags, rid = HEADER.unpack(header)
+        kind = _KINDS.get(number)
+        if kind is None:
+            raise ProtocolError(f"malformed frame: unknown message kind {number}")
         # HELLO is the one frame read across versions, so that a mismatch can be
         # reported with both version numbers instead of as garbage.
         if version != PROTOCOL_VERSION and kind is not Kind.HELLO:
@@ -177,7 +181,8 @@ class FrameDecoder:
         if length > self.max_frame:
             raise ProtocolError(f"frame of {length} bytes exceeds the limit of "
                                 f"{self.max_frame} bytes")
-        return kind, rid, Flag(flags), length, version
+        flag = _FLAGS.get(flags)
+        return kind, rid, Flag(flags) if flag is None else flag, length, version
 
     def mid_frame(self) -> bool:
         """True if part of a frame has arrived but not all of it (EOF here = truncation)."""

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import inspect
 import logging
 import os
-import queue
 import signal
 import socket
 import threading
@@ -29,12 +29,19 @@ from .execution import CallContext
 from .handshake import server_handshake, versions
 from .protocol import (DEFAULT_MAX_FRAME, Buffer, Flag, Frame, Kind, check_max_frame,
                        decode_call, decode_credit, dumps, loads, pack_error, pack_value)
+from .socketreader import SocketReader
 from .transports import Listener, claim_stdio, endpoint, listen, stdio_streams
+from . import turns
+from .turns import TakingTurns
 
 log = logging.getLogger(__name__)
 
 Functions = Mapping[str, Callable[..., Any]]
 WORKER_THREAD_PREFIX = "rpc-worker"
+#: Calls whose arguments are larger go to the worker pool, even from a reading
+#: thread: copying dwarfs a hand-off, and glibc trims the heap of a thread that
+#: frees megabytes on every call (measured: +1 ms for a 1 MiB echo).
+INLINE_LIMIT = 1 << 16
 
 
 class RPCServer:
@@ -47,6 +54,9 @@ class RPCServer:
                 raise TypeError(f"functions must map names (str) to callables; "
                                 f"got {name!r}: {fn!r}")
         self.functions: Dict[str, Callable[..., Any]] = dict(functions)
+        #: The functions that run in threads (asking inspect costs on every call).
+        self._plain = {name: fn for name, fn in self.functions.items()
+                       if not execution.runs_on_loop(fn)}
         self.workers = workers
         self.max_frame = check_max_frame(max_frame)
         self.handshake_timeout = handshake_timeout
@@ -55,9 +65,12 @@ class RPCServer:
         self.listeners: List[Listener] = []
         self._key = key
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix=WORKER_THREAD_PREFIX)
+        #: Held by each plain function running (in the pool or in a reading thread,
+        #: see rpc.turns): no more than ``workers`` run at once.
+        self._slots = threading.Semaphore(workers)
+        #: Guards the books (calls, in_flight, calls_served): threads update them too.
+        self._books = threading.Lock()
         self._connections: Set["_Connection"] = set()
-        #: Calls whose worker sent the reply itself; the loop books them when it next runs.
-        self._replied: "queue.SimpleQueue[Tuple[_Connection, _Call]]" = queue.SimpleQueue()
         self._started = time.monotonic()
         self._closed: Optional[asyncio.Event] = None
 
@@ -93,10 +106,14 @@ class RPCServer:
         self._event().set()
 
     async def wait_closed(self) -> None:
-        """Wait until :meth:`close` has been called and the listeners are down."""
+        """Wait until :meth:`close` has been called, the listeners are down and every
+        connection is closed."""
         await self._event().wait()
         for listener in self.listeners:
             await listener.wait_closed()
+        tasks = {conn.task for conn in self._connections if conn.task is not None}
+        if tasks:
+            await asyncio.wait(tasks)
 
     async def serve_forever(self) -> None:
         """Serve until :meth:`close` is called (or, for stdio, until the stream ends)."""
@@ -125,15 +142,8 @@ class RPCServer:
                 f"no function {name!r} on this server; available: "
                 f"{', '.join(sorted(self.functions)) or '(none)'}") from None
 
-    def book_replied(self) -> None:
-        """Loop thread: finish the calls whose workers sent their replies themselves."""
-        while not self._replied.empty():
-            conn, call = self._replied.get_nowait()
-            conn.finish(call)
-
     def info(self) -> Dict[str, Any]:
         """What ``client.info()`` and ``rpc.status()`` report."""
-        self.book_replied()
         return {
             "alive": True, "pid": os.getpid(), "hostname": socket.gethostname(),
             "functions": {name: _describe(fn) for name, fn in sorted(self.functions.items())},
@@ -159,14 +169,19 @@ class _Credit:
 
     def __init__(self) -> None:
         self.available = 0
-        self._granted = asyncio.Event()
+        #: Made by the first wait (on the loop): most calls never stream, and the
+        #: call itself may be made by a reading thread.
+        self._granted: Optional[asyncio.Event] = None
 
     def grant(self, count: int) -> None:
         self.available += count
-        self._granted.set()
+        if self._granted is not None:
+            self._granted.set()
 
     async def take(self) -> None:
         while not self.available:
+            if self._granted is None:
+                self._granted = asyncio.Event()
             self._granted.clear()
             await self._granted.wait()
         self.available -= 1
@@ -203,28 +218,47 @@ class _Call:
 
 
 class _Connection:
-    """One client connection: handshake, then a loop dispatching its frames."""
+    """One client connection: handshake, then acting on its frames.
+
+    On TCP and Unix sockets, threads read the frames and run plain functions' calls
+    themselves (see rpc.turns); everything else is done on the event loop.
+    """
 
     def __init__(self, server: RPCServer, channel: Channel) -> None:
         self.server = server
         self.channel = channel
         self.calls: Dict[int, _Call] = {}
-        self._reader: Optional[asyncio.Task] = None
+        self.task: Optional[asyncio.Task] = None  # the one running run()
+        self._turns: Optional[TakingTurns] = None
+        self._error: Optional[ProtocolError] = None  # a frame the loop refused
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
 
     async def run(self) -> None:
-        self._reader = asyncio.current_task()
+        self.task = asyncio.current_task()
+        self._loop = asyncio.get_running_loop()
+        socket_reader: Optional[SocketReader] = None
+
+        def take_over_reading() -> None:
+            nonlocal socket_reader
+            if turns.AVAILABLE:
+                socket_reader = self.channel.take_over_reading()
+
         try:
             try:
                 hello = await asyncio.wait_for(
-                    server_handshake(self.channel, self.server._key, self.server.max_frame),
+                    server_handshake(self.channel, self.server._key, self.server.max_frame,
+                                     take_over_reading),
                     self.server.handshake_timeout)
             except (RPCError, asyncio.TimeoutError) as exc:
                 log.warning("rejected connection from %s: %s", self.channel.peer,
                             exc or "handshake timed out")
                 return
             log.info("client %s (%s) connected", self.channel.peer, hello.get("hostname"))
-            while True:
-                self.dispatch(await self.channel.recv())
+            if socket_reader is None:
+                while True:
+                    self.dispatch(await self.channel.recv())
+            else:
+                await self.serve_in_threads(socket_reader)
         except ProtocolError as exc:
             log.warning("dropping connection from %s: %s", self.channel.peer, exc)
         except ConnectionLost as exc:
@@ -232,9 +266,81 @@ class _Connection:
         except asyncio.CancelledError:
             log.info("closing connection from %s", self.channel.peer)
         finally:
-            for call in list(self.calls.values()):
+            with self.server._books:
+                calls = list(self.calls.values())
+            for call in calls:
                 self.cancel(call)
             await self.channel.aclose()
+
+    async def serve_in_threads(self, reader: SocketReader) -> None:
+        """Let threads read the socket until the connection ends; raises how it ended."""
+        loop = self._loop
+        ended: "asyncio.Future[BaseException]" = loop.create_future()
+
+        def on_end(error: BaseException) -> None:  # the reading thread's last act
+            try:
+                loop.call_soon_threadsafe(ended.set_result, error)
+            except RuntimeError:
+                pass  # the loop is closed: the server has stopped
+
+        self._turns = TakingTurns(reader, self.take, on_end,
+                                  f"{WORKER_THREAD_PREFIX} {self.channel.peer}")
+        self._turns.start()
+        try:
+            error = await asyncio.shield(ended)
+        finally:  # no thread may be reading the socket once the channel closes it
+            self._turns.stop()
+            await asyncio.wait({ended}, timeout=5.0)
+        raise self._error or error
+
+    def take(self, frame: Frame, free: bool) -> Optional[Callable[[], None]]:
+        """Reading thread: a small call of a plain function is this thread's to run,
+        if it is ``free`` and a worker slot is too, else the pool's; everything else
+        goes to the loop, in order."""
+        if frame.kind is not Kind.CALL:
+            self.on_loop(self.dispatch, frame)
+            return None
+        name, args = decode_call(frame.payload)
+        call = _Call(frame.request_id, name, args)
+        fn = self.server._plain.get(name)
+        if fn is None:  # a coroutine, or no such function
+            self.on_loop(self.begin, call)
+            return None
+        self.register(call)
+        if (free and len(frame.payload) <= INLINE_LIMIT
+                and self.server._slots.acquire(blocking=False)):
+            return functools.partial(_call_context(call).run, self.run_here, fn, call)
+        self.submit(fn, call)
+        return None
+
+    def on_loop(self, action: Callable[..., None], *args: Any) -> None:
+        """Reading thread: ``action(*args)`` on the loop; a ProtocolError it raises
+        ends the connection."""
+        self._loop.call_soon_threadsafe(self._refusing, action, *args)
+
+    def _refusing(self, action: Callable[..., None], *args: Any) -> None:
+        try:
+            action(*args)
+        except ProtocolError as exc:
+            if self._error is None and self._turns is not None:
+                self._error = exc
+                self._turns.stop()
+
+    def register(self, call: _Call) -> None:
+        """Book a new call (from any thread)."""
+        with self.server._books:
+            if call.request_id in self.calls:
+                raise ProtocolError(f"request id {call.request_id} is already in use")
+            self.calls[call.request_id] = call
+            self.server.in_flight += 1
+
+    def finish(self, call: _Call) -> None:
+        """Bookkeeping when a call is over (from any thread; counted once per call)."""
+        with self.server._books:
+            if self.calls.get(call.request_id) is call:
+                del self.calls[call.request_id]
+                self.server.in_flight -= 1
+                self.server.calls_served += 1
 
     def cancel(self, call: _Call) -> None:
         """The client cancelled the call, or went away."""
@@ -243,27 +349,25 @@ class _Connection:
 
     def abort(self) -> None:
         """Drop the connection (server shutdown)."""
-        if self._reader is not None:
-            self._reader.cancel()
+        if self.task is not None:
+            self.task.cancel()
 
     def dispatch(self, frame: Frame) -> None:
         """Act on one frame from the client."""
-        self.server.book_replied()
         kind, rid = frame.kind, frame.request_id
         if kind is Kind.CALL:
-            if rid in self.calls:
-                raise ProtocolError(f"request id {rid} is already in use")
             name, args = decode_call(frame.payload)
-            call = self.calls[rid] = _Call(rid, name, args)
-            self.start(call)
-        elif kind is Kind.CANCEL:
-            if rid in self.calls:
+            self.begin(_Call(rid, name, args))
+            return
+        call = self.calls.get(rid)
+        if kind is Kind.CANCEL:
+            if call is not None:
                 log.debug("client %s cancelled call %d", self.channel.peer, rid)
-                self.cancel(self.calls[rid])
+                self.cancel(call)
         elif kind is Kind.CREDIT:
             count = decode_credit(frame.payload)
-            if rid in self.calls:
-                self.calls[rid].credit.grant(count)
+            if call is not None:
+                call.credit.grant(count)
         elif kind is Kind.PING:
             self.channel.send(Kind.PONG, rid)
         elif kind is Kind.INFO:
@@ -271,10 +375,10 @@ class _Connection:
         else:
             raise ProtocolError(f"unexpected {kind.name} message from a client")
 
-    def start(self, call: _Call) -> None:
-        """Start a call: plain functions go straight to the worker pool (the fast path,
-        no task), coroutine and async generator functions to a task on the loop."""
-        self.server.in_flight += 1
+    def begin(self, call: _Call) -> None:
+        """Loop thread: book and start a call. Plain functions go straight to the
+        worker pool (no task), coroutine and async generator functions to a task."""
+        self.register(call)
         try:
             fn = self.server.lookup(call.context.name)
         except FunctionNotFoundError as exc:
@@ -284,28 +388,44 @@ class _Connection:
         if execution.runs_on_loop(fn):
             self.run_task(call, self.run_on_loop(call, fn))
         else:
-            context = contextvars.copy_context()
-            context.run(execution.enter, call.context)
-            call.job = self.server._pool.submit(context.run, self.run_in_worker, fn, call,
-                                                asyncio.get_running_loop())
+            self.submit(fn, call)
 
-    def run_in_worker(self, fn: Callable[..., Any], call: _Call,
-                      loop: asyncio.AbstractEventLoop) -> None:
-        """Worker thread: unpickle, call, pickle, then send the reply (or hand the
-        outcome to the loop, when it cannot be sent from here)."""
+    def submit(self, fn: Callable[..., Any], call: _Call) -> None:
+        """Any thread: queue a plain function's call for the worker pool."""
         try:
-            outcome = _run_and_pack(fn, call)
-        except BaseException as exc:  # the function's own error, for the client
-            outcome = _Packed(False, pack_error(exc))
+            call.job = self.server._pool.submit(_call_context(call).run, self.run_in_pool,
+                                                fn, call)
+        except RuntimeError:  # the pool is shut down: the server is closing
+            self.finish(call)
+
+    def run_in_pool(self, fn: Callable[..., Any], call: _Call) -> None:
+        """Worker thread: wait for a slot, then run the call."""
+        with self.server._slots:
+            self.work(fn, call)
+
+    def run_here(self, fn: Callable[..., Any], call: _Call) -> None:
+        """Reading thread: run the call with the slot :meth:`take` got for it."""
+        try:
+            self.work(fn, call)
+        finally:
+            self.server._slots.release()
+
+    def work(self, fn: Callable[..., Any], call: _Call) -> None:
+        """Any thread: unpickle, call, pickle, then send the reply (or hand the
+        outcome to the loop, when it cannot be sent from here)."""
+        outcome: Any = None  # a call cancelled before it started is not run
+        if not call.context.cancelled:
+            try:
+                outcome = _run_and_pack(fn, call)
+            except BaseException as exc:  # the function's own error, for the client
+                outcome = _Packed(False, pack_error(exc))
         if isinstance(outcome, _Packed) and not call.context.cancelled:
-            # Booked before the client can see the reply (and ask info()); booking
-            # twice is harmless if the reply goes through the loop after all.
-            self.server._replied.put((self, call))
+            self.finish(call)  # booked before the client can see the reply (and ask info())
             if self.channel.send_from_thread(Kind.RESULT if outcome.ok else Kind.ERROR,
                                              call.request_id, outcome.payload):
                 return
         try:
-            loop.call_soon_threadsafe(self.complete, call, outcome)
+            self._loop.call_soon_threadsafe(self.complete, call, outcome)
         except RuntimeError:
             pass  # the loop is closed: the server has stopped
 
@@ -352,12 +472,6 @@ class _Connection:
         except Exception as exc:
             self.reply(call, Kind.ERROR, pack_error(exc))
 
-    def finish(self, call: _Call) -> None:
-        """Bookkeeping when a call is over (exactly once per call)."""
-        if self.calls.pop(call.request_id, None) is call:
-            self.server.in_flight -= 1
-            self.server.calls_served += 1
-
     def reply(self, call: _Call, kind: Kind, payload: Buffer, flags: Flag = Flag.NONE) -> None:
         """Send one frame for ``call``; a result too large for the client becomes an error."""
         try:
@@ -387,6 +501,13 @@ class _Connection:
             self.reply(call, Kind.STREAM_END, b"")
         finally:
             await items.aclose()  # type: ignore[attr-defined]
+
+
+def _call_context(call: _Call) -> contextvars.Context:
+    """A context in which ``rpc.current_call()`` is ``call`` (for the thread running it)."""
+    context = contextvars.copy_context()
+    context.run(execution.enter, call.context)
+    return context
 
 
 class _Packed:

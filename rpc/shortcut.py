@@ -43,6 +43,11 @@ class Shortcut:
         fd = os.dup(raw.fileno())
         return cls(writer, socket.socket(raw.family, raw.type, raw.proto, fileno=fd))
 
+    @property
+    def sock(self) -> socket.socket:
+        """The duplicate descriptor: threads may read it too (see rpc.turns)."""
+        return self._sock
+
     def write_on_loop(self, data: Buffer) -> None:
         """The loop's write: after what workers left behind, through the transport."""
         with self._lock:

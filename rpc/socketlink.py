@@ -16,16 +16,16 @@ import asyncio
 import collections
 import concurrent.futures as cf
 import contextlib
-import select
 import socket
 import threading
 import time
 from typing import Any, Callable, Deque, Iterator, List, Optional, Tuple
 
-from .channel import READ_SIZE, Framing
+from .framing import Framing
 from .errors import ConnectionLost, RPCError
 from .links import Receiver, reading_error
 from .protocol import Flag, Frame, Kind, Payload, encode_frame, encode_header, payload_size
+from .socketreader import SocketReader
 
 #: Frames up to this size are joined and sent with one system call; larger ones are
 #: sent part by part, so that a large argument is never copied.
@@ -45,12 +45,7 @@ class SocketLink(Framing):
         self._write_lock = threading.Lock()
         self._writer: Optional[int] = None  # the thread holding _write_lock
         self._deferred: List[Tuple[Callable[..., None], tuple]] = []
-        self._frames: Deque[Frame] = collections.deque()
-        #: recv_into() this one buffer: a fresh 256 KiB one per read would be mapped
-        #: and unmapped by malloc every time (see transports.SOCKET_READ_SIZE).
-        self._buffer = memoryview(bytearray(READ_SIZE))
-        self._poller = select.poll()
-        self._poller.register(sock, select.POLLIN)
+        self._input = SocketReader(sock, self)
         #: Held by the one thread that reads the socket.
         self._reading = threading.Lock()
         #: Where the background reader waits until it is needed. Reentrant: a
@@ -116,22 +111,7 @@ class SocketLink(Framing):
 
     async def recv(self) -> Frame:
         """The next frame, during the handshake (the loop does not block meanwhile)."""
-        return await asyncio.get_running_loop().run_in_executor(None, self._next_frame)
-
-    def _next_frame(self) -> Frame:
-        while not self._frames:
-            self._frames.extend(self.decoder.feed(self._recv()))
-        return self._frames.popleft()
-
-    def _recv(self) -> memoryview:
-        """The bytes of one read (valid until the next; the decoder copies them)."""
-        try:
-            size = self.sock.recv_into(self._buffer)
-        except OSError as exc:
-            raise ConnectionLost(f"connection to {self.peer} lost: {exc}") from exc
-        if not size:
-            raise self.end_of_stream()
-        return self._buffer[:size]
+        return await asyncio.get_running_loop().run_in_executor(None, self._input.next_frame)
 
     # ------------------------------------------------------------ reading
 
@@ -215,10 +195,10 @@ class SocketLink(Framing):
                         return
                 wait = self._next_tick - now if deadline is None else min(
                     self._next_tick, deadline) - now
-                if self._poller.poll(wait * 1000):
-                    self._frames.extend(self.decoder.feed(self._recv()))
-                while self._frames:
-                    self._receiver.receive(self._frames.popleft())
+                if self._input.wait(wait):
+                    self._input.read()
+                while self._input.frames:
+                    self._receiver.receive(self._input.frames.popleft())
             except Exception as exc:
                 self._end(ConnectionLost("the connection was closed by this client")
                           if self._closing else reading_error(exc))

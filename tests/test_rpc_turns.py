@@ -1,0 +1,113 @@
+"""The server's reading threads on TCP and Unix sockets (rpc/turns.py): the thread
+that reads a plain function's call runs it, while another one reads on."""
+import threading
+import time
+
+import pytest
+
+import rpc
+from rpc import auth, protocol, turns
+from rpc.protocol import Kind
+from rpc.server import WORKER_THREAD_PREFIX
+from rpc_helpers import RawConnection, ServerThread, rpc_env, sock, sock_dir, wait_until  # noqa: F401
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def connection_threads():
+    """The server's per-connection reading threads (named after their peer)."""
+    return [t for t in threading.enumerate() if t.name.startswith(WORKER_THREAD_PREFIX + " ")]
+
+
+class Gate:
+    """Plain functions that block until released or cancelled, and count how many
+    run at once."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.running = self.most = 0
+        self.cancelled = []
+
+    def hold(self, name, seconds=10.0):
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            if rpc.current_call().wait(seconds):
+                self.cancelled.append(name)
+            return name
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_a_running_call_does_not_hold_up_the_connection(sock, transport):
+    gate = Gate()
+    srv = ServerThread({"hold": gate.hold, "echo": lambda x: x},
+                       **({"unix": sock} if transport == "unix" else {"tcp": 0}))
+    address = ({"unix": sock} if transport == "unix"
+               else {"tcp": srv.server.addresses[0][len("tcp://"):]})
+    try:
+        with rpc.connect(**address) as client:
+            held = client.submit("hold", "first")
+            wait_until(lambda: gate.running == 1, what="the first call to start")
+            started = time.monotonic()
+            assert client.call("echo", "next") == "next"
+            assert time.monotonic() - started < 5
+            held.cancel()  # read by another thread while the first one is busy
+            wait_until(lambda: gate.cancelled == ["first"], what="the cancellation")
+            wait_until(lambda: srv.stats()["in_flight"] == 0, what="the call to end")
+    finally:
+        srv.stop()
+
+
+def test_no_more_than_workers_plain_functions_run_at_once(sock):
+    gate = Gate()
+    srv = ServerThread({"hold": gate.hold}, unix=sock, workers=2)
+    try:
+        with rpc.connect(unix=sock) as one, rpc.connect(unix=sock) as two:
+            futures = [c.submit("hold", i, 0.2) for i in range(3) for c in (one, two)]
+            assert sorted(f.result(30) for f in futures) == [0, 0, 1, 1, 2, 2]
+        assert gate.most == 2
+    finally:
+        srv.stop()
+
+
+def test_threads_of_a_burst_leave_when_idle_and_all_leave_with_the_client(sock, monkeypatch):
+    monkeypatch.setattr(turns, "IDLE_THREAD_LIFETIME", 0.2)
+    gate = Gate()
+    srv = ServerThread({"hold": gate.hold}, unix=sock, workers=8)
+    try:
+        with rpc.connect(unix=sock) as client:
+            futures = [client.submit("hold", i, 0.3) for i in range(20)]
+            assert [f.result(30) for f in futures] == list(range(20))
+            assert gate.most == 8  # the worker slots bound the threads running calls
+            assert len(connection_threads()) <= 8 + 2
+            wait_until(lambda: len(connection_threads()) == 1,
+                       what="idle threads to leave but one")
+            assert client.call("hold", "again", 0) == "again"
+        wait_until(lambda: not connection_threads(), what="the threads to leave with the client")
+    finally:
+        srv.stop()
+
+
+def test_a_call_sent_with_the_authentication_is_not_lost(sock, rpc_env):
+    srv = ServerThread({"echo": lambda x: x}, unix=sock)
+    try:
+        raw = RawConnection(sock)
+        key = auth.load_key()
+        nonce_c = raw.hello()
+        server_hello = protocol.decode_json(raw.recv().payload)
+        answer = protocol.encode_json(
+            {"mac": auth.answer(key, "client", nonce_c, server_hello["nonce"])})
+        head, args = protocol.encode_call("echo", ("pipelined",), {})
+        raw.sock.sendall(protocol.encode_frame(Kind.AUTH, 0, answer)
+                         + protocol.encode_frame(Kind.CALL, 1, head + args))
+        assert raw.recv().kind is Kind.AUTH_OK
+        reply = raw.recv()
+        assert (reply.kind, reply.request_id) == (Kind.RESULT, 1)
+        assert protocol.loads(reply.payload) == "pipelined"
+        raw.close()
+    finally:
+        srv.stop()
