@@ -13,6 +13,11 @@ measures from this process:
 - calls per second with 4 client threads (RPC: the threads share one client, as
   users of ``rpc.proxy`` do; the reference: one connection per thread).
 
+Every latency is timed after half a second of untimed calls: a client and server
+that ping-pong share one CPU at first, until the scheduler spreads them over two
+(multiprocessing.connection: 20 us a call for ~0.1 s, 45 us after), so a short
+measurement would compare phases of the scheduler rather than code.
+
 Each figure is the median over --runs runs; the table ends with the issue's budgets.
 
 ``--two-nodes`` runs the file transport across the two emulated NFS nodes of
@@ -44,6 +49,11 @@ MIB = 1 << 20
 SMALL_LABEL = 'echo(b"x") ms'
 THREADS = 4
 WARMUP = 20
+#: Calls keep warming up for this long before any is timed. A client and server
+#: that ping-pong start out sharing one CPU (20 us a call for multiprocessing.
+#: connection) until the scheduler's load balancer spreads them over two, about
+#: 0.1 s later (45 us): timing only the start would compare phases, not code.
+WARMUP_SECONDS = 0.5
 
 RPC_SERVER = """
 import logging, sys
@@ -83,10 +93,17 @@ def start(code: str, arg: str, ready: str) -> "tuple[subprocess.Popen, str]":
     raise RuntimeError(f"server did not start: {' '.join(proc.args)}")
 
 
-def latencies(call: Callable[[bytes], bytes], payload: bytes, n: int) -> List[float]:
-    """Seconds per call of ``n`` sequential calls (after a short warm-up)."""
-    for _ in range(min(n, WARMUP)):
+def warm_up(call: Callable[[bytes], bytes], payload: bytes) -> None:
+    """Call for WARMUP calls and at least WARMUP_SECONDS, untimed."""
+    started = time.perf_counter()
+    warmed = 0
+    while warmed < WARMUP or time.perf_counter() - started < WARMUP_SECONDS:
         call(payload)
+        warmed += 1
+
+
+def latencies(call: Callable[[bytes], bytes], payload: bytes, n: int) -> List[float]:
+    """Seconds per call of ``n`` sequential calls (warm up first)."""
     out = []
     for _ in range(n):
         t0 = time.perf_counter()
@@ -119,10 +136,12 @@ def measure(calls: List[Callable[[bytes], bytes]], n: int,
             requests: Optional[Callable[[], Dict[str, int]]] = None) -> Dict[str, float]:
     """The table's figures; with ``requests`` (filesystem requests served so far per
     node), also the requests per small call on each node."""
+    warm_up(calls[0], b"x")
     before = requests() if requests else {}
     small = latencies(calls[0], b"x", n)
-    per_call = {f"requests_{node}": (count - before[node]) / (n + min(n, WARMUP))
+    per_call = {f"requests_{node}": (count - before[node]) / n
                 for node, count in (requests() if requests else {}).items()}
+    warm_up(calls[0], b"\x01" * MIB)
     big = latencies(calls[0], b"\x01" * MIB, max(20, n // 20))
     q = lambda xs, p: statistics.quantiles(xs, n=100)[p - 1] * 1e3  # noqa: E731
     return {"small_med": statistics.median(small) * 1e3, "small_p99": q(small, 99),

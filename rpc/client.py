@@ -97,14 +97,11 @@ class ClientConnection:
         Cancelling the future cancels the call on the server.
         """
         self.link.check_size(payload_size(payload), what)
-        future: cf.Future = cf.Future()
         with self._lock:
             if self._error is not None:
                 raise _fresh(self._error)
             request_id = next(self._ids)
-            self._pending[request_id] = future
-        future.add_done_callback(
-            lambda f: f.cancelled() and self.soon(self._cancel, request_id))
+            future = self._pending[request_id] = _Request(self, request_id)
         self.soon(self._send_request, kind, request_id, payload)
         return future
 
@@ -337,6 +334,21 @@ class RemoteStream:
 
     def __del__(self) -> None:
         self.close()
+
+
+class _Request(cf.Future):
+    """The future of one request: cancelling it cancels the call on the server."""
+
+    def __init__(self, conn: ClientConnection, request_id: int) -> None:
+        super().__init__()
+        self._conn = conn
+        self._request_id = request_id
+
+    def cancel(self) -> bool:
+        if not super().cancel():
+            return False
+        self._conn.soon(self._conn._cancel, self._request_id)
+        return True
 
 
 def _settle(future: cf.Future, *, value: Any = None, error: Optional[BaseException] = None
