@@ -291,7 +291,12 @@ class _Connection:
         finally:  # no thread may be reading the socket once the channel closes it
             self._turns.stop()
             await asyncio.wait({ended}, timeout=5.0)
-        raise self._error or error
+        if self._error is not None:
+            raise self._error
+        if isinstance(error, RPCError):
+            raise error
+        raise ConnectionLost(f"reading from {self.channel.peer} failed: "
+                             f"{type(error).__name__}: {error}") from error
 
     def take(self, frame: Frame, free: bool) -> Optional[Callable[[], None]]:
         """Reading thread: a small call of a plain function is this thread's to run,

@@ -64,7 +64,9 @@ class TakingTurns:
 
     def start(self) -> None:
         """Start the first thread: it acts at once on the frames decoded already."""
-        self._spawn(holding_turn=bool(self._reader.frames))
+        if not self._spawn(holding_turn=bool(self._reader.frames)):
+            self._end(ConnectionLost("no thread could be started to serve it"))
+            self._leave()
 
     def stop(self) -> None:
         """End the connection (from any thread); ``on_end`` follows."""
@@ -82,42 +84,54 @@ class TakingTurns:
         except OSError:
             pass  # not connected any more
 
-    def _spawn(self, holding_turn: bool = False) -> None:
+    def _spawn(self, holding_turn: bool = False) -> bool:
         try:
             threading.Thread(target=self._serve, args=(holding_turn,), name=self._name,
                              daemon=True).start()
+            return True
         except RuntimeError as exc:  # no thread to be had: nobody reads until a call returns
             log.warning("cannot start a thread to read %s (%s); its frames wait until "
                         "the call in progress returns", self._reader.framing.peer, exc)
+            return False
 
     def _serve(self, holding_turn: bool) -> None:
-        with self._state:
-            self._watching += 1
-        while True:
-            if not (holding_turn or self._epoll.poll(IDLE_THREAD_LIFETIME)):
-                with self._state:
-                    if self._watching > 1 and not self._ended:
-                        self._watching -= 1
-                        return  # idle long enough, and another thread watches
-                if not self._ended:
-                    continue
+        while self._start_watching():
+            if not holding_turn:
+                while not self._epoll.poll(IDLE_THREAD_LIFETIME):
+                    if self._ended:
+                        break
+                    if self._retire():
+                        return
             holding_turn = False
             work = None if self._ended else self._read_work()
             self._rearm()  # the next frames (or the end) wake the next thread
-            with self._state:
-                self._watching -= 1
-                alone = self._watching == 0
-            if self._ended:
-                break
-            if work is not None:
-                if alone:
+            alone = self._stop_watching()
+            if work is not None:  # even after the end: it releases what it holds
+                if alone and not self._ended:
                     self._spawn()
                 work()
-            with self._state:
-                if self._ended:
-                    break
-                self._watching += 1
         self._leave()
+
+    def _start_watching(self) -> bool:
+        with self._state:
+            if self._ended:
+                return False
+            self._watching += 1
+            return True
+
+    def _stop_watching(self) -> bool:
+        """True if no other thread watches now."""
+        with self._state:
+            self._watching -= 1
+            return self._watching == 0
+
+    def _retire(self) -> bool:
+        """After a long wait: leave (True) if another thread watches."""
+        with self._state:
+            if self._watching > 1 and not self._ended:
+                self._watching -= 1
+                return True
+            return False
 
     def _read_work(self) -> Optional[Callable[[], None]]:
         """Read and act on what has arrived; the work for this thread, if any."""
@@ -132,7 +146,7 @@ class TakingTurns:
                     return work
         except BaseException as exc:  # the end of the stream, or garbage
             self._end(exc)
-            return None
+            return work
 
     def _rearm(self) -> None:
         try:

@@ -200,7 +200,8 @@ def test_cancel_in_the_same_packet_as_the_call_leaves_nothing_behind(server, soc
     head, args = protocol.encode_call(name, (1,), {})
     raw.sock.sendall(protocol.encode_frame(Kind.CALL, 5, head + args)
                      + protocol.encode_frame(Kind.CANCEL, 5))
-    wait_until(lambda: server.stats()["in_flight"] == 0, what="the call to be forgotten")
+    wait_until(lambda: server.stats()["calls_served"] == 1 and server.stats()["in_flight"] == 0,
+               what="the call to be forgotten")
     raw.send(Kind.INFO, 6)
     reply = raw.recv()
     while reply.request_id != 6:  # a late result of call 5 may come first

@@ -111,3 +111,20 @@ def test_a_call_sent_with_the_authentication_is_not_lost(sock, rpc_env):
         raw.close()
     finally:
         srv.stop()
+
+
+def test_a_refused_frame_after_a_call_in_one_packet_leaks_no_worker_slot(sock, rpc_env):
+    srv = ServerThread({"echo": lambda x: x}, unix=sock, workers=1)
+    try:
+        raw = RawConnection(sock)
+        raw.authenticate(auth.load_key())
+        head, args = protocol.encode_call("echo", ("lost",), {})
+        call = protocol.encode_frame(Kind.CALL, 1, head + args)
+        raw.sock.sendall(call + call)  # the same request id twice: refused
+        assert raw.closed_by_peer()
+        raw.close()
+        wait_until(lambda: srv.stats()["in_flight"] == 0, what="the call to be dropped")
+        with rpc.connect(unix=sock, timeout=10) as client:  # needs the one worker slot
+            assert [client.call("echo", i) for i in range(3)] == [0, 1, 2]
+    finally:
+        srv.stop()
