@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv = commands.add_parser("serve", help="serve the functions of MODULE:ATTR")
     srv.add_argument("functions", metavar="MODULE:ATTR")
     _add_transport(srv, stdio=True)
-    srv.add_argument("--workers", type=int, default=4, help="threads for plain functions")
+    srv.add_argument("--workers", type=int, default=4, help="how many plain functions may run at once (default 4)")
     srv.add_argument("--force", action="store_true",
                      help="take over a tunnel directory whose server looks alive")
     srv.add_argument("--max_frame", type=int, default=DEFAULT_MAX_FRAME,

@@ -1,7 +1,9 @@
 """The RPC server: authenticates connections and runs the calls they send.
 
-Plain functions run in a pool of worker threads, coroutine functions on the event
-loop; generators (plain or async) stream their items under the client's credit.
+Plain functions run in threads (a pool, or on TCP and Unix sockets the thread that
+read the call: see rpc.turns), at most ``workers`` at once; coroutine functions run
+on the event loop; generators (plain or async) stream their items under the
+client's credit.
 A call whose client cancels it, times out or disconnects is cancelled here too.
 """
 from __future__ import annotations
@@ -220,8 +222,9 @@ class _Call:
 class _Connection:
     """One client connection: handshake, then acting on its frames.
 
-    On TCP and Unix sockets, threads read the frames and run plain functions' calls
-    themselves (see rpc.turns); everything else is done on the event loop.
+    On TCP and Unix sockets (with epoll), threads read the frames and run small
+    calls of plain functions themselves (see rpc.turns); the rest is done on the
+    event loop, or in the pool. The books are kept under the server's lock.
     """
 
     def __init__(self, server: RPCServer, channel: Channel) -> None:
