@@ -128,3 +128,52 @@ def test_a_refused_frame_after_a_call_in_one_packet_leaks_no_worker_slot(sock, r
             assert [client.call("echo", i) for i in range(3)] == [0, 1, 2]
     finally:
         srv.stop()
+
+
+def test_mixed_calls_and_cancellations_from_many_threads_leave_the_books_clean():
+    gate = Gate()
+
+    async def aecho(x):
+        return x
+
+    def count(n):
+        yield from range(n)
+
+    srv = ServerThread({"hold": gate.hold, "echo": lambda x: x, "aecho": aecho,
+                        "count": count}, tcp=0, workers=2)
+    address = srv.server.addresses[0][len("tcp://"):]
+    errors = []
+    try:
+        with rpc.connect(tcp=address) as shared, rpc.connect(tcp=address) as other:
+            def caller(client, seed):
+                try:
+                    for i in range(60):
+                        step = (seed + i) % 4
+                        if step == 0:
+                            assert client.call("echo", (seed, i)) == (seed, i)
+                        elif step == 1:
+                            assert client.call("aecho", i) == i
+                        elif step == 2:
+                            assert list(client.call("count", 5)) == list(range(5))
+                        else:  # a call the client gives up on: cancelled on the server
+                            with pytest.raises(TimeoutError):
+                                client.proxy("hold", timeout=0.01)(f"{seed}-{i}", 5)
+                except BaseException as exc:  # reported by the main thread
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=caller, args=(c, n))
+                       for n, c in enumerate([shared] * 6 + [other] * 2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(50)
+            assert not errors, errors
+            assert not any(thread.is_alive() for thread in threads)
+            wait_until(lambda: srv.stats()["in_flight"] == 0 and gate.running == 0,
+                       what="every call to end")
+            gate.most = 0  # both worker slots are free again: two calls run side by side
+            held = [shared.submit("hold", n, 0.5) for n in range(2)]
+            wait_until(lambda: gate.most == 2, what="both slots to be used")
+            assert sorted(f.result(10) for f in held) == [0, 1]
+    finally:
+        srv.stop()
