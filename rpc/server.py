@@ -324,9 +324,9 @@ class _Connection:
     def on_loop(self, action: Callable[..., None], *args: Any) -> None:
         """Reading thread: ``action(*args)`` on the loop; a ProtocolError it raises
         ends the connection."""
-        self._loop.call_soon_threadsafe(self._refusing, action, *args)
+        self._loop.call_soon_threadsafe(self._run_or_drop, action, *args)
 
-    def _refusing(self, action: Callable[..., None], *args: Any) -> None:
+    def _run_or_drop(self, action: Callable[..., None], *args: Any) -> None:
         try:
             action(*args)
         except ProtocolError as exc:
@@ -393,10 +393,10 @@ class _Connection:
             self.reply(call, Kind.ERROR, pack_error(exc))
             self.finish(call)
             return
-        if execution.runs_on_loop(fn):
-            self.run_task(call, self.run_on_loop(call, fn))
-        else:
+        if call.context.name in self.server._plain:
             self.submit(fn, call)
+        else:
+            self.run_task(call, self.run_on_loop(call, fn))
 
     def submit(self, fn: Callable[..., Any], call: _Call) -> None:
         """Any thread: queue a plain function's call for the worker pool."""
