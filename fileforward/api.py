@@ -8,6 +8,7 @@ from typing import Any, Awaitable, Callable, Optional, Tuple, Union
 from .endpoint import Endpoint
 from .options import Options
 from .transport import FileTransport
+from .tunneldir import default_tunnel_dir
 
 PathLike = Union[str, Path, None]
 ClientConnected = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Optional[Awaitable[None]]]
@@ -202,5 +203,4 @@ async def start_server(client_connected_cb: ClientConnected, tunnel_dir: PathLik
 
 
 def _as_path(tunnel_dir: PathLike) -> Path:
-    from .tunneldir import default_tunnel_dir
     return Path(tunnel_dir) if tunnel_dir is not None else default_tunnel_dir()

@@ -444,8 +444,7 @@ class Endpoint:
         for pending in list(self._connects.values()):
             self._abandon_connect(pending, ConnectionAbortedError(f"fileforward endpoint for {self.tunnel_dir} shut down"))
         for conn in list(self._conns.values()):
-            if conn.end_output():
-                _quietly(conn.out_file.append, encode(Kind.RESET, b"the other side shut down"))
+            _reset_output(conn, "the other side shut down")
             self._end_input(conn)
             self.to_loop(conn.transport.deliver_lost,
                           ConnectionAbortedError(f"fileforward endpoint for {self.tunnel_dir} shut down"))
@@ -613,8 +612,7 @@ class Endpoint:
     def _abandon_connect(self, pending: PendingConnect, exc: BaseException) -> None:
         conn = pending.conn
         self._connects.pop(conn.cid, None)
-        if conn.end_output():  # in case the server accepted just now
-            _quietly(conn.out_file.append, encode(Kind.RESET, b"connect abandoned"))
+        _reset_output(conn, "connect abandoned")  # in case the server accepted just now
         TABLE.unlink(conn.in_path)
         TABLE.unlink(conn.out_path)
         conn.in_done = True
@@ -812,9 +810,9 @@ class Endpoint:
 
     def _fail(self, conn: Conn, exc: BaseException, tell_peer: bool) -> None:
         """End a connection with an error for the application."""
-        if conn.end_output() and tell_peer:
-            _quietly(conn.out_file.append, encode(Kind.RESET, str(exc).encode("utf-8", "replace")))
+        if tell_peer and _reset_output(conn, str(exc)):
             self._ring(conn)
+        conn.end_output()  # no more writes either way
         self._end_input(conn)
         pending = self._connects.get(conn.cid)
         if pending is not None:
@@ -894,6 +892,14 @@ def _parse_pointer(data: bytes) -> Optional[dict]:
     except (UnicodeDecodeError, ValueError):
         return None
     return info if isinstance(info, dict) else None
+
+
+def _reset_output(conn: Conn, reason: str) -> bool:
+    """End our direction with a RESET record for the peer; False if it was over already."""
+    if not conn.end_output():
+        return False
+    _quietly(conn.out_file.append, encode(Kind.RESET, reason.encode("utf-8", "replace")))
+    return True
 
 
 def _quietly(function: Callable[..., object], *args: object) -> None:

@@ -156,7 +156,7 @@ def _pwritev_all(fd: int, parts: List[bytes], offset: int) -> int:
     total = sum(len(p) for p in parts)
     written = os.pwritev(fd, parts, offset)
     if written < total:  # rare: finish with the remainder as one buffer
-        _pwrite_all(fd, b"".join(bytes(p) for p in parts)[written:], offset + written)
+        _pwrite_all(fd, b"".join(parts)[written:], offset + written)
     return total
 
 
