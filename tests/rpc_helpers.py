@@ -2,7 +2,6 @@
 import asyncio
 import concurrent.futures as cf
 import json
-import os
 import re
 import shutil
 import socket
@@ -69,30 +68,29 @@ class CliServer:
     ``prefix`` is the argv prefix that runs it on another node (tests/conftest.py Node).
     """
 
-    def __init__(self, *transport_args, spec=FUNCS_SPEC, env=None, extra=(), prefix=()):
+    def __init__(self, *transport_args, spec=FUNCS_SPEC, extra=(), prefix=()):
         self.proc = subprocess.Popen(
             [*prefix, sys.executable, "-m", "rpc", "serve", spec, *transport_args, *extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.log = []
         self.address = None
-        deadline = time.monotonic() + 30
+        self._serving = threading.Event()
+        self._drain = threading.Thread(target=self._read_log, daemon=True)
+        self._drain.start()
+        if not self._serving.wait(30):  # a silent, hung server must not block the test
+            self.proc.kill()
+            raise AssertionError("server did not start within 30 s:\n" + "".join(self.log))
+        if self.address is None:
+            raise AssertionError("server did not start:\n" + "".join(self.log))
+
+    def _read_log(self):
         for line in self.proc.stderr:  # the server logs "serving N functions on ADDR"
             self.log.append(line)
-            match = re.search(r"serving \d+ functions on (\S+)", line)
+            match = self.address is None and re.search(r"serving \d+ functions on (\S+)", line)
             if match:
                 self.address = match.group(1)
-                break
-            if time.monotonic() > deadline:
-                break
-        if self.address is None:
-            self.proc.kill()
-            raise AssertionError("server did not start:\n" + "".join(self.log))
-        self._drain = threading.Thread(target=self._read_rest, daemon=True)
-        self._drain.start()
-
-    def _read_rest(self):
-        for line in self.proc.stderr:
-            self.log.append(line)
+                self._serving.set()
+        self._serving.set()  # the server exited before serving
 
     @property
     def tcp(self):
@@ -222,27 +220,18 @@ class RawConnection:
         self.sock.sendall(protocol.HEADER.pack(len(payload), proto, Kind.HELLO, 0, 0) + payload)
         return nonce
 
-    def authenticate(self, key, versions=None):
-        """Complete the client side of the handshake by hand."""
+    def authenticate(self, key, versions=None, then=b""):
+        """Complete the client side of the handshake by hand; ``then``: bytes sent in
+        the same packet as the AUTH frame, before the server has accepted us."""
         nonce_c = self.hello(versions=versions)
         server_hello = protocol.decode_json(self.recv().payload)
-        self.send(Kind.AUTH, 0, protocol.encode_json(
-            {"mac": auth.answer(key, "client", nonce_c, server_hello["nonce"])}))
+        self.sock.sendall(protocol.encode_frame(Kind.AUTH, 0, protocol.encode_json(
+            {"mac": auth.answer(key, "client", nonce_c, server_hello["nonce"])})) + then)
         reply = self.recv()
         assert reply.kind is Kind.AUTH_OK, reply
 
     def close(self):
         self.sock.close()
-
-
-def key_of(path):
-    return auth.load_key(path)
-
-
-def fresh_env(**overrides):
-    env = dict(os.environ)
-    env.update({k: str(v) for k, v in overrides.items()})
-    return env
 
 
 # ---------------------------------------------------------------- fixtures

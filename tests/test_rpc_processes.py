@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 import rpc
-from rpc_helpers import (TESTS, CliServer, rpc_env, run_json,  # noqa: F401
+from rpc_helpers import (FUNCS_SPEC, TESTS, CliServer, rpc_env, run_json,  # noqa: F401
                          client_sigkill_cancels, sigkill_and_restart, sock, sock_dir,
                          wait_until)
 
@@ -59,7 +59,7 @@ def test_sigterm_stops_the_cli_server_even_with_a_call_that_ignores_cancellation
 
 def test_stdio_subprocess_server():
     rpc.auth.load_key(create=True)  # as on a cluster: the key exists in the shared home
-    command = [sys.executable, "-m", "rpc", "serve", f"{TESTS / 'rpc_funcs.py'}:FUNCTIONS",
+    command = [sys.executable, "-m", "rpc", "serve", FUNCS_SPEC,
                "--stdio"]
     with rpc.connect(command=command) as c:
         assert c.call("noisy", "clean") == "clean"  # its print() goes to stderr

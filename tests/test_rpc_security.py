@@ -119,6 +119,8 @@ def test_version_mismatch_that_may_break_unpickling_is_a_warning(server, sock, c
     raw.authenticate(auth.load_key(), versions=versions)
     raw.close()
     assert logged(caplog_rpc, "Python 3.") and logged(caplog_rpc, "cloudpickle")
+    assert any(record.levelno == logging.WARNING and "cloudpickle" in record.getMessage()
+               for record in caplog_rpc.records)
 
 
 def test_client_garbage_from_the_server_is_protocol_error(sock):
@@ -143,10 +145,6 @@ def test_client_garbage_from_the_server_is_protocol_error(sock):
 
 def _random_bytes():
     return random.Random(7).randbytes(256)
-
-
-def _after_auth(kind, payload):
-    return protocol.encode_frame(kind, 1, payload)
 
 
 @pytest.mark.parametrize("authenticated, data, log_text", [

@@ -96,15 +96,8 @@ def test_a_call_sent_with_the_authentication_is_not_lost(sock, rpc_env):
     srv = ServerThread({"echo": lambda x: x}, unix=sock)
     try:
         raw = RawConnection(sock)
-        key = auth.load_key()
-        nonce_c = raw.hello()
-        server_hello = protocol.decode_json(raw.recv().payload)
-        answer = protocol.encode_json(
-            {"mac": auth.answer(key, "client", nonce_c, server_hello["nonce"])})
         head, args = protocol.encode_call("echo", ("pipelined",), {})
-        raw.sock.sendall(protocol.encode_frame(Kind.AUTH, 0, answer)
-                         + protocol.encode_frame(Kind.CALL, 1, head + args))
-        assert raw.recv().kind is Kind.AUTH_OK
+        raw.authenticate(auth.load_key(), then=protocol.encode_frame(Kind.CALL, 1, head + args))
         reply = raw.recv()
         assert (reply.kind, reply.request_id) == (Kind.RESULT, 1)
         assert protocol.loads(reply.payload) == "pipelined"

@@ -7,7 +7,7 @@ import os
 import signal
 
 import fileforward
-from tests.test_transport import echo, run
+from tests.test_transport import echo, run, wait_for_condition
 from tests.tunnel_support import free_port, start_cli
 
 
@@ -18,11 +18,8 @@ def test_a_hung_filesystem_is_reported_and_the_loop_stays_responsive(two_nodes, 
     knobs = dict(slow_call_warning=1.0, poll_max=0.1)
 
     async def wait_for_log(text: str, timeout: float) -> None:
-        for _ in range(int(timeout / 0.05)):
-            if any(text in r.getMessage() for r in caplog.records):
-                return
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"no log line with {text!r}; got {[r.getMessage() for r in caplog.records]}")
+        await wait_for_condition(lambda: any(text in r.getMessage() for r in caplog.records),
+                                 timeout, f"a log line with {text!r}")
 
     gaps = []
 

@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,10 +25,10 @@ def free_port() -> int:
 class Proc:
     """A subprocess whose merged output is collected by a thread, line by line."""
 
-    def __init__(self, argv: Sequence[str], prefix: Sequence[str] = (), env: Optional[dict] = None) -> None:
+    def __init__(self, argv: Sequence[str], prefix: Sequence[str] = ()) -> None:
         self.argv = list(argv)
         self.popen = subprocess.Popen(list(prefix) + self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, cwd=REPO_ROOT, env=env, text=True)
+                                      stdin=subprocess.DEVNULL, cwd=REPO_ROOT, text=True)
         self.lines: List[str] = []
         self._changed = threading.Condition()
         self._reader = threading.Thread(target=self._collect, daemon=True)
