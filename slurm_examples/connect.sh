@@ -30,10 +30,9 @@ done
 service=$(sed -n 's/^service=//p' "$job_dir/service.info")
 url_path=$(sed -n 's/^url_path=//p' "$job_dir/service.info")
 
-fileforward --server --port "$port" --tunnel_dir "$job_dir/tunnel" &
-server=$!
+server=""
 on_exit() {
-  ff_stop "$server"
+  [ -z "$server" ] || ff_stop "$server"
   if [ -z "$(ff_job_state "$job_id")" ]; then
     ff_remove_job_dir "$job_dir"
   fi
@@ -41,6 +40,8 @@ on_exit() {
 trap on_exit EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
+fileforward --server --port "$port" --tunnel_dir "$job_dir/tunnel" &
+server=$!
 ff_wait_port "$port" "$server" 60
 
 cat <<INFO

@@ -117,6 +117,7 @@ ff_stop() {
     if [ "$SECONDS" -ge "$deadline" ]; then
       echo "fileforward example: process $1 ignored SIGTERM for ${2:-10} s; killing it" >&2
       kill -KILL "$1" 2>/dev/null || true
+      break  # wait below reaps it, once the kernel lets it go
     fi
     sleep 0.2
   done

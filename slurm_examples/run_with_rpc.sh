@@ -26,23 +26,24 @@ functions=${RPC_FUNCTIONS:-rpc_server:FUNCTIONS}
 job_id=$(env -u LLM_API_KEY sbatch --parsable --hold "$@")
 job_id=${job_id%%;*}
 job_dir=$(ff_job_dir "$job_id")
-ff_make_private "$job_dir" "$job_dir/rpc"
-
-PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" \
-  python3 -m rpc serve "$functions" --tunnel_dir "$job_dir/rpc" &
-server=$!
-on_exit() {
+server=""
+on_exit() {  # set before anything else can fail: a held job must never stay behind
   if [ -n "$(ff_job_state "$job_id")" ]; then
     echo "cancelling job $job_id (its RPC server is stopping)" >&2
     scancel "$job_id"
     while [ -n "$(ff_job_state "$job_id")" ]; do sleep 1; done  # until its processes are gone
   fi
-  ff_stop "$server"
+  [ -z "$server" ] || ff_stop "$server"
   ff_remove_job_dir "$job_dir"
 }
 trap on_exit EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
+ff_make_private "$job_dir" "$job_dir/rpc"
+
+PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" \
+  python3 -m rpc serve "$functions" --tunnel_dir "$job_dir/rpc" &
+server=$!
 
 # Readiness: release the job only once the server answers.
 deadline=$((SECONDS + 60))

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, TypeVar
 
+from tests.tunnel_support import free_port
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -58,22 +60,15 @@ def missing_requirements() -> Optional[str]:
 
 def poll(check: Callable[[], Optional[T]], timeout: float, what: str,
          interval: float = 0.1) -> T:
-    """Call ``check`` until it returns something other than None; raise after ``timeout`` s."""
+    """Call ``check`` until it returns something true; raise after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while True:
         result = check()
-        if result is not None:
+        if result:
             return result
         if time.monotonic() > deadline:
             raise TimeoutError("timed out after %.0f s waiting for %s" % (timeout, what))
         time.sleep(interval)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sbin(cmd: str) -> str:
@@ -154,7 +149,7 @@ class SlurmCluster:
             self._start_munge(timeout)
             self._write_config()
             self._spawn("slurmctld", [_sbin("slurmctld"), "-D", "-f", str(self.conf)])
-            poll(lambda: True if self._scontrol_ok("ping") else None, timeout,
+            poll(lambda: self._scontrol_ok("ping"), timeout,
                  "slurmctld to answer")
             self._spawn("slurmd", [_sbin("slurmd"), "-D", "-f", str(self.conf),
                                    "-N", self.node_name])
@@ -273,7 +268,7 @@ class SlurmCluster:
     def wait_no_job_processes(self, job_id: Optional[str] = None, timeout: float = 10.0) -> None:
         """Poll until no process of the job (of any job) is left; fail listing them."""
         try:
-            poll(lambda: True if not self.job_processes(job_id) else None, timeout,
+            poll(lambda: not self.job_processes(job_id), timeout,
                  "job processes to exit")
         except TimeoutError:
             left = "\n".join("  %d %s" % (p.pid, p.cmdline) for p in self.job_processes(job_id))
@@ -308,7 +303,7 @@ class SlurmCluster:
             "--pid-file=%s" % (self.root / "munge" / "munged.pid"),
             "--seed-file=%s" % (self.root / "munge-seed" / "munged.seed"),
         ])
-        poll(lambda: True if self.munge_socket.exists() else None, timeout, "munged socket")
+        poll(self.munge_socket.exists, timeout, "munged socket")
 
     def _write_config(self) -> None:
         node_line = subprocess.run([_sbin("slurmd"), "-C"], capture_output=True, text=True,
@@ -364,19 +359,19 @@ class SlurmCluster:
             raise ClusterError("%s exited early:\n%s" % (", ".join(dead), self.log_tail()))
         return self.run(["scontrol", *args], check=False, timeout=10).returncode == 0
 
-    def _node_idle(self) -> Optional[bool]:
+    def _node_idle(self) -> bool:
         if not self._scontrol_ok("ping"):
-            return None
+            return False
         out = self.run(["sinfo", "-h", "-n", self.node_name, "-o", "%T"], check=False).stdout
-        return True if out.strip() == "idle" else None
+        return out.strip() == "idle"
 
     def _drain_jobs(self, timeout: float) -> None:
         self.run(["scancel", "--quiet", "--user", str(os.getuid())], check=False)
         try:
-            poll(lambda: True if not self.run(["squeue", "-h"], check=False).stdout.strip()
-                 else None, timeout, "all jobs to leave the queue")
+            poll(lambda: not self.run(["squeue", "-h"], check=False).stdout.strip(),
+                 timeout, "all jobs to leave the queue")
             # slurmstepd and the job's own processes outlive the queue entry briefly.
-            poll(lambda: True if not self.job_processes() and not self._stepds() else None,
+            poll(lambda: not self.job_processes() and not self._stepds(),
                  timeout, "job processes and slurmstepd to exit")
         except TimeoutError as exc:
             log.warning("stopping the cluster: %s", exc)
