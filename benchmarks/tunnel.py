@@ -265,7 +265,9 @@ def main() -> None:
         if args.two_nodes:
             sys.path.insert(0, str(REPO))
             from tests.nfs_harness.cluster import start_two_nodes
-            pair = stack.enter_context(start_two_nodes(Path(tempfile.mkdtemp(dir=args.dir, prefix="ffnodes-"))))
+            workdir = Path(tempfile.mkdtemp(dir=args.dir, prefix="ffnodes-"))
+            stack.callback(shutil.rmtree, workdir, ignore_errors=True)  # after the unmount
+            pair = stack.enter_context(start_two_nodes(workdir))
         target = Target(args.dir, pair)
         runs = []
         for i in range(args.runs):

@@ -173,8 +173,11 @@ def test_many_blocked_waiters_do_not_hang_the_mount(two_nodes):
     path = two_nodes.a / "f"
     fd_a = os.open(path, os.O_RDWR | os.O_CREAT)
     fcntl.lockf(fd_a, fcntl.LOCK_EX)
+    locks_before = two_nodes.requests("b").get("lock", 0)
     waiters = _probe(two_nodes, "b", "waiters", str(two_nodes.b / "f"), "200")
     _expect_line(waiters, "waiting")
+    # every waiter has asked for the lock (the mount counts a request before it blocks)
+    assert poll_until(lambda: two_nodes.requests("b").get("lock", 0) - locks_before >= 200, DEADLINE)
     started = time.monotonic()
     (two_nodes.b / "other").write_bytes(b"still answering")
     assert time.monotonic() - started < 5.0

@@ -19,7 +19,7 @@ from pathlib import Path
 from .cluster import start_two_nodes
 from .counters import read_counters
 from .mounts import is_mounted
-from .netns import live_names
+from .netns import exec_prefix, live_names
 from .options import NodeOptions
 
 POLL_INTERVAL = 0.5
@@ -54,7 +54,8 @@ def _exec_b(args: argparse.Namespace) -> int:
         if len(names) != 1:
             sys.exit(f"exec-b: pass --netns; running harness namespaces: {names or 'none'}")
         name = names[0]
-    os.execvp("ip", ["ip", "netns", "exec", name, *command])
+    argv = [*exec_prefix(name), *command]
+    os.execvp(argv[0], argv)
     return 1  # not reached
 
 

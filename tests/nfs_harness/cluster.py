@@ -9,7 +9,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 from .counters import read_counters
 from .mounts import MountedNode
-from .netns import NetNamespace
+from .netns import NetNamespace, exec_prefix
 from .options import NodeOptions
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ class TwoNodes:
     @property
     def b_prefix(self) -> List[str]:
         """argv prefix that runs a command on node B."""
-        return ["ip", "netns", "exec", self.netns]
+        return exec_prefix(self.netns)
 
     def run_on_b(self, argv: Sequence[str], **popen_kwargs) -> subprocess.Popen:
         """Start a process on node B; it is killed at teardown if still running."""

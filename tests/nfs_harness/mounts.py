@@ -57,7 +57,7 @@ class MountedNode:
             raise RuntimeError("fusermount3 not found: run .ci/install-nfs.sh (Debian package fuse3)")
         mountpoint.mkdir(parents=True, exist_ok=True)
         self.mountpoint = mountpoint
-        self.counters = create_counters(counters)
+        create_counters(counters)
         argv = [sys.executable, "-m", "tests.nfs_harness.daemon",
                 "--backing", str(backing), "--mount", str(mountpoint),
                 "--counters", str(counters), "--parent-pid", str(os.getpid()),

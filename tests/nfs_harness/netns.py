@@ -49,6 +49,11 @@ def live_names() -> List[str]:
                   if (m := _NAME.match(e.name)) and _pid_alive(int(m.group(1))))
 
 
+def exec_prefix(name: str) -> List[str]:
+    """argv prefix that runs a command inside namespace ``name``."""
+    return ["ip", "netns", "exec", name]
+
+
 class NetNamespace:
     """A named network namespace, created now and deleted by `delete()`."""
 
@@ -70,11 +75,6 @@ class NetNamespace:
         except subprocess.CalledProcessError:
             self.delete()
             raise
-
-    @property
-    def prefix(self) -> List[str]:
-        """argv prefix that runs a command inside this namespace."""
-        return ["ip", "netns", "exec", self.name]
 
     def delete(self) -> None:
         """Remove the namespace (processes still inside keep it alive until they exit)."""
