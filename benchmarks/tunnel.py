@@ -33,6 +33,9 @@ from pathlib import Path
 from typing import Dict, List, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from tests.tunnel_support import free_port, recv_exactly, start_cli, start_service  # noqa: E402
+
 FS_SYSCALLS = ("openat,close,read,write,pread64,pwrite64,fcntl,fstat,newfstatat,statx,lseek,ftruncate,"
                "rename,renameat,renameat2,unlink,unlinkat,getdents64,mkdir,mkdirat,fsync,fdatasync,flock")
 IDLE_SETTLE_S = 3.0
@@ -40,10 +43,6 @@ IDLE_MEASURE_S = 10.0
 
 
 # --- helpers ---------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_listening(port: int, timeout: float = 30.0) -> None:
@@ -58,45 +57,10 @@ def wait_listening(port: int, timeout: float = 30.0) -> None:
             time.sleep(0.05)
 
 
-def start(argv: Sequence[str], ready_word: str = "") -> subprocess.Popen:
-    """Start a helper process; with `ready_word`, wait for it in its output."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            cwd=REPO)
-    assert proc.stdout is not None
-    if ready_word:
-        for line in proc.stdout:
-            if ready_word in line:
-                break
-        else:
-            raise RuntimeError(f"{argv} exited before printing {ready_word!r}")
-    threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
-    return proc
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def connect(port: int) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=60)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
-
-
-def recv_exactly(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(min(n - len(buf), 1 << 20))
-        if not chunk:
-            raise RuntimeError(f"stream ended after {len(buf)} of {n} bytes (stalled or broken transfer)")
-        buf += chunk
-    return bytes(buf)
 
 
 # --- measurements ------------------------------------------------------------------------
@@ -183,17 +147,23 @@ class Setup:
         login_dir, job_dir, job_prefix = target.dirs()
         self.tunnel_dir = login_dir
         self.reference_port, self.echo_port, self.port = free_port(), free_port(), free_port()
-        echo = [sys.executable, "-m", "tests.services", "echo"]
-        self.reference = start(echo + [str(self.reference_port)], "READY")
-        self.echo = start(job_prefix + echo + [str(self.echo_port)], "READY")
-        cli = [sys.executable, "-m", "fileforward", "--log-level", "WARNING", "--tunnel_dir"]
-        self.job_side = start(job_prefix + cli + [str(job_dir), "--client", "--port", str(self.echo_port)])
-        self.login_side = start(cli + [str(login_dir), "--server", "--port", str(self.port)])
-        wait_listening(self.port)
+        quiet = ("--log-level", "WARNING")  # no log writes in the idle windows counted
+        with contextlib.ExitStack() as started:  # a failed start stops the others
+            self.reference = start_service("echo", self.reference_port)
+            started.callback(self.reference.stop)
+            self.echo = start_service("echo", self.echo_port, prefix=job_prefix)
+            started.callback(self.echo.stop)
+            self.job_side = start_cli("client", self.echo_port, job_dir, *quiet, prefix=job_prefix,
+                                      ready=False)
+            started.callback(self.job_side.stop)
+            self.login_side = start_cli("server", self.port, login_dir, *quiet, ready=False)
+            started.callback(self.login_side.stop)
+            wait_listening(self.port)
+            started.pop_all()
 
     def close(self) -> None:
         for proc in (self.login_side, self.job_side, self.echo, self.reference):
-            stop(proc)
+            proc.stop()
         shutil.rmtree(self.tunnel_dir, ignore_errors=True)
 
 
@@ -207,7 +177,7 @@ def idle_costs(target: Target, connections: int) -> Dict[str, float]:
             recv_exactly(sock, 5)
             socks.append(sock)
         time.sleep(IDLE_SETTLE_S)  # let the endpoints back off to their idle polling
-        pids = [setup.login_side.pid, setup.job_side.pid]
+        pids = [setup.login_side.popen.pid, setup.job_side.popen.pid]
         before, requests_before = {pid: cpu_seconds(pid) for pid in pids}, target.requests()
         time.sleep(IDLE_MEASURE_S)
         cpu = {pid: 100 * (cpu_seconds(pid) - before[pid]) / IDLE_MEASURE_S for pid in pids}
@@ -263,7 +233,6 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         pair = None
         if args.two_nodes:
-            sys.path.insert(0, str(REPO))
             from tests.nfs_harness.cluster import start_two_nodes
             workdir = Path(tempfile.mkdtemp(dir=args.dir, prefix="ffnodes-"))
             stack.callback(shutil.rmtree, workdir, ignore_errors=True)  # after the unmount

@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from tests.tunnel_support import free_port, start_cli, start_service, tunnel_files, Proc, python
+from tests.tunnel_support import free_port, recv_exactly, start_cli, start_service, tunnel_files, Proc, python
 
 LIVENESS = "3"
 
@@ -54,16 +54,6 @@ def tunnel(nodes):
     t = Tunnel(nodes, extra=["--liveness-timeout", LIVENESS])
     yield t
     t.close()
-
-
-def recv_exactly(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(min(1 << 20, n - len(buf)))
-        if not chunk:
-            raise AssertionError(f"connection ended after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)
 
 
 def recv_all(sock: socket.socket) -> bytes:
