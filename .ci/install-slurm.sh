@@ -9,7 +9,7 @@
 set -euo pipefail
 
 packages=(munge slurm-wlm slurmctld slurmd slurm-client procps)
-needed=(munged slurmctld slurmd sbatch scontrol squeue scancel ps)
+needed=(munged slurmctld slurmd sbatch scontrol squeue scancel sinfo ps)
 
 missing=0
 for cmd in "${needed[@]}"; do

@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-REQUIRED_COMMANDS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "squeue")
+REQUIRED_COMMANDS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "squeue",
+                     "sinfo")
 
 # States after which a job will not run again (see squeue(1), JOB STATE CODES).
 FINISHED_STATES = frozenset({
@@ -171,12 +172,12 @@ class SlurmCluster:
         finally:
             for straggler in self.job_processes():
                 log.warning("killing leftover job process %d: %s", straggler.pid, straggler.cmdline)
-                _kill(straggler.pid)
+                kill_quietly(straggler.pid)
             for proc in reversed(self._daemons):
                 _terminate(proc, timeout=10.0)
             self._daemons.clear()
             for pid in self._stepds():
-                _kill(pid)
+                kill_quietly(pid)
             shutil.rmtree(self.root, ignore_errors=True)
 
     # -- clients -------------------------------------------------------------
@@ -199,23 +200,25 @@ class SlurmCluster:
         out = self.run(["sbatch", "--parsable", *options, str(script), *args], env=env, cwd=cwd)
         return out.stdout.strip().split(";")[0]
 
+    def job_records(self, job_id: str) -> List[Dict[str, str]]:
+        """``scontrol show job``: one dict per task (a plain job has one)."""
+        out = self.run(["scontrol", "show", "job", "-o", job_id]).stdout
+        records = []
+        for line in out.splitlines():
+            fields: Dict[str, str] = {}
+            for token in line.split():
+                key, _, value = token.partition("=")
+                fields.setdefault(key, value)
+            records.append(fields)
+        return records
+
     def job_info(self, job_id: str) -> Dict[str, str]:
         """``scontrol show job`` as a dict (for an array job: its first task)."""
-        out = self.run(["scontrol", "show", "job", "-o", job_id]).stdout
-        fields: Dict[str, str] = {}
-        for token in out.splitlines()[0].split():
-            key, _, value = token.partition("=")
-            fields.setdefault(key, value)
-        return fields
+        return self.job_records(job_id)[0]
 
     def array_states(self, job_id: str) -> Dict[str, str]:
         """State of each task of array job ``job_id``, keyed by task id."""
-        out = self.run(["scontrol", "show", "job", "-o", job_id]).stdout
-        states = {}
-        for line in out.splitlines():
-            fields = dict(tok.partition("=")[::2] for tok in line.split())
-            states[fields.get("ArrayTaskId", "")] = fields["JobState"]
-        return states
+        return {r.get("ArrayTaskId", ""): r["JobState"] for r in self.job_records(job_id)}
 
     def state(self, job_id: str) -> str:
         """The job's current state (PENDING, RUNNING, COMPLETED...)."""
@@ -224,9 +227,9 @@ class SlurmCluster:
     def wait_finished(self, job_id: str, timeout: float) -> Job:
         """Poll until the job (every task of an array) has finished; return its record."""
         def check() -> Optional[Dict[str, str]]:
-            states = self.array_states(job_id)
-            if all(s in FINISHED_STATES for s in states.values()):
-                return self.job_info(job_id)
+            records = self.job_records(job_id)
+            if all(r["JobState"] in FINISHED_STATES for r in records):
+                return records[0]
             return None
 
         try:
@@ -402,7 +405,8 @@ def _read(path: str) -> str:
         return ""
 
 
-def _kill(pid: int) -> None:
+def kill_quietly(pid: int) -> None:
+    """SIGKILL ``pid``, which may have exited meanwhile."""
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:

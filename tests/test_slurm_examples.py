@@ -27,7 +27,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from jupyter_api import JupyterClient
-from slurm_cluster import (SlurmCluster, free_port, missing_requirements, poll,
+from slurm_cluster import (SlurmCluster, free_port, kill_quietly, missing_requirements, poll,
                            process_environ, session_processes)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -83,7 +83,7 @@ class LoginProcess:
     def kill(self) -> None:
         """Teardown: make sure nothing of it survives the test."""
         for pid in session_processes(self.proc.pid):
-            os.kill(pid, signal.SIGKILL)
+            kill_quietly(pid)  # it may exit between the scan and the kill
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
