@@ -3,7 +3,7 @@
 #
 # Every job keeps its files in one private directory on the shared filesystem,
 #     ${FILEFORWARD_JOBS_DIR:-~/.cache/fileforward/jobs}/<job id>/
-#         tunnel/         fileforward's tunnel directory (web services)
+#         tunnel/         fileforward's tunnel directory (web services, reverse.sbatch)
 #         rpc/            the RPC tunnel directory (RPC examples)
 #         service.info    what the login side needs: service name, URL path with token
 # and removes it when it ends.
