@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what tests/test_slurm_examples.py needs to start a private single-node
-# SLURM cluster on Debian 12: SLURM, munge, and procps (the examples use ps).
+# SLURM cluster on Debian 12: SLURM, munge, procps (the examples use ps) and curl
+# (the reverse example's test fetches a page with it in a job).
 # Run as root. Idempotent and quiet: does nothing when the commands are there.
 #
 # The packages' maintainer scripts would start system-wide munged/slurmctld/slurmd;
@@ -8,8 +9,8 @@
 # denies every daemon start is in place for the duration of the install.
 set -euo pipefail
 
-packages=(munge slurm-wlm slurmctld slurmd slurm-client procps)
-needed=(munged slurmctld slurmd sbatch scontrol squeue scancel sinfo ps)
+packages=(munge slurm-wlm slurmctld slurmd slurm-client procps curl)
+needed=(munged slurmctld slurmd sbatch scontrol squeue scancel sinfo ps curl)
 
 missing=0
 for cmd in "${needed[@]}"; do

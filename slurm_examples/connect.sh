@@ -11,7 +11,17 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source "$here/fileforward_helpers.sh"
 
-job_id=${1:?usage: connect.sh JOBID [PORT]}
+usage="usage: connect.sh JOBID [PORT]
+Forward the web service of job JOBID (jupyter.sbatch, web_app.sbatch) to
+127.0.0.1:PORT on this node (a free port unless PORT is given)."
+case ${1:-} in
+  -h | --help) echo "$usage"; exit 0 ;;
+esac
+if [ $# -eq 0 ] || [ $# -gt 2 ] || [[ ! $1 =~ ^[0-9]+$ ]]; then
+  echo "$usage" >&2
+  exit 2
+fi
+job_id=$1
 job_dir=$(ff_job_dir "$job_id")
 port=${2:-$(ff_free_port)}
 
@@ -58,9 +68,5 @@ and open
 Ctrl-C here stops the forwarding (the job keeps running); it stops by itself when the job ends.
 INFO
 
-ff_wait_job_end "$job_id" "$server"
-if [ -n "$(ff_job_state "$job_id")" ]; then  # the job still runs: the server died
-  echo "fileforward --server stopped unexpectedly (see above)" >&2
-  exit 1
-fi
+ff_wait_job_end "$job_id" "$server" "fileforward --server"
 echo "job $job_id has ended."

@@ -11,6 +11,8 @@
 Task i asks the LLM endpoint behind rpc_server.completion question i (of the
 arguments, or of a built-in list) and prints the answer. Change --array above (or
 pass --array=0-N to run_with_rpc.sh) for more tasks; one server serves them all.
+Without an LLM configured on the login node (LLM_API_KEY or LLM_BASE_URL, see
+rpc_server.py), each task fails saying so in one line.
 """
 import os
 import sys
@@ -33,6 +35,9 @@ def main() -> None:
     task = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
     questions = sys.argv[1:] or QUESTIONS
     question = questions[task % len(questions)]
+    if rpc.proxy("llm_endpoint", tunnel_dir=TUNNEL_DIR)() is None:
+        sys.exit("task %d: nothing to ask, the login node has no LLM configured "
+                 "(see rpc_server.py)" % task)
     completion = rpc.proxy("completion", tunnel_dir=TUNNEL_DIR)
     answer = completion([{"role": "user", "content": question}], max_tokens=200)
     print("task %d asked %r; answer: %s"

@@ -15,19 +15,20 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
 from jupyter_api import JupyterClient
-from slurm_cluster import (SlurmCluster, free_port, kill_quietly, missing_requirements, poll,
+from slurm_cluster import (Job, SlurmCluster, free_port, kill_quietly, missing_requirements, poll,
                            process_environ, session_processes)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -288,12 +289,17 @@ server.serve_forever()
 """
 
 
+PORT_RANGE = (40000, 41000)
+
+
 def test_web_app_example(cluster: SlurmCluster, ws: Workspace) -> None:
-    """web_app.sbatch runs the given command with {port} filled in; the page comes
-    through connect.sh's port; Ctrl-C on connect.sh leaves the job running, and a
+    """web_app.sbatch runs the given command with {port} filled in, a port of
+    FILEFORWARD_PORT_RANGE like connect.sh's; the page comes through connect.sh's
+    port; Ctrl-C on connect.sh leaves the job running, and a
     second connect.sh reaches it again; the app's own exit ends the job COMPLETED,
     with fileforward stopped by the job's trap (not killed), and nothing left."""
     (ws.root / "app.py").write_text(APP)
+    ws.env["FILEFORWARD_PORT_RANGE"] = "%d-%d" % PORT_RANGE  # the job's port and connect.sh's
     # (an argument with slashes: the script must still find its helpers)
     job_id = cluster.sbatch(ws.examples / "web_app.sbatch", "python3", str(ws.root / "app.py"),
                             "{port}", env=ws.env, cwd=ws.root)
@@ -301,7 +307,9 @@ def test_web_app_example(cluster: SlurmCluster, ws: Workspace) -> None:
     port, path = first.wait_for(URL, timeout=60).groups()
     assert path == "/"
     page = urllib.request.urlopen("http://127.0.0.1:%s/" % port, timeout=30).read().decode()
-    assert re.fullmatch(r"hello from job %s, PORT=\d+\n" % job_id, page), page
+    job_port = re.fullmatch(r"hello from job %s, PORT=(\d+)\n" % job_id, page)
+    assert job_port, page
+    assert all(PORT_RANGE[0] <= int(p) <= PORT_RANGE[1] for p in (port, job_port.group(1))), page
 
     os.killpg(first.proc.pid, signal.SIGINT)  # Ctrl-C
     assert first.wait_exit(timeout=30) == 130, first.output()
@@ -404,28 +412,49 @@ def internet(ws: Workspace) -> Iterator[Internet]:
     net.close()
 
 
-def test_rpc_job_example(cluster: SlurmCluster, ws: Workspace, internet: Internet) -> None:
+@pytest.mark.parametrize("llm", ["configured", "none"])
+def test_rpc_job_example(cluster: SlurmCluster, ws: Workspace, internet: Internet,
+                         llm: str) -> None:
     """run_with_rpc.sh rpc_job.py: the job prints what the login node's functions
-    fetched and computed, and the login node's ValueError, as a ValueError."""
-    runner = ws.login("run_with_rpc.sh", str(ws.examples / "rpc_job.py"),
-                      internet.url + "/page.html")
-    job_id = runner.wait_for(r"job (\d+) released", timeout=60).group(1)
-    assert runner.wait_exit(timeout=60) == 0, runner.output()
-    assert "job %s has ended (1 COMPLETED)" % job_id in runner.output()
-
-    job = cluster.wait_finished(job_id, timeout=10)
-    assert job.state == "COMPLETED", cluster.describe(job_id)
-    assert (ws.root / ("rpc-demo-%s.out" % job_id)).read_text() == job.output
+    fetched and computed (the LLM's summary; without an LLM configured there, one
+    line saying so), and the login node's ValueError, as a ValueError. The job ends
+    COMPLETED either way."""
     page = "<html><body>page %s</body></html>" % internet.nonce
+    summary = "summary: %s answers test-model to %r" % (internet.nonce, page[-40:])
+    if llm == "none":
+        for name in internet.env():
+            del ws.env[name]
+        summary = NO_LLM
+    job = run_to_completion(cluster, ws, "rpc-demo", "run_with_rpc.sh",
+                            str(ws.examples / "rpc_job.py"), internet.url + "/page.html")
     assert job.output.splitlines() == [
         "fetched %s/page.html: %d characters" % (internet.url, len(page)),
-        "summary: %s answers test-model to %r" % (internet.nonce, page[-40:]),
+        summary,
         "the login node refused as expected: ValueError: fetch() takes http:// or https:// "
         "URLs, not 'file:///etc/passwd'",
     ], job.output
-    assert internet.requests == [("/page.html", None),
-                                 ("/v1/chat/completions", "Bearer " + internet.api_key)]
-    assert_job_left_nothing(cluster, job_id, ws)
+    asked = [("/v1/chat/completions", "Bearer " + internet.api_key)] if llm == "configured" else []
+    assert internet.requests == [("/page.html", None)] + asked
+    assert_job_left_nothing(cluster, job.job_id, ws)
+
+
+def run_to_completion(cluster: SlurmCluster, ws: Workspace, output_prefix: str, script: str,
+                      *args: str) -> Job:
+    """Run a login-side script that submits a job and serves it until it ends
+    (run_with_rpc.sh, run_with_service.sh); check that the job and the script
+    succeed and that the job's output file is OUTPUT_PREFIX-JOBID.out; the job."""
+    runner = ws.login(script, *args)
+    job_id = runner.wait_for(r"job (\d+) released", timeout=60).group(1)
+    assert runner.wait_exit(timeout=90) == 0, runner.output()
+    assert "job %s has ended (1 COMPLETED)" % job_id in runner.output()
+    job = cluster.wait_finished(job_id, timeout=10)
+    assert job.state == "COMPLETED", cluster.describe(job_id)
+    assert (ws.root / ("%s-%s.out" % (output_prefix, job_id))).read_text() == job.output
+    return job
+
+
+NO_LLM = ("no summary: no LLM is configured on the login node (set LLM_API_KEY, or "
+          "LLM_BASE_URL for a local server, before run_with_rpc.sh)")
 
 
 def test_rpc_ctrl_c_on_the_login_node_cancels_the_job(
@@ -463,6 +492,38 @@ def test_rpc_array_example(cluster: SlurmCluster, ws: Workspace, internet: Inter
         assert output == "task %d asked %r; answer: %s answers test-model to %r\n" % (
             task, question, internet.nonce, question), output
     assert len(internet.requests) == 4
+    assert_job_left_nothing(cluster, job_id, ws)
+
+
+def test_reverse_example_reaches_a_login_node_service(
+        cluster: SlurmCluster, ws: Workspace, internet: Internet) -> None:
+    """run_with_service.sh PORT reverse.sbatch curl ...: curl in the job gets the
+    login node's page through fileforward --server (job) and --client (login);
+    the job ends COMPLETED, the login side reports it, and nothing is left."""
+    job = run_to_completion(cluster, ws, "reverse", "run_with_service.sh",
+                            str(urlsplit(internet.url).port), str(ws.examples / "reverse.sbatch"),
+                            "curl", "-sS", "http://127.0.0.1:{port}/page.html")
+    assert "<html><body>page %s</body></html>" % internet.nonce in job.output
+    assert re.search(r"fileforward\[\d+\] INFO stopped", job.output), job.output
+    assert internet.requests == [("/page.html", None)]
+    assert_job_left_nothing(cluster, job.job_id, ws)
+
+
+def test_reverse_example_scancel_leaves_nothing(cluster: SlurmCluster, ws: Workspace,
+                                                internet: Internet) -> None:
+    """scancel of a running reverse.sbatch job: CANCELLED; run_with_service.sh
+    reports it and fails; no process or tunnel file of either side is left."""
+    runner = ws.login("run_with_service.sh", str(urlsplit(internet.url).port),
+                      str(ws.examples / "reverse.sbatch"), "sleep", "300")
+    job_id = runner.wait_for(r"job (\d+) released", timeout=60).group(1)
+    poll(lambda: any(p.cmdline == "sleep 300" for p in cluster.job_processes(job_id)), 60,
+         "the job's command to start")
+    assert any("fileforward --server" in p.cmdline for p in cluster.job_processes(job_id))
+
+    cluster.run(["scancel", job_id])
+    assert cluster.wait_finished(job_id, timeout=60).state == "CANCELLED"
+    assert runner.wait_exit(timeout=60) == 1, runner.output()
+    assert "job %s has ended (1 CANCELLED)" % job_id in runner.output()
     assert_job_left_nothing(cluster, job_id, ws)
 
 
@@ -514,3 +575,218 @@ def wait_jupyter(client: JupyterClient, server: subprocess.Popen, log: Path,
             return None
 
     return poll(check, timeout, "JupyterLab at %s" % client.base_url, interval=0.2)
+
+
+# -- what runs without SLURM: usage errors, the port range, the RPC job's LLM paths --
+
+def no_slurm_env(**extra: str) -> Dict[str, str]:
+    """This environment without any SLURM_* (and LLM_*) variable, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LLM_"))}
+    env.update(extra)
+    return env
+
+
+def run_example(argv: Sequence[str], env: Optional[Mapping[str, str]] = None
+                ) -> subprocess.CompletedProcess:
+    """Run a command (an example script, bash...) outside SLURM; capture its output."""
+    return subprocess.run(list(argv), env=dict(env or no_slurm_env()), capture_output=True,
+                          text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("script, how", [
+    ("jupyter.sbatch", "sbatch: sbatch jupyter.sbatch"),
+    ("web_app.sbatch", "sbatch: sbatch web_app.sbatch COMMAND [ARGS...]"),
+    ("reverse.sbatch",
+     "run_with_service.sh: ./run_with_service.sh PORT reverse.sbatch COMMAND [ARGS...]"),
+])
+def test_batch_script_outside_slurm_says_how_to_run_it(script: str, how: str) -> None:
+    """`bash jupyter.sbatch` on the login node: one line naming sbatch, exit 2 (not
+    `SLURM_JOB_ID: unbound variable`)."""
+    result = run_example(["bash", str(EXAMPLES / script)])
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == "%s: not in a SLURM job; run it with %s\n" % (script, how)
+
+
+@pytest.mark.parametrize("script, args, usage", [
+    ("connect.sh", [], "usage: connect.sh JOBID [PORT]"),
+    ("connect.sh", ["not-a-job-id"], "usage: connect.sh JOBID [PORT]"),
+    ("connect.sh", ["1", "2", "3"], "usage: connect.sh JOBID [PORT]"),
+    ("run_with_rpc.sh", [], "usage: run_with_rpc.sh [SBATCH OPTIONS] JOB_SCRIPT [SCRIPT ARGS]"),
+    ("run_with_service.sh", ["reverse.sbatch"],
+     "usage: run_with_service.sh PORT [SBATCH OPTIONS] JOB_SCRIPT [SCRIPT ARGS]"),
+])
+def test_login_script_usage(script: str, args: List[str], usage: str) -> None:
+    """Wrong arguments to a login-side script: its usage, exit 2, nothing else."""
+    result = run_example([str(EXAMPLES / script), *args])
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.splitlines()[0] == usage, result.stderr
+    assert not re.search(r"line \d+:", result.stderr), result.stderr
+
+
+def test_connect_help() -> None:
+    """connect.sh --help: the usage on stdout, exit 0."""
+    result = run_example([str(EXAMPLES / "connect.sh"), "--help"])
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout.startswith("usage: connect.sh JOBID [PORT]\n"), result.stdout
+
+
+def test_run_with_service_needs_a_listening_service() -> None:
+    """run_with_service.sh for a port nobody listens on: says so before submitting."""
+    port = free_port()
+    result = run_example([str(EXAMPLES / "run_with_service.sh"), str(port), "reverse.sbatch",
+                          "true"])
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == "nothing listens on 127.0.0.1:%d here; start the service first\n" % port
+
+
+def ff_free_port(port_range: str) -> subprocess.CompletedProcess:
+    """fileforward_helpers.sh's ff_free_port, with FILEFORWARD_PORT_RANGE=port_range."""
+    return run_example(["bash", "-c", 'source "$1" && ff_free_port', "bash",
+                        str(EXAMPLES / "fileforward_helpers.sh")],
+                       env=no_slurm_env(FILEFORWARD_PORT_RANGE=port_range))
+
+
+def bind_block(size: int) -> List[socket.socket]:
+    """Listening sockets on ``size`` consecutive ports of 127.0.0.1, from 40000 up."""
+    for first in range(40000, 60000, size):
+        block = []
+        try:
+            for port in range(first, first + size):
+                sock = socket.socket()
+                block.append(sock)
+                sock.bind(("127.0.0.1", port))
+                sock.listen()
+            return block
+        except OSError:
+            for sock in block:
+                sock.close()
+    raise AssertionError("no %d consecutive free ports from 40000 to 60000" % size)
+
+
+def test_free_port_takes_the_free_one_of_the_range() -> None:
+    """FILEFORWARD_PORT_RANGE: ff_free_port picks within it, never a port in use,
+    and says so when every port of the range is taken."""
+    block = bind_block(4)
+    try:
+        ports = [s.getsockname()[1] for s in block]
+        spec = "%d-%d" % (ports[0], ports[-1])
+        full = ff_free_port(spec)
+        assert (full.returncode, full.stdout) == (1, "")
+        assert full.stderr == \
+            "fileforward example: no free port in FILEFORWARD_PORT_RANGE=%s\n" % spec
+        block[2].close()  # the only free one
+        picks = [ff_free_port(spec) for _ in range(5)]
+        assert [(r.returncode, r.stdout, r.stderr) for r in picks] == \
+            [(0, "%d\n" % ports[2], "")] * 5
+    finally:
+        for sock in block:
+            sock.close()
+
+
+def test_free_port_spreads_over_the_range() -> None:
+    """Picks are within the range and not always the same (jobs sharing a node)."""
+    picks = {int(ff_free_port("40000-41000").stdout) for _ in range(5)}
+    assert all(40000 <= port <= 41000 for port in picks), picks
+    assert len(picks) > 1, picks
+
+
+@pytest.mark.parametrize("port_range", ["abc", "40000", "41000-40000", "0-10", "40000-70000",
+                                        "40000-41000x", "-"])
+def test_free_port_rejects_a_malformed_range(port_range: str) -> None:
+    """A malformed FILEFORWARD_PORT_RANGE is an error naming it, not some port."""
+    result = ff_free_port(port_range)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == (
+        "fileforward example: FILEFORWARD_PORT_RANGE=%r is not a port range LOW-HIGH with "
+        "1 <= LOW <= HIGH <= 65535, e.g. 40000-41000\n" % port_range)
+
+
+class LoginRpcServer:
+    """run_with_rpc.sh's login side without SLURM: ``python -m rpc serve
+    rpc_server:FUNCTIONS`` on job JOB_ID's tunnel directory, in a private HOME."""
+
+    JOB_ID = "4242"
+
+    def __init__(self, root: Path, llm_env: Mapping[str, str]) -> None:
+        home = root / "home"
+        jobs_dir = home / "jobs"
+        tunnel_dir = jobs_dir / self.JOB_ID / "rpc"
+        tunnel_dir.mkdir(parents=True, mode=0o700)
+        self.job_env = no_slurm_env(HOME=str(home), FILEFORWARD_JOBS_DIR=str(jobs_dir),
+                                    PYTHONPATH=str(REPO_ROOT), SLURM_JOB_ID=self.JOB_ID)
+        server_env = dict(self.job_env, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(EXAMPLES)]),
+                          **llm_env)
+        del server_env["SLURM_JOB_ID"]
+        self.log = root / "rpc-server.log"
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "rpc", "serve", "rpc_server:FUNCTIONS",
+                 "--tunnel_dir", str(tunnel_dir)], env=server_env, stdout=out,
+                stderr=subprocess.STDOUT)
+        status = [sys.executable, "-m", "rpc", "status", "--tunnel_dir", str(tunnel_dir)]
+        poll(lambda: self.proc.poll() is None and run_example(status, self.job_env).returncode == 0,
+             60, "the RPC server to answer")
+
+    def run_job(self, script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+        """Run a job script of slurm_examples/ as the job would (minus SLURM)."""
+        return run_example([sys.executable, str(EXAMPLES / script), *args],
+                           dict(self.job_env, **env))
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+@pytest.fixture
+def start_login_rpc_server(tmp_path: Path
+                           ) -> Iterator[Callable[[Mapping[str, str]], LoginRpcServer]]:
+    """Starts a LoginRpcServer with the given LLM settings; stops it after the test."""
+    servers: List[LoginRpcServer] = []
+
+    def start(llm_env: Mapping[str, str]) -> LoginRpcServer:
+        servers.append(LoginRpcServer(tmp_path, llm_env))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+@pytest.fixture
+def page_server() -> Iterator[Internet]:
+    """The internet the login node reaches (its LLM settings are left to the test)."""
+    net = Internet()
+    yield net
+    net.close()
+
+
+@pytest.mark.parametrize("llm", ["unreachable", "refusing"])
+def test_rpc_job_with_a_failing_llm(start_login_rpc_server: Callable[..., LoginRpcServer],
+                                    page_server: Internet, llm: str) -> None:
+    """An LLM configured on the login node that does not answer, or answers with an
+    HTTP error (urllib's HTTPError cannot be pickled): one line in the job with the
+    login node's error, as a URLError, and the job goes on and succeeds."""
+    if llm == "unreachable":
+        base_url, failure = ("http://127.0.0.1:%d/v1" % free_port(),
+                             r"URLError: <urlopen error \[Errno 111\] Connection refused>")
+    else:  # the fake internet refuses a wrong API key
+        base_url, failure = (page_server.url + "/v1",
+                             r"URLError: <urlopen error HTTP 403 Forbidden from %s: <!DOCTYPE.*>"
+                             % re.escape(page_server.url + "/v1/chat/completions"))
+    server = start_login_rpc_server({"LLM_BASE_URL": base_url, "LLM_API_KEY": "wrong"})
+    result = server.run_job("rpc_job.py", page_server.url + "/page.html")
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3 and lines[0].startswith("fetched ") and "ValueError" in lines[2], lines
+    assert re.fullmatch(r"no summary: the LLM at %s failed: %s"
+                        % (re.escape(base_url + "/chat/completions"), failure), lines[1]), lines[1]
+
+
+def test_rpc_array_task_without_an_llm(start_login_rpc_server: Callable[..., LoginRpcServer]
+                                       ) -> None:
+    """rpc_array.py with no LLM configured on the login node: each task fails with
+    one line saying so, no traceback."""
+    result = start_login_rpc_server({}).run_job("rpc_array.py", SLURM_ARRAY_TASK_ID="2")
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == ("task 2: nothing to ask, the login node has no LLM configured "
+                             "(see rpc_server.py)\n")
