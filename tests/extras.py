@@ -10,6 +10,7 @@ the test with the same line instead of skipping it.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from typing import Optional
 
@@ -17,6 +18,7 @@ import pytest
 
 RUN_ALL_ENV = "FILEFORWARD_TEST_ALL"
 BROWSERS = ("chromium", "chromium-browser")
+SKIP_LINE = re.compile(r"^(Skipped: )?[^:]+ unavailable: .+; run \S+$")  # what require() skips with
 
 
 def must_run_everything() -> bool:
@@ -33,6 +35,15 @@ def require(suite: str, why_not: Optional[str], script: str) -> None:
         pytest.fail(f"{message} (CI=true or {RUN_ALL_ENV}=1: every suite must run)",
                     pytrace=False)
     pytest.skip(message)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Report a missing extra's skips at one place, so that `-ra` folds each suite's
+    skips into one summary line instead of one per test (imported by conftest.py)."""
+    report = (yield).get_result()
+    if report.skipped and isinstance(report.longrepr, tuple) and SKIP_LINE.match(report.longrepr[2]):
+        report.longrepr = (__file__, None, report.longrepr[2])
 
 
 def require_nfs_harness(why_not: Optional[str] = None) -> None:
