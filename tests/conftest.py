@@ -37,6 +37,9 @@ class Node:
         return f"Node({self.name}, {self.tunnel_dir})"
 
 
+# --- Heavy suites' extras (tests/extras.py): one summary line per missing extra.
+from tests.extras import pytest_runtest_makereport  # noqa: E402,F401
+
 # --- Two-node NFS emulation harness (issue 4): fixtures `two_nodes`, `make_two_nodes`.
 from tests.nfs_harness.fixtures import make_two_nodes, two_nodes  # noqa: E402,F401
 

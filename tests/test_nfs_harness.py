@@ -14,6 +14,7 @@ from typing import List
 
 import pytest
 
+from tests.extras import require_nfs_harness
 from tests.nfs_harness.mounts import is_mounted, poll_until
 from tests.nfs_harness.probes import WIDTH
 
@@ -245,8 +246,7 @@ def test_lost_update_counter(make_two_nodes, knobs, exact):
 
 
 def test_cli_mounts_runs_on_b_and_unmounts(tmp_path):
-    if not os.path.exists("/dev/fuse"):
-        pytest.skip("no /dev/fuse on this machine")
+    require_nfs_harness()
     a, b, backing = tmp_path / "a", tmp_path / "b", tmp_path / "backing"
     cli = subprocess.Popen(
         [sys.executable, "-m", "tests.nfs_harness", "mount", "--backing", str(backing),

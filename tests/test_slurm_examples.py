@@ -28,8 +28,10 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from jupyter_api import JupyterClient
-from slurm_cluster import (Job, SlurmCluster, free_port, kill_quietly, missing_requirements, poll,
-                           process_environ, session_processes)
+from slurm_cluster import (Job, SlurmCluster, free_port, kill_quietly, poll, process_environ,
+                           session_processes)
+from tests.extras import require_slurm
+from tests.tunnel_support import checkout_commands
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO_ROOT / "slurm_examples"
@@ -38,9 +40,7 @@ EXAMPLES = REPO_ROOT / "slurm_examples"
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[SlurmCluster]:
     """A private single-node SLURM cluster, stopped (jobs cancelled) at module end."""
-    why_not = missing_requirements()
-    if why_not:
-        pytest.skip(why_not)
+    require_slurm()
     with SlurmCluster() as c:
         yield c
 
@@ -101,14 +101,7 @@ class Workspace:
     def __init__(self, cluster: SlurmCluster, root: Path) -> None:
         self.root = root
         self.examples = Path(shutil.copytree(EXAMPLES, root / "examples"))
-        bin_dir = root / "bin"
-        bin_dir.mkdir()
-        for command in ("fileforward", "jupyter"):
-            wrapper = bin_dir / command
-            wrapper.write_text('#!/bin/sh\nexec "%s" -m %s "$@"\n' % (sys.executable, command))
-            wrapper.chmod(0o755)
-        for name in ("python3", "python"):
-            (bin_dir / name).symlink_to(sys.executable)
+        bin_dir = checkout_commands(root / "bin", ("fileforward", "jupyter"))
         home = root / "home"
         home.mkdir()
         if os.geteuid() == 0:  # the cluster runs jobs as root here; Jupyter wants consent

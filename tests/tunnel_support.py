@@ -22,6 +22,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def checkout_commands(bin_dir: Path, modules: Sequence[str] = ("fileforward",)) -> Path:
+    """Fill `bin_dir` (created) for the front of PATH, as a user's shell would find
+    them: `python3`/`python` are this interpreter, and each of `modules` is a
+    command running `python -m MODULE` (with the checkout on PYTHONPATH: this
+    checkout's code, installed or not)."""
+    bin_dir.mkdir(parents=True)
+    for module in modules:
+        wrapper = bin_dir / module
+        wrapper.write_text('#!/bin/sh\nexec "%s" -m %s "$@"\n' % (sys.executable, module))
+        wrapper.chmod(0o755)
+    for name in ("python3", "python"):
+        (bin_dir / name).symlink_to(sys.executable)
+    return bin_dir
+
+
 def recv_exactly(sock: socket.socket, n: int) -> bytes:
     """Exactly `n` bytes from `sock`; ConnectionError if the stream ends first."""
     buf = bytearray()

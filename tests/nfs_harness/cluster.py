@@ -1,14 +1,18 @@
 """Two emulated nodes sharing one export: mounts A and B of a backing directory,
 node B's processes in their own network namespace."""
 import contextlib
+import ctypes.util
+import importlib.util
 import logging
+import os
+import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
 
 from .counters import read_counters
-from .mounts import MountedNode
+from .mounts import HarnessUnavailable, MountedNode
 from .netns import NetNamespace, exec_prefix
 from .options import NodeOptions
 
@@ -67,6 +71,23 @@ class TwoNodes:
                 log.error("process %d did not die", process.pid)
 
 
+def missing_requirements() -> Optional[str]:
+    """Why the two nodes cannot run here (each missing piece), or None if they can."""
+    missing = []
+    if os.geteuid() != 0:
+        missing.append("it needs root (network namespaces, FUSE mounts)")
+    if not os.path.exists("/dev/fuse"):
+        missing.append("/dev/fuse is missing (this kernel or container has no FUSE)")
+    for command, package in (("fusermount3", "fuse3"), ("ip", "iproute2")):
+        if shutil.which(command) is None:
+            missing.append(f"{command} is not installed (Debian package {package})")
+    if ctypes.util.find_library("fuse3") is None:
+        missing.append("libfuse3 is not installed (Debian package libfuse3-3)")
+    if importlib.util.find_spec("mfusepy") is None:
+        missing.append("mfusepy is not installed")
+    return "; ".join(missing) or None
+
+
 @contextlib.contextmanager
 def start_two_nodes(workdir: Path, options: NodeOptions = NodeOptions(),
               a: Optional[Path] = None, b: Optional[Path] = None,
@@ -75,7 +96,11 @@ def start_two_nodes(workdir: Path, options: NodeOptions = NodeOptions(),
     """Mount `backing` (default workdir/backing) twice and yield the two nodes.
 
     Everything is torn down on exit, even after errors: processes, mounts, namespace.
+    Raises HarnessUnavailable, naming every missing piece, before starting anything.
     """
+    why_not = missing_requirements()
+    if why_not:
+        raise HarnessUnavailable(why_not)
     backing = backing or workdir / "backing"
     a = a or workdir / "node_a"
     b = b or workdir / "node_b"
