@@ -270,7 +270,8 @@ class Endpoint:
         self.eid = ""
         self.autostop = autostop
         self.peer_name = peer_name or ("tunnel client" if serve else "tunnel server")
-        self._identity = f"{os.getpid()} {socket.gethostname().replace(' ', '_') or '?'}"
+        host = socket.gethostname().encode("ascii", "replace").decode().replace(" ", "_") or "?"
+        self._identity = f"{os.getpid()} {host}"  # "<pid> <host>", ASCII fields of our PINGs
         self._serve = serve
         self._force = force
         self._on_accept = on_accept

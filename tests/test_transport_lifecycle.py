@@ -360,3 +360,24 @@ def test_cli_service_unreachable_is_logged_on_the_login_side(tmp_path):
     finally:
         for proc in (login_side, job_side):
             proc.kill()
+
+
+def test_cli_login_side_logs_an_idle_job_side_gone_and_its_successor(tmp_path):
+    """No connection at all: a SIGKILLed --client is reported gone (with why) by
+    --server, and the --client started after it is reported as appearing."""
+    tunnel_dir = tmp_path / "tunnel"
+    port = free_port()
+    job_side = start_cli("client", free_port(), tunnel_dir, "--liveness-timeout", "3")
+    login_side = start_cli("server", port, tunnel_dir, "--liveness-timeout", "3")
+    successor = None
+    try:
+        login_side.wait_for(lambda l: f"pid {job_side.popen.pid} " in l and "appeared" in l, timeout=10)
+        job_side.kill()
+        line = login_side.wait_for(lambda l: "is gone" in l, timeout=10)
+        assert "WARNING" in line and "fileforward --client" in line and "no sign of life for 3 s" in line, line
+        successor = start_cli("client", free_port(), tunnel_dir, "--liveness-timeout", "3")
+        login_side.wait_for(lambda l: f"pid {successor.popen.pid} " in l and "appeared" in l, timeout=10)
+    finally:
+        for proc in (login_side, job_side, successor):
+            if proc is not None:
+                proc.kill()
