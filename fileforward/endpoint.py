@@ -601,7 +601,7 @@ class Endpoint:
         if now >= pending.deadline:
             refusal = f" (last answer: {pending.refusal})" if pending.refusal else ""
             self._abandon_connect(pending, NoServerError(
-                f"no fileforward server answered in tunnel directory {self.tunnel_dir} within "
+                f"no {self.peer_name} answered in tunnel directory {self.tunnel_dir} within "
                 f"{self.opts.connect_timeout:g} s{refusal}. Start the far end first, e.g. "
                 f"`fileforward --client --port PORT --tunnel_dir {self.tunnel_dir}` on the node that runs "
                 f"the service (or `python -m rpc serve MODULE:FUNCTIONS --tunnel_dir {self.tunnel_dir}` for RPC)"))
