@@ -36,10 +36,13 @@ class Connector:
 
     All its connections share one endpoint (one I/O thread, one bell), so the idle
     cost stays constant however many are open. Use as ``async with``, or close().
+    `peer_name` names the server in log lines (default "tunnel server").
     """
 
-    def __init__(self, tunnel_dir: PathLike = None, options: Optional[Options] = None, **knobs: Any) -> None:
+    def __init__(self, tunnel_dir: PathLike = None, options: Optional[Options] = None, *,
+                 peer_name: Optional[str] = None, **knobs: Any) -> None:
         self._tunnel_dir = tunnel_dir
+        self._peer_name = peer_name
         self._options = (options or Options()).replace(**knobs)
         self._endpoint: Optional[Endpoint] = None
         self._starting: Optional[asyncio.Future] = None
@@ -54,7 +57,8 @@ class Connector:
         if self._starting is None:
             loop = asyncio.get_running_loop()
             self._starting = loop.create_future()
-            endpoint = Endpoint(_as_path(self._tunnel_dir), loop, self._options, autostop=autostop)
+            endpoint = Endpoint(_as_path(self._tunnel_dir), loop, self._options, autostop=autostop,
+                                peer_name=self._peer_name)
             try:
                 await endpoint.start()
             except BaseException as exc:
@@ -87,14 +91,15 @@ class Connector:
 
 
 async def open_connection(tunnel_dir: PathLike = None, *, limit: int = STREAM_LIMIT,
-                          options: Optional[Options] = None, **knobs: Any
+                          options: Optional[Options] = None, peer_name: Optional[str] = None, **knobs: Any
                           ) -> Tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Connect to the server of `tunnel_dir`, like asyncio.open_connection.
 
     The connection gets an endpoint of its own that goes away when it closes; to
-    open many connections, share one with a Connector. Knobs: see Options.
+    open many connections, share one with a Connector. `peer_name`: see Connector.
+    Knobs: see Options.
     """
-    connector = Connector(tunnel_dir, options, **knobs)
+    connector = Connector(tunnel_dir, options, peer_name=peer_name, **knobs)
     await connector.start(autostop=True)
     try:
         return await connector.open_connection(limit=limit)
@@ -179,11 +184,12 @@ class Server:
 
 async def start_server(client_connected_cb: ClientConnected, tunnel_dir: PathLike = None, *,
                        limit: int = STREAM_LIMIT, force: bool = False, options: Optional[Options] = None,
-                       **knobs: Any) -> Server:
+                       peer_name: Optional[str] = None, **knobs: Any) -> Server:
     """Serve connections made through `tunnel_dir`, like asyncio.start_server.
 
     One server per directory: ServerAlreadyRunningError if another is alive, unless
-    `force`, which asks it to step down. Knobs: see Options.
+    `force`, which asks it to step down. `peer_name` names the clients in log lines
+    (default "tunnel client"). Knobs: see Options.
     """
     loop = asyncio.get_running_loop()
     server: Optional[Server] = None
@@ -196,7 +202,7 @@ async def start_server(client_connected_cb: ClientConnected, tunnel_dir: PathLik
             server._stepped_down(description)
 
     endpoint = Endpoint(_as_path(tunnel_dir), loop, (options or Options()).replace(**knobs), serve=True,
-                        force=force, on_accept=on_accept, on_stepdown=on_stepdown)
+                        force=force, on_accept=on_accept, on_stepdown=on_stepdown, peer_name=peer_name)
     await endpoint.start()
     server = Server(endpoint, loop)
     return server

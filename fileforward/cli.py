@@ -120,7 +120,7 @@ class _Connections:
 async def _listen_side(args: argparse.Namespace, options: Options, stop: asyncio.Event) -> None:
     """--server: TCP listener on the login node; each connection goes into the tunnel."""
     connections = _Connections()
-    async with Connector(args.tunnel_dir, options) as connector:
+    async with Connector(args.tunnel_dir, options, peer_name="fileforward --client") as connector:
 
         async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             try:
@@ -154,12 +154,12 @@ async def _connect_side(args: argparse.Namespace, options: Options, stop: asynci
             service = await asyncio.open_connection(args.host, args.port)
         except OSError as exc:
             log.warning("cannot connect to %s:%d: %s", args.host, args.port, exc.strerror or exc)
-            tunnel_writer.transport.abort()
+            tunnel_writer.transport.reset(f"it cannot connect to {args.host}:{args.port}: {exc.strerror or exc}")
             return
         await splice((tunnel_reader, tunnel_writer), service)
 
     server = await start_server(lambda r, w: connections.run(forward(r, w)), args.tunnel_dir,
-                                force=args.force, options=options)
+                                force=args.force, options=options, peer_name="fileforward --server")
     log.info("forwarding tunnel %s -> %s:%d (the far end: fileforward --server --port PORT --tunnel_dir %s)",
              server.tunnel_dir, args.host, args.port, server.tunnel_dir)
     stepped_down = asyncio.ensure_future(server.wait_closed())

@@ -7,14 +7,24 @@ loop), not the application.
 How the files are used (see tunneldir.py for names):
 
 - Writing: append records to the connection's out chunk file under its lock, at
-  most `window` bytes unread. If this writer was idle for a while, it also appends
-  a WAKE record to the reader's bell, because the reader may have stopped looking.
+  most `window` bytes unread. When an append returns more than wake_after_idle
+  after the previous one began, the writer also appends a WAKE record to the
+  reader's bell, because the reader may have stopped looking (the proof that no
+  write is missed, whatever the timing, is in ARCHITECTURE.md).
 - Reading: a connection the reader has seen data on recently is "hot" and drained
   directly every cycle; a cold one is only looked at when a WAKE for it arrives.
   That keeps the idle cost at one bell poll per cycle, whatever the number of
   connections, while active connections never wait for the bell.
-- Liveness: each endpoint appends a PING to each peer's bell every
-  liveness_timeout/5; any record from a peer is a sign of life, timed on our clock.
+- Ending: a RESET is answered with a RESET, so both sides release a reset
+  connection's descriptors and files at once.
+- Peers: an endpoint knows each peer from its first record until the peer says BYE
+  or is declared dead. It appends a PING (a new counter, with its pid and host) to
+  each peer's bell every liveness_timeout/5. A new record from a peer proves it was
+  alive after our previous look at that file (not when we happen to drain it: after
+  a stall of our own, stale pings prove nothing). A side that gives up on a peer
+  tells it with a BYE carrying the reason, so that both sides end their connections.
+  A client endpoint with no peer looks at the server pointer every POINTER_WATCH,
+  so that both sides learn of each other before the first connection.
 - Cycle timing: right after activity the thread polls every poll_min; then it
   waits half the time since the last activity, up to poll_max. While connections
   are hot, the bell is drained at most every 10 ms: every request counts on NFS.
@@ -40,7 +50,8 @@ from . import tunneldir
 from .errors import NoServerError, PeerLostError, ProtocolError, ServerAlreadyRunningError
 from .files import TABLE, Busy, SharedFile
 from .options import Options
-from .records import FORMAT_VERSION, HEADER, MAGIC, Kind, decode, encode, encode_text, text_fields
+from .records import (FORMAT_VERSION, HEADER, MAGIC, Kind, decode, decode_until_damage, encode, encode_text,
+                      text_fields)
 from .transport import FileTransport
 
 log = logging.getLogger(__name__)
@@ -50,6 +61,7 @@ _EID_RE = re.compile(r"^[0-9a-f]{16}$")
 POINTER_RECHECK = 0.25
 STEPDOWN_WAIT = 10.0
 BELL_POLL_WHILE_HOT = 0.01  # hot connections are drained directly; the bell can wait a little
+POINTER_WATCH = 2.0  # how often a client endpoint with no peer looks for a server
 _GONE_ERRNOS = (errno.ENOENT, errno.ESTALE)
 
 
@@ -84,8 +96,8 @@ class Conn:
         self.in_done = False
         self.reading = True
         self.hot = True
-        self.last_seen = time.monotonic()
-        self.last_write = float("-inf")
+        self.last_seen = self.looked = time.monotonic()  # last fruitful drain / start of the last look
+        self.last_write = float("-inf")  # when the last append began
         self.in_next = self.out_next = 0.0  # see _leave_free_since
 
     # --- called on the loop --------------------------------------------------------------
@@ -121,12 +133,16 @@ class Conn:
         return False
 
     def request_reset(self, reason: str) -> None:
-        """Abort: drop buffered data and tell the peer."""
+        """Abort: drop buffered data and tell the peer (`reason` empty for a plain abort).
+
+        Reading goes on until the peer's answering RESET, which releases the connection.
+        """
         with self.lock:
             self.out_buf.clear()
             self.app_closed = True
             if self.reset_reason is None and not self.out_done:
                 self.reset_reason = reason
+        self.reading = self.hot = True
         self.endpoint.wake()
 
     def set_reading(self, reading: bool) -> None:
@@ -214,14 +230,16 @@ class PendingConnect:
 
 
 class Peer:
-    """Another endpoint we have connections with."""
+    """Another endpoint we know, from its first record until it leaves or is declared dead."""
 
     def __init__(self, eid: str, bell: SharedFile) -> None:
         self.eid = eid
         self.bell = bell
         self.last_seen = time.monotonic()
         self.last_ping = float("-inf")
-        self.pings = 0
+        self.pings = 0  # the counter of our pings to it
+        self.pings_seen = 0  # the highest counter of its pings to us
+        self.who: Optional[str] = None  # "pid P on host H", from its pings
         self.conns: Set[str] = set()
 
 
@@ -236,18 +254,24 @@ class Endpoint:
 
     Create, then `await endpoint.start()`. A serving endpoint also claims the
     directory's server pointer. With `autostop`, the endpoint stops once it has
-    had connections and has none (and no server role) left.
+    had connections and has none (and no server role) left. `peer_name` names the
+    other side in log lines (e.g. "fileforward --client"); by default "tunnel
+    client" for a serving endpoint, else "tunnel server".
     """
 
     def __init__(self, tunnel_dir: Path, loop: asyncio.AbstractEventLoop, options: Options,
                  *, serve: bool = False, force: bool = False, autostop: bool = False,
                  on_accept: Optional[Callable[[FileTransport], None]] = None,
-                 on_stepdown: Optional[Callable[[str], None]] = None) -> None:
+                 on_stepdown: Optional[Callable[[str], None]] = None,
+                 peer_name: Optional[str] = None) -> None:
         self.tunnel_dir = tunnel_dir
         self.loop = loop
         self.opts = options
         self.eid = ""
         self.autostop = autostop
+        self.peer_name = peer_name or ("tunnel client" if serve else "tunnel server")
+        host = socket.gethostname().encode("ascii", "replace").decode().replace(" ", "_") or "?"
+        self._identity = f"{os.getpid()} {host}"  # "<pid> <host>", ASCII fields of our PINGs
         self._serve = serve
         self._force = force
         self._on_accept = on_accept
@@ -266,6 +290,8 @@ class Endpoint:
         self._next_cid = 0
         self._last_activity = time.monotonic()
         self._last_bell_poll = float("-inf")
+        self._bell_looked = time.monotonic()  # start of the last drain of our bell
+        self._next_watch = 0.0  # next look at the server pointer (client endpoints with no peer)
         self.busy_since: Optional[float] = None
         self.started: "concurrent.futures.Future[None]" = concurrent.futures.Future()
         self.stopped: "concurrent.futures.Future[None]" = concurrent.futures.Future()
@@ -401,7 +427,7 @@ class Endpoint:
         activity = self._run_commands()
         for conn in list(self._conns.values()):
             if now >= conn.out_next and conn.has_output():
-                activity |= self._flush(conn, now)
+                activity |= self._flush(conn)
         hot = [c for c in self._conns.values() if c.hot and c.reading and not c.in_done and now >= c.in_next]
         if not hot or now - self._last_bell_poll >= BELL_POLL_WHILE_HOT:
             self._last_bell_poll = now
@@ -411,6 +437,9 @@ class Endpoint:
                 activity |= self._poll_in(conn, now)
         for pending in list(self._connects.values()):
             self._advance_connect(pending, now)
+        if not self._serve and not self._peers and now >= self._next_watch:
+            self._next_watch = now + POINTER_WATCH
+            self._watch_server()
         self._keep_peers(now)
         for conn in [c for c in self._conns.values() if c.in_done and c.out_done]:
             self._forget(conn)
@@ -441,16 +470,17 @@ class Endpoint:
 
     def _shutdown(self) -> None:
         self._run_commands(last=True)
+        for peer in self._peers.values():  # first: a peer that reads it ends our connections at once
+            _quietly(peer.bell.append, encode_text(Kind.BYE, self.eid))
         for pending in list(self._connects.values()):
             self._abandon_connect(pending, ConnectionAbortedError(f"fileforward endpoint for {self.tunnel_dir} shut down"))
         for conn in list(self._conns.values()):
-            _reset_output(conn, "the other side shut down")
+            _reset_output(conn, "")  # a plain reset: the BYE below says why
             self._end_input(conn)
             self.to_loop(conn.transport.deliver_lost,
                           ConnectionAbortedError(f"fileforward endpoint for {self.tunnel_dir} shut down"))
             self._forget(conn)
         for peer in list(self._peers.values()):
-            _quietly(peer.bell.append, encode_text(Kind.BYE, self.eid))
             self._drop_peer(peer)
         _quietly(self._release_pointer, True)
         if self._bell is not None:
@@ -571,7 +601,7 @@ class Endpoint:
         if now >= pending.deadline:
             refusal = f" (last answer: {pending.refusal})" if pending.refusal else ""
             self._abandon_connect(pending, NoServerError(
-                f"no fileforward server answered in tunnel directory {self.tunnel_dir} within "
+                f"no {self.peer_name} answered in tunnel directory {self.tunnel_dir} within "
                 f"{self.opts.connect_timeout:g} s{refusal}. Start the far end first, e.g. "
                 f"`fileforward --client --port PORT --tunnel_dir {self.tunnel_dir}` on the node that runs "
                 f"the service (or `python -m rpc serve MODULE:FUNCTIONS --tunnel_dir {self.tunnel_dir}` for RPC)"))
@@ -612,7 +642,7 @@ class Endpoint:
     def _abandon_connect(self, pending: PendingConnect, exc: BaseException) -> None:
         conn = pending.conn
         self._connects.pop(conn.cid, None)
-        _reset_output(conn, "connect abandoned")  # in case the server accepted just now
+        _reset_output(conn, "")  # in case the server accepted just now
         TABLE.unlink(conn.in_path)
         TABLE.unlink(conn.out_path)
         conn.in_done = True
@@ -645,18 +675,18 @@ class Endpoint:
         conn.peer = sender
         peer.conns.add(cid)
         self._conns[cid] = conn
+        conn.last_write = time.monotonic()
         try:
             out_file.append(encode(Kind.ACCEPT, self.eid.encode()))
         except OSError as exc:
             self._fail(conn, _describe_gone(exc, "accepting"), tell_peer=False)
             return
-        conn.last_write = time.monotonic()
         self._ring(conn)
         if self._on_accept is not None:
             self.to_loop(self._on_accept, conn.transport)
 
     # --- writing ------------------------------------------------------------------------
-    def _flush(self, conn: Conn, now: float) -> bool:
+    def _flush(self, conn: Conn) -> bool:
         eof_before = conn.eof_written
         started = time.monotonic()
         try:
@@ -671,9 +701,12 @@ class Endpoint:
         if not written:  # the window is full: let the reader at the file
             conn.out_next = _leave_free_since(started)
             return False
-        if conn.out_done or conn.eof_written != eof_before or now - conn.last_write > self.opts.wake_after_idle:
+        # Timed after the append returned, against when the previous one began: the
+        # bounds the wake-up protocol needs (ARCHITECTURE.md), whatever delayed this append.
+        if (conn.out_done or conn.eof_written != eof_before
+                or time.monotonic() - conn.last_write > self.opts.wake_after_idle):
             self._ring(conn)
-        conn.last_write = now
+        conn.last_write = started
         if conn.lost_after_write:
             conn.lost_after_write = False
             self.to_loop(conn.transport.deliver_lost, None)
@@ -701,40 +734,45 @@ class Endpoint:
     def _poll_bell(self) -> bool:
         """Drain our bell; True if it brought activity (not just pings)."""
         assert self._bell is not None
+        started = time.monotonic()
         try:
             data = self._bell.drain(wait=False)
         except Busy:  # a peer is appending: come back in a moment
             return True
+        looked, self._bell_looked = self._bell_looked, started
         if not data:
             return False
-        try:
-            records = decode(data)
-        except ProtocolError as exc:
-            log.error("tunnel directory %s: discarding a damaged bell file (%s)", self.tunnel_dir, exc)
-            return True
-        now = time.monotonic()
+        records, damage = decode_until_damage(data)
+        if damage is not None:  # what came before it is good: act on it
+            log.warning("tunnel directory %s: ignoring the damaged end of our bell file (%d bytes): %s",
+                        self.tunnel_dir, len(data), damage)
         for kind, payload in records:
             try:
-                self._on_bell_record(kind, text_fields(payload), now)
+                self._on_bell_record(kind, text_fields(payload), looked)
             except (ProtocolError, IndexError, ValueError) as exc:
-                log.error("tunnel directory %s: ignoring a malformed %s record (%s)",
-                          self.tunnel_dir, kind.name, exc)
+                log.warning("tunnel directory %s: ignoring a malformed %s record (%s)",
+                            self.tunnel_dir, kind.name, exc)
         return any(kind is not Kind.PING for kind, _ in records)  # a ping is no reason to poll faster
 
-    def _on_bell_record(self, kind: Kind, fields: List[str], now: float) -> None:
+    def _on_bell_record(self, kind: Kind, fields: List[str], looked: float) -> None:
+        """Act on one bell record, appended after `looked` (our previous drain began)."""
         sender = fields[0]
+        if kind is Kind.PING:
+            self._on_ping(sender, fields[1:], looked)
+            return
         peer = self._peers.get(sender)
         if peer is not None:
-            peer.last_seen = now
+            peer.last_seen = max(peer.last_seen, looked)
         if kind is Kind.WAKE:
             conn = self._conns.get(fields[1])
             if conn is not None:
-                conn.hot, conn.last_seen = True, now
+                conn.hot, conn.last_seen = True, time.monotonic()
         elif kind is Kind.CONNECT:
             self._on_connect(sender, fields[1])
         elif kind is Kind.BYE:
             if peer is not None:
-                self._peer_lost(peer, "it shut down")
+                why = " ".join(fields[1:])
+                self._peer_lost(peer, f"it gave up on this side: {why}" if why else "")
         elif kind is Kind.STEPDOWN:
             if self._pointer is not None:
                 description = " ".join(fields[1:])
@@ -742,10 +780,29 @@ class Endpoint:
                 self._release_pointer(clear=False)
                 if self._on_stepdown is not None:
                     self.to_loop(self._on_stepdown, description)
-        elif kind is not Kind.PING:
+        else:
             raise ProtocolError(f"unexpected record {kind.name} in a bell file")
 
+    def _on_ping(self, sender: str, fields: List[str], looked: float) -> None:
+        """A peer's PING: life if its counter is new; a new peer is announced with its pid and host."""
+        peer = self._peers.get(sender)
+        if peer is None:
+            if sender == self.eid:
+                return
+            try:
+                peer = self._peer(sender)
+            except FileNotFoundError:  # gone already
+                return
+        counter = int(fields[0])
+        if counter > peer.pings_seen:
+            peer.pings_seen = counter
+            peer.last_seen = max(peer.last_seen, looked)
+        if peer.who is None and len(fields) >= 3:
+            peer.who = f"pid {fields[1]} on host {fields[2]}"
+            log.info("tunnel directory %s: %s appeared", self.tunnel_dir, self._describe(peer))
+
     def _poll_in(self, conn: Conn, started: float) -> bool:
+        """Drain a connection's in file. `started`: when this cycle began, before the look."""
         polled = time.monotonic()
         try:
             data = conn.in_file.drain(wait=False)
@@ -755,16 +812,16 @@ class Endpoint:
         except OSError as exc:
             self._fail(conn, _describe_gone(exc, "reading"), tell_peer=True)
             return True
-        now = time.monotonic()
+        looked, conn.looked = conn.looked, polled
         if not data:
             conn.in_next = _leave_free_since(polled)
             if started - conn.last_seen > self.opts.cool_after and conn.cid not in self._connects:
                 conn.hot = False
             return False
-        conn.last_seen = now
+        conn.last_seen = time.monotonic()
         peer = self._peers.get(conn.peer) if conn.peer else None
         if peer is not None:
-            peer.last_seen = now
+            peer.last_seen = max(peer.last_seen, looked)
         try:
             self._on_records(conn, decode(data))
         except ProtocolError as exc:
@@ -790,9 +847,7 @@ class Endpoint:
                 self._end_input(conn)
                 conn.peer_closed()
             elif kind is Kind.RESET:
-                self._end_input(conn)
-                reason = bytes(payload).decode("utf-8", "replace")
-                self._fail(conn, PeerLostError(f"connection reset by the other side ({reason})"), tell_peer=False)
+                self._on_reset(conn, bytes(payload).decode("utf-8", "replace"))
                 return
             elif kind in (Kind.ACCEPT, Kind.REFUSE) and conn.cid in self._connects:
                 self._on_answer(self._connects[conn.cid], kind, bytes(payload).decode("utf-8", "replace"))
@@ -802,15 +857,26 @@ class Endpoint:
             self.to_loop(conn.transport.deliver_data, payloads)
 
     # --- ending connections -------------------------------------------------------------
+    def _on_reset(self, conn: Conn, why: str) -> None:
+        """The peer reset the connection: answer (unless we reset it first), so that
+        it can release the connection too, and tell the application why."""
+        peer = self._peers.get(conn.peer) if conn.peer else None
+        by = self._describe(peer) if peer is not None else f"the {self.peer_name}"
+        if why:  # a failure the peer explains (a plain abort has no reason)
+            log.warning("tunnel directory %s: %s reset connection %s: %s", self.tunnel_dir, by, conn.cid, why)
+        self._fail(conn, PeerLostError(f"connection reset by the other side ({by})" + (f": {why}" if why else "")),
+                   tell_peer=True, why="")
+
     def _end_input(self, conn: Conn) -> None:
         """No more records will be read from the in file: remove it (its writer is done)."""
         if not conn.in_done:
             conn.in_done = True
             TABLE.unlink(conn.in_path)
 
-    def _fail(self, conn: Conn, exc: BaseException, tell_peer: bool) -> None:
-        """End a connection with an error for the application."""
-        if tell_peer and _reset_output(conn, str(exc)):
+    def _fail(self, conn: Conn, exc: BaseException, tell_peer: bool, why: Optional[str] = None) -> None:
+        """End a connection with an error for the application; with `tell_peer`, a
+        RESET tells the peer `why` (default: the error)."""
+        if tell_peer and _reset_output(conn, str(exc) if why is None else why):
             self._ring(conn)
         conn.end_output()  # no more writes either way
         self._end_input(conn)
@@ -826,8 +892,6 @@ class Endpoint:
         peer = self._peers.get(conn.peer) if conn.peer else None
         if peer is not None:
             peer.conns.discard(conn.cid)
-            if not peer.conns:
-                self._drop_peer(peer)
         TABLE.release(conn.in_file)
         TABLE.release(conn.out_file)
 
@@ -841,34 +905,64 @@ class Endpoint:
             self._peers[eid] = peer
         return peer
 
+    def _describe(self, peer: Peer) -> str:
+        return f"{self.peer_name} ({peer.who})" if peer.who else f"{self.peer_name} {peer.eid}"
+
     def _drop_peer(self, peer: Peer) -> None:
         if self._peers.pop(peer.eid, None) is not None:
             TABLE.release(peer.bell)
 
+    def _watch_server(self) -> None:
+        """Meet the directory's live server before any connection, so that both
+        sides can tell their users about each other."""
+        try:
+            info = self._read_pointer()
+        except ProtocolError:  # a connection attempt reports it
+            return
+        eid = str(info.get("eid", "")) if info else ""
+        if not _EID_RE.match(eid) or self._owner_dead(tunneldir.bell_path(self.tunnel_dir, eid)):
+            return
+        try:
+            self._peer(eid)  # our first PING introduces us; its PING introduces it
+        except FileNotFoundError:
+            pass
+
     def _keep_peers(self, now: float) -> None:
         for peer in list(self._peers.values()):
             if now - peer.last_seen > self.opts.liveness_timeout:
-                self._peer_lost(peer, f"no sign of life for {self.opts.liveness_timeout:g} s "
-                                      f"(it crashed, or the shared filesystem stopped answering)")
+                self._peer_lost(peer, f"no sign of life for {self.opts.liveness_timeout:g} s (it crashed, "
+                                      f"was stopped, or the shared filesystem stopped answering)", tell=True)
             elif now - peer.last_ping >= self.opts.ping_interval:
                 peer.last_ping = now
                 peer.pings += 1
                 try:
-                    peer.bell.append(encode_text(Kind.PING, self.eid, peer.pings))
+                    peer.bell.append(encode_text(Kind.PING, self.eid, peer.pings, self._identity))
                 except OSError as exc:
                     self._peer_lost(peer, f"its bell file is gone ({exc.strerror})")
 
-    def _peer_lost(self, peer: Peer, why: str) -> None:
-        """The peer is gone: fail its connections and clear the files it cannot."""
+    def _peer_lost(self, peer: Peer, why: str, tell: bool = False) -> None:
+        """The peer left (`why` empty) or is gone: end its connections and clear
+        the files it cannot. With `tell`, a BYE tells it that we gave up on it, so
+        that it ends its side of them too, should it come back."""
         if self._peers.get(peer.eid) is not peer:
             return
-        log.info("tunnel directory %s: the other side %s is gone: %s", self.tunnel_dir, peer.eid, why)
+        who = self._describe(peer)
+        if not why:
+            log.info("tunnel directory %s: %s left (it shut down cleanly)", self.tunnel_dir, who)
+            error = PeerLostError(f"{who} shut down")
+        else:
+            level = logging.WARNING if peer.who or peer.conns else logging.DEBUG
+            log.log(level, "tunnel directory %s: %s is gone: %s", self.tunnel_dir, who, why)
+            error = PeerLostError(f"{who} is gone (tunnel directory {self.tunnel_dir}): {why}")
+        if tell:
+            _quietly(peer.bell.append, encode_text(
+                Kind.BYE, self.eid, f"it saw no sign of life from this side for {self.opts.liveness_timeout:g} s "
+                                    f"(was this process stopped, or its filesystem hung?)"))
         for cid in list(peer.conns):
             conn = self._conns.get(cid)
             if conn is None:
                 continue
-            self._fail(conn, PeerLostError(f"the other side of the tunnel in {self.tunnel_dir} is gone: {why}"),
-                       tell_peer=False)
+            self._fail(conn, error, tell_peer=False)
             TABLE.unlink(conn.out_path)
             self._forget(conn)
         self._drop_peer(peer)

@@ -49,15 +49,18 @@ class Options:
 
     @property
     def wake_after_idle(self) -> float:
-        """A writer idle for longer than this rings the reader's bell with its next write."""
+        """A writer rings the reader's bell when an append returns more than this
+        after the previous append to the same file began (see ARCHITECTURE.md,
+        "The wake-up protocol")."""
         return 1.0
 
     @property
     def cool_after(self) -> float:
         """A reader keeps polling a connection directly until an empty poll that
-        started this long after the last data it saw (then it waits for the bell).
+        started this long after the end of its last fruitful drain (then it waits
+        for the bell).
 
-        Longer than wake_after_idle, so a write that did not ring is always seen.
+        Longer than wake_after_idle, so that a write the reader can miss always rings.
         """
         return self.wake_after_idle + 0.25
 

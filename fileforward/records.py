@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 from .errors import ProtocolError
 
@@ -28,13 +28,15 @@ class Kind(enum.IntEnum):
     DATA = 1  # payload: stream bytes
     EOF = 2  # the writer will send no more data (half-close)
     CLOSE = 3  # EOF, and the writer will read no more either
-    RESET = 4  # payload: reason text; the connection is aborted
+    RESET = 4  # payload: why (empty: a plain abort); the connection is aborted. Answered with a RESET
+    #            by the receiver, so that both sides release the connection at once
     ACCEPT = 5  # first record from the server: the connection is established
     REFUSE = 6  # payload: reason text; the server will not take the connection
     CONNECT = 16  # payload: "<sender eid> <connection id>"
     WAKE = 17  # payload: "<sender eid> <connection id>": look at that chunk file
-    PING = 18  # payload: "<sender eid> <counter>": the sender is alive
-    BYE = 19  # payload: "<sender eid>": the sender shut down; its connections are gone
+    PING = 18  # payload: "<sender eid> <counter> [<pid> <host>]": the sender is alive (a new counter)
+    BYE = 19  # payload: "<sender eid> [<why>]": every connection with the sender is gone; no <why>:
+    #           it shut down cleanly, else it gave up on the receiver (e.g. no sign of life)
     STEPDOWN = 20  # payload: "<sender eid> <description>": a new server took over
 
 
@@ -59,32 +61,44 @@ def decode(buf: bytes) -> List[Record]:
     Raises ProtocolError for a bad magic, an unknown version or kind, an absurd
     length or a truncated tail; the caller decides which connection that breaks.
     """
+    records, damage = decode_until_damage(buf)
+    if damage is not None:
+        raise damage
+    return records
+
+
+def decode_until_damage(buf: bytes) -> Tuple[List[Record], Optional[ProtocolError]]:
+    """The whole records before any damage in `buf`, and the damage (None if there is none).
+
+    For files whose records are independent of each other (bells): what was
+    appended before a damaged record is still good.
+    """
     records: List[Record] = []
     view = memoryview(buf)
     pos, end = 0, len(buf)
     while pos < end:
         if end - pos < HEADER.size:
-            raise ProtocolError(f"truncated record header at offset {pos}")
+            return records, ProtocolError(f"truncated record header at offset {pos}")
         magic, version, kind, length = HEADER.unpack_from(view, pos)
         if magic != MAGIC:
-            raise ProtocolError(f"bad record magic {bytes(magic)!r} at offset {pos}")
+            return records, ProtocolError(f"bad record magic {bytes(magic)!r} at offset {pos}")
         if version != FORMAT_VERSION:
-            raise ProtocolError(
+            return records, ProtocolError(
                 f"record format version {version} at offset {pos}; this fileforward "
                 f"speaks version {FORMAT_VERSION}: run the same fileforward version on both sides"
             )
         if length > MAX_PAYLOAD:
-            raise ProtocolError(f"record length {length} at offset {pos} exceeds {MAX_PAYLOAD}")
+            return records, ProtocolError(f"record length {length} at offset {pos} exceeds {MAX_PAYLOAD}")
         try:
             kind = Kind(kind)
         except ValueError:
-            raise ProtocolError(f"unknown record kind {kind} at offset {pos}") from None
+            return records, ProtocolError(f"unknown record kind {kind} at offset {pos}")
         start = pos + HEADER.size
         if start + length > end:
-            raise ProtocolError(f"truncated record at offset {pos}: {length} bytes announced")
+            return records, ProtocolError(f"truncated record at offset {pos}: {length} bytes announced")
         records.append((kind, view[start : start + length]))
         pos = start + length
-    return records
+    return records, None
 
 
 def text_fields(payload: memoryview) -> List[str]:

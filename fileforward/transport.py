@@ -107,10 +107,15 @@ class FileTransport(asyncio.Transport):
             self._loop.call_soon(self._protocol.connection_lost, None)  # type: ignore[union-attr]
 
     def abort(self) -> None:
+        self.reset("")
+
+    def reset(self, reason: str) -> None:
+        """Abort, telling the other side why: its application gets a ConnectionResetError
+        carrying `reason`, and its endpoint logs it as a WARNING. abort() is reset("")."""
         if self._lost:
             return
         self._closing = True
-        self._conn.request_reset("aborted by the other side")
+        self._conn.request_reset(reason)
         self._lost = True
         if self._loop is not None and self._protocol is not None:
             self._loop.call_soon(self._protocol.connection_lost, None)

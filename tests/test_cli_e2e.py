@@ -149,7 +149,7 @@ def test_no_job_side_gives_a_clear_log_line(nodes):
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
             assert recv_all(sock) == b""
-        line = login_side.wait_for(lambda l: "no fileforward server answered" in l)
+        line = login_side.wait_for(lambda l: "no fileforward --client answered" in l)
         assert "fileforward --client" in line and str(login.tunnel_dir) in line
     finally:
         login_side.kill()
