@@ -21,7 +21,8 @@ import urllib.request
 
 import pytest
 
-from tests.tunnel_support import free_port, recv_exactly, start_cli, start_service, tunnel_files, Proc, python
+from tests.tunnel_support import (free_port, one_line_error, recv_exactly, start_cli, start_service, tunnel_files, Proc,
+                                  python)
 
 LIVENESS = "3"
 
@@ -286,13 +287,6 @@ def test_sigterm_stops_cleanly_within_2s_and_removes_files(tunnel):
 def test_sigint_also_stops_cleanly(tunnel):
     tunnel.job_side.signal(signal.SIGINT)
     assert tunnel.job_side.popen.wait(5) == 0
-
-
-def one_line_error(proc: Proc) -> str:
-    assert proc.popen.wait(15) != 0
-    lines = [l for l in proc.output.splitlines() if l.strip()]
-    assert len(lines) == 1 and "Traceback" not in proc.output, proc.output
-    return lines[0]
 
 
 def test_unsafe_tunnel_dir_is_refused(tmp_path):
