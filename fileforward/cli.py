@@ -6,7 +6,7 @@
 
 Each connection accepted by --server travels through the tunnel directory to
 --client, which opens a connection to the service. Both start in either order.
-Commands (`demo`, more to come) are subcommands; the two roles are the classic
+Commands (`demo`) are subcommands; the two roles are the classic
 flags, so that `fileforward --server --port P` keeps working.
 """
 from __future__ import annotations

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import errno
 import logging
+import os
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Optional, Set
 
@@ -96,11 +97,10 @@ async def listening(tunnel_dir: Optional[Path], bind: str, port: int,
         peer = "%s:%d" % writer.get_extra_info("peername")[:2]
         try:
             tunnel = await connector.open_connection()
-        except NoServerError as exc:
+        except NoServerError:  # the transport's words say "server" for what is the user's --client
             where = connector.tunnel_dir or requested
             log.warning("no fileforward --client is serving tunnel %s (start it next to the service: "
                         "fileforward --client --port %d --tunnel-dir %s)", where, port, where)
-            log.debug("connection from %s: %s", peer, exc)
             reset(writer)
             return
         except OSError as exc:
@@ -140,7 +140,7 @@ async def connecting(tunnel_dir: Optional[Path], host: str, port: int, options: 
         try:
             service = await asyncio.open_connection(host, port)
         except OSError as exc:
-            log.warning("cannot connect to %s:%d: %s", host, port, exc.strerror or exc)
+            log.warning("cannot connect to %s:%d: %s", host, port, os.strerror(exc.errno) if exc.errno else exc)
             reset(tunnel_writer)
             return
         await _forward(name, (tunnel_reader, tunnel_writer), service)

@@ -258,6 +258,22 @@ def test_service_reset_reaches_the_user_as_a_reset(nodes):
         tunnel.close()
 
 
+def test_service_not_listening_resets_the_user_and_is_logged(nodes):
+    login, job = nodes
+    closed_port, port = free_port(), free_port()
+    job_side = start_cli("client", closed_port, job.tunnel_dir, prefix=job.prefix)
+    login_side = start_cli("server", port, login.tunnel_dir, prefix=login.prefix)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            assert read_until_reset(sock) == 0
+        line = job_side.wait_for(lambda l: "cannot connect" in l)
+        assert f"WARNING cannot connect to localhost:{closed_port}: Connection refused" in line
+    finally:
+        login_side.kill()
+        job_side.kill()
+
+
 @pytest.mark.parametrize("how, seen", [("fin", "ENDED clean"), ("rst", "ENDED reset")])
 def test_the_service_sees_how_the_user_ended(tunnel, how, seen):
     sock = tunnel.connect()
