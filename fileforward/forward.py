@@ -97,16 +97,16 @@ async def listening(tunnel_dir: Optional[Path], bind: str, port: int,
         peer = "%s:%d" % writer.get_extra_info("peername")[:2]
         try:
             tunnel = await connector.open_connection()
-        except NoServerError:  # the transport's words say "server" for what is the user's --client
+        except BaseException as exc:  # cancelled too: a connection never served is reset, not ended
+            reset(writer)
             where = connector.tunnel_dir or requested
-            log.warning("no fileforward --client is serving tunnel %s (start it next to the service: "
-                        "fileforward --client --port %d --tunnel-dir %s)", where, port, where)
-            reset(writer)
-            return
-        except OSError as exc:
-            log.warning("connection from %s: cannot open a connection through tunnel %s: %s",
-                        peer, connector.tunnel_dir or requested, exc)
-            reset(writer)
+            if isinstance(exc, NoServerError):  # the transport's words say "server" for the user's --client
+                log.warning("no fileforward --client is serving tunnel %s (start it next to the service: "
+                            "fileforward --client --port %d --tunnel-dir %s)", where, port, where)
+            elif isinstance(exc, OSError):
+                log.warning("connection from %s: cannot open a connection through tunnel %s: %s", peer, where, exc)
+            else:
+                raise
             return
         await _forward(f"from {peer} via {tunnel[1].get_extra_info('connection_id')}", (reader, writer), tunnel)
 
@@ -139,9 +139,11 @@ async def connecting(tunnel_dir: Optional[Path], host: str, port: int, options: 
         name = f"{tunnel_writer.get_extra_info('connection_id')} to {host}:{port}"
         try:
             service = await asyncio.open_connection(host, port)
-        except OSError as exc:
-            log.warning("cannot connect to %s:%d: %s", host, port, os.strerror(exc.errno) if exc.errno else exc)
+        except BaseException as exc:  # cancelled too: a connection never served is reset, not ended
             reset(tunnel_writer)
+            if not isinstance(exc, OSError):
+                raise
+            log.warning("cannot connect to %s:%d: %s", host, port, os.strerror(exc.errno) if exc.errno else exc)
             return
         await _forward(name, (tunnel_reader, tunnel_writer), service)
 

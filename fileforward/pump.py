@@ -37,8 +37,9 @@ class Spliced:
         """How it ended, in words."""
         if self.error is None:
             return "closed"
-        return f"reset ({type(self.error).__name__}: {self.error})" if str(self.error) else \
-            f"reset ({type(self.error).__name__})"
+        if isinstance(self.error, asyncio.CancelledError):
+            return "reset (shutting down)"
+        return f"reset ({type(self.error).__name__}: {self.error})"
 
 
 def reset(writer: asyncio.StreamWriter) -> None:

@@ -21,6 +21,7 @@ import urllib.request
 
 import pytest
 
+from tests.slurm_cluster import poll
 from tests.tunnel_support import (free_port, one_line_error, recv_exactly, start_cli, start_service, tunnel_files, Proc,
                                   python)
 
@@ -272,6 +273,19 @@ def test_service_not_listening_resets_the_user_and_is_logged(nodes):
     finally:
         login_side.kill()
         job_side.kill()
+
+
+def test_stopping_the_login_side_resets_a_connection_waiting_for_the_job_side(tmp_path):
+    port = free_port()
+    login_side = start_cli("server", port, tmp_path / "t")
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(b"waiting")
+            poll(lambda: list((tmp_path / "t").glob("*.c2s")), 15, "the connection to wait for a --client")
+            assert login_side.stop() == 0
+            assert read_until_reset(sock) == 0
+    finally:
+        login_side.kill()
 
 
 @pytest.mark.parametrize("how, seen", [("fin", "ENDED clean"), ("rst", "ENDED reset")])

@@ -6,11 +6,11 @@ import os
 import re
 import signal
 import socket
-import subprocess
 from pathlib import Path
 
 import pytest
 
+from tests.slurm_cluster import poll
 from tests.tunnel_support import (Proc, free_port, one_line_error, python, recv_exactly, start_cli, start_service,
                                   tunnel_files)
 
@@ -38,17 +38,15 @@ def lowered_limit() -> "list[str]":
 
 def wait_until_main_runs(proc: Proc) -> None:
     """Until the process (started with lowered_limit()) has raised its descriptor
-    limit, the first thing main() does. Before prlimit's exec, the limit is ours."""
-    for _ in range(1500):
+    limit, the first thing main() does."""
+    def raised() -> bool:
+        # Until prlimit's exec (and before it, the fork's), the limit is ours; so the
+        # command line is read first: once it is fileforward's, the limit read next is too.
+        cmdline = Path(f"/proc/{proc.popen.pid}/cmdline").read_bytes()
         soft, hard = open_file_limits(proc.popen.pid)
-        if soft == hard and b"prlimit" not in Path(f"/proc/{proc.popen.pid}/cmdline").read_bytes():
-            return
-        try:
-            proc.popen.wait(0.01)
-        except subprocess.TimeoutExpired:
-            continue
-        break
-    raise AssertionError(f"{proc.argv} never raised its open-file limit; output:\n{proc.output}")
+        return b"fileforward" in cmdline and b"prlimit" not in cmdline and soft == hard
+
+    poll(raised, 15, f"{proc.argv} to raise its open-file limit", interval=0.005)
 
 
 # --- flags -------------------------------------------------------------------------------
