@@ -45,25 +45,34 @@ def prepare(tunnel_dir: Union[str, Path, None]) -> Path:
     Whoever can write into the directory can inject bytes into every connection
     (and run code through RPC), so it must be ours and closed to group and others.
     """
-    path = Path(tunnel_dir).expanduser() if tunnel_dir is not None else default_tunnel_dir()
-    path = Path(os.path.abspath(path))
-    _make_dirs(path)
+    path = absolute(tunnel_dir)
+    make_dirs(path)
     path = path.resolve()
     check_safe(path)
     return path
 
 
-def _make_dirs(path: Path) -> None:
+def absolute(tunnel_dir: Union[str, Path, None]) -> Path:
+    """The absolute path of `tunnel_dir` (None: the default), "~" expanded."""
+    path = Path(tunnel_dir).expanduser() if tunnel_dir is not None else default_tunnel_dir()
+    return Path(os.path.abspath(path))
+
+
+def make_dirs(path: Path) -> bool:
+    """Create `path` and its missing parents (0700). True if we created `path`."""
     missing = []
     probe = path
     while not probe.exists():
         missing.append(probe)
         probe = probe.parent
+    created = False
     for directory in reversed(missing):
         try:
             directory.mkdir(mode=0o700)
+            created = True
         except FileExistsError:
-            pass
+            created = False
+    return created
 
 
 def check_safe(path: Path) -> None:

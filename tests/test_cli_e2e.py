@@ -2,21 +2,28 @@
 
 Topology: a test TCP client -> `fileforward --server` (login node) -> tunnel dir ->
 `fileforward --client` (job node) -> a service on the job node (tests/services.py).
+
+A connection that breaks must reach the program at either end as a reset (RST),
+never as a clean EOF: the tests below read until the end and tell the two apart.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import fcntl
 import hashlib
 import os
 import random
 import signal
 import socket
+import struct
 import time
 import urllib.request
 
 import pytest
 
-from tests.tunnel_support import free_port, recv_exactly, start_cli, start_service, tunnel_files, Proc, python
+from tests.slurm_cluster import poll
+from tests.tunnel_support import (free_port, one_line_error, recv_exactly, start_cli, start_service, tunnel_files, Proc,
+                                  python)
 
 LIVENESS = "3"
 
@@ -24,7 +31,7 @@ LIVENESS = "3"
 class Tunnel:
     """A running login-side and job-side pair, with a service behind the job side."""
 
-    def __init__(self, nodes, service: str = "echo", extra=()) -> None:
+    def __init__(self, nodes, service: str = "report", extra=()) -> None:
         self.login, self.job = nodes
         self.extra = list(extra)
         self.service_port, self.port = free_port(), free_port()
@@ -63,6 +70,25 @@ def recv_all(sock: socket.socket) -> bytes:
         if not chunk:
             return bytes(buf)
         buf += chunk
+
+
+def read_until_reset(sock: socket.socket) -> int:
+    """Read until the connection ends, which must be a reset; returns the bytes read."""
+    received = 0
+    try:
+        while True:
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                raise AssertionError(f"clean EOF after {received} bytes: a broken connection looked like a normal end")
+            received += len(chunk)
+    except ConnectionResetError:
+        return received
+
+
+def abort(sock: socket.socket) -> None:
+    """Close with RST, as a crashing program's kernel would."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
 
 
 def test_32mb_each_way_arrives_intact(tunnel):
@@ -148,15 +174,17 @@ def test_no_job_side_gives_a_clear_log_line(nodes):
     login_side = start_cli("server", port, login.tunnel_dir, "--connect-timeout", "1", prefix=login.prefix)
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-            assert recv_all(sock) == b""
-        line = login_side.wait_for(lambda l: "no fileforward --client answered" in l)
-        assert "fileforward --client" in line and str(login.tunnel_dir) in line
+            assert read_until_reset(sock) == 0
+        line = login_side.wait_for(lambda l: "WARNING" in l)
+        assert f"no fileforward --client is serving tunnel {login.tunnel_dir}" in line
+        assert f"fileforward --client --port {port} --tunnel-dir {login.tunnel_dir}" in line
+        assert "server answered" not in login_side.output and "far end" not in login_side.output
     finally:
         login_side.kill()
 
 
 @pytest.mark.parametrize("victim", ["job_side", "login_side"])
-def test_sigkill_of_one_side_is_seen_and_a_restart_works(tunnel, victim):
+def test_sigkill_of_one_side_resets_idle_connections_and_a_restart_works(tunnel, victim):
     sock = tunnel.connect()
     sock.sendall(b"ping")
     assert recv_exactly(sock, 4) == b"ping"
@@ -164,13 +192,14 @@ def test_sigkill_of_one_side_is_seen_and_a_restart_works(tunnel, victim):
     started = time.monotonic()
     if victim == "job_side":
         sock.settimeout(30)
-        assert recv_all_or_reset(sock) == b""  # the login side ends our TCP connection
+        assert read_until_reset(sock) == 0  # the login side resets our TCP connection
         assert time.monotonic() - started < float(LIVENESS) + 3
         survivor = tunnel.login_side
         tunnel.job_side = tunnel.start_job_side()
     else:
         survivor = tunnel.job_side
         survivor.wait_for(lambda l: "is gone" in l, timeout=float(LIVENESS) + 3)
+        assert tunnel.service.wait_for(lambda l: l.startswith("ENDED")) == "ENDED reset"
         tunnel.login_side = tunnel.start_login_side()
     sock.close()
     with tunnel.connect() as again:
@@ -181,11 +210,96 @@ def test_sigkill_of_one_side_is_seen_and_a_restart_works(tunnel, victim):
     assert tunnel_files(tunnel.login.tunnel_dir) == []
 
 
-def recv_all_or_reset(sock: socket.socket) -> bytes:
+DOWNLOAD = 256 * 1024 * 1024  # far more than the sockets' buffers and the tunnel's window hold
+
+
+def start_download(tunnel: "Tunnel") -> socket.socket:
+    """A connection downloading DOWNLOAD bytes, of which the first MiB has arrived;
+    the rest is stalled in the pipeline because we stopped reading."""
+    sock = tunnel.connect()
+    sock.sendall(b"%d\n" % DOWNLOAD)
+    recv_exactly(sock, 1024 * 1024)
+    return sock
+
+
+def test_job_side_killed_mid_download_resets_the_download(nodes):
+    tunnel = Tunnel(nodes, service="download", extra=["--liveness-timeout", LIVENESS])
     try:
-        return recv_all(sock)
-    except ConnectionResetError:
-        return b""
+        with start_download(tunnel) as sock:
+            tunnel.job_side.kill()
+            assert 1024 * 1024 + read_until_reset(sock) < DOWNLOAD
+    finally:
+        tunnel.close()
+
+
+@pytest.mark.parametrize("nodes", ["local"], indirect=True)
+def test_damaged_record_mid_download_resets_the_download(nodes):
+    tunnel = Tunnel(nodes, service="download")
+    try:
+        with start_download(tunnel) as sock:
+            [to_login] = list(tunnel.login.tunnel_dir.glob("*.s2c"))
+            fd = os.open(to_login, os.O_WRONLY | os.O_APPEND)
+            try:  # under the data lock, as a writer appends
+                fcntl.lockf(fd, fcntl.LOCK_EX, 1 << 40, 0)
+                os.write(fd, b"garbage, not a record" * 100)
+            finally:
+                os.close(fd)
+            assert 1024 * 1024 + read_until_reset(sock) < DOWNLOAD
+    finally:
+        tunnel.close()
+
+
+def test_service_reset_reaches_the_user_as_a_reset(nodes):
+    tunnel = Tunnel(nodes, service="reset")
+    try:
+        with tunnel.connect() as sock:
+            sock.sendall(b"reset me\n")
+            assert read_until_reset(sock) == 0
+    finally:
+        tunnel.close()
+
+
+def test_service_not_listening_resets_the_user_and_is_logged(nodes):
+    login, job = nodes
+    closed_port, port = free_port(), free_port()
+    job_side = start_cli("client", closed_port, job.tunnel_dir, prefix=job.prefix)
+    login_side = start_cli("server", port, login.tunnel_dir, prefix=login.prefix)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            assert read_until_reset(sock) == 0
+        line = job_side.wait_for(lambda l: "cannot connect" in l)
+        assert f"WARNING cannot connect to localhost:{closed_port}: Connection refused" in line
+    finally:
+        login_side.kill()
+        job_side.kill()
+
+
+def test_stopping_the_login_side_resets_a_connection_waiting_for_the_job_side(tmp_path):
+    port = free_port()
+    login_side = start_cli("server", port, tmp_path / "t")
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(b"waiting")
+            poll(lambda: list((tmp_path / "t").glob("*.c2s")), 15, "the connection to wait for a --client")
+            assert login_side.stop() == 0
+            assert read_until_reset(sock) == 0
+    finally:
+        login_side.kill()
+
+
+@pytest.mark.parametrize("how, seen", [("fin", "ENDED clean"), ("rst", "ENDED reset")])
+def test_the_service_sees_how_the_user_ended(tunnel, how, seen):
+    sock = tunnel.connect()
+    sock.sendall(b"hello")
+    assert recv_exactly(sock, 5) == b"hello"
+    if how == "fin":
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_all(sock) == b""
+        sock.close()
+    else:
+        abort(sock)
+    assert tunnel.service.wait_for(lambda l: l.startswith("ENDED"), timeout=30) == seen
 
 
 def test_sigterm_stops_cleanly_within_2s_and_removes_files(tunnel):
@@ -203,13 +317,6 @@ def test_sigterm_stops_cleanly_within_2s_and_removes_files(tunnel):
 def test_sigint_also_stops_cleanly(tunnel):
     tunnel.job_side.signal(signal.SIGINT)
     assert tunnel.job_side.popen.wait(5) == 0
-
-
-def one_line_error(proc: Proc) -> str:
-    assert proc.popen.wait(15) != 0
-    lines = [l for l in proc.output.splitlines() if l.strip()]
-    assert len(lines) == 1 and "Traceback" not in proc.output, proc.output
-    return lines[0]
 
 
 def test_unsafe_tunnel_dir_is_refused(tmp_path):
@@ -276,7 +383,8 @@ def test_help_explains_both_sides():
     proc = Proc(python("-m", "fileforward", "--help"))
     assert proc.popen.wait(15) == 0
     text = proc.output
-    for words in ("--server", "--client", "--tunnel_dir", "ssh -L", "FILEFORWARD_TUNNEL_DIR", "127.0.0.1"):
+    for words in ("--server", "--client", "--tunnel-dir", "--job", "demo", "ssh -L", "FILEFORWARD_TUNNEL_DIR",
+                  "127.0.0.1"):
         assert words in text
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -261,3 +262,24 @@ def test_quick_start_under_slurm(cluster: SlurmCluster, ws: Workspace) -> None:
         assert login.wait_exit(timeout=30) == 0, login.output()
     finally:
         login.kill()
+
+
+@pytest.mark.timeout(600)
+def test_first_screen_in_a_fresh_venv(tmp_path: Path) -> None:
+    """The README's first two commands, as written, in a new virtual environment and
+    a copy of this checkout, with nothing of this test run on the path: the install
+    works (it fetches cloudpickle and the build backend from the package index) and
+    the demo passes."""
+    (block,) = blocks_covered_by("test_first_screen_in_a_fresh_venv")
+    venv, checkout = tmp_path / "venv", tmp_path / "checkout"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    shutil.copytree(REPO_ROOT, checkout, ignore=shutil.ignore_patterns(
+        ".git", "*.egg-info", "__pycache__", "build", ".pytest_cache"))
+    env = {k: v for k, v in os.environ.items() if k not in ENV_OVERRIDES + ("PYTHONPATH", "PYTHONHOME")}
+    env.update(PATH=os.pathsep.join([str(venv / "bin"), env.get("PATH", "")]), VIRTUAL_ENV=str(venv),
+               HOME=str(tmp_path), PIP_DISABLE_PIP_VERSION_CHECK="1")
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", block.code], cwd=checkout, env=env,
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=540)
+    stdout = assert_ran(block, result)
+    assert "every byte checked" in stdout and "OK: the tunnel works here" in stdout, stdout
+    assert (venv / "bin" / "fileforward").exists()

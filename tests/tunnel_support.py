@@ -107,6 +107,14 @@ class Proc:
         self.popen.wait(10)
 
 
+def one_line_error(proc: Proc) -> str:
+    """The single line a failing command printed (it must exit non-zero, without a traceback)."""
+    assert proc.popen.wait(15) != 0
+    lines = [l for l in proc.output.splitlines() if l.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.output, proc.output
+    return lines[0]
+
+
 def python(*args: str) -> List[str]:
     return [sys.executable, *args]
 
