@@ -30,7 +30,8 @@ from .errors import (ConnectionLost, FunctionNotFoundError, ProtocolError, RPCEr
 from .execution import CallContext
 from .handshake import server_handshake, versions
 from .protocol import (DEFAULT_MAX_FRAME, Buffer, Flag, Frame, Kind, check_max_frame,
-                       decode_call, decode_credit, dumps, loads, pack_error, pack_value)
+                       decode_call, decode_credit, describe_error, dumps, loads, pack_error,
+                       pack_value)
 from .socketreader import SocketReader
 from .transports import Listener, claim_stdio, endpoint, listen, stdio_streams
 from . import turns
@@ -208,7 +209,7 @@ class _Call:
         except Exception as exc:
             raise SerializationError(
                 f"the server cannot unpickle the arguments of {self.context.name}(): "
-                f"{type(exc).__name__}: {exc}") from exc
+                f"{describe_error(exc)}") from exc
 
     def cancel(self) -> bool:
         """Cancel wherever the call is; True if it never started (nothing will finish it)."""
@@ -252,9 +253,12 @@ class _Connection:
                     server_handshake(self.channel, self.server._key, self.server.max_frame,
                                      take_over_reading),
                     self.server.handshake_timeout)
-            except (RPCError, asyncio.TimeoutError) as exc:
-                log.warning("rejected connection from %s: %s", self.channel.peer,
-                            exc or "handshake timed out")
+            except asyncio.TimeoutError:
+                log.warning("rejected connection from %s: no handshake within %g s",
+                            self.channel.peer, self.server.handshake_timeout)
+                return
+            except RPCError as exc:
+                log.warning("rejected connection from %s: %s", self.channel.peer, exc)
                 return
             log.info("client %s (%s) connected", self.channel.peer, hello.get("hostname"))
             if socket_reader is None:
@@ -481,11 +485,18 @@ class _Connection:
             self.reply(call, Kind.ERROR, pack_error(exc))
 
     def reply(self, call: _Call, kind: Kind, payload: Buffer, flags: Flag = Flag.NONE) -> None:
-        """Send one frame for ``call``; a result too large for the client becomes an error."""
+        """Send one frame for ``call``; one too large for the client becomes an error
+        cut down to the client's frame limit."""
         try:
-            self.channel.send(kind, call.request_id, payload, flags)
-        except ProtocolError as exc:  # larger than the client accepts
-            self.channel.send(Kind.ERROR, call.request_id, pack_error(exc))
+            try:
+                self.channel.send(kind, call.request_id, payload, flags)
+            except ProtocolError as exc:  # larger than the client accepts
+                self.channel.send(Kind.ERROR, call.request_id,
+                                  pack_error(exc, self.channel.peer_max_frame))
+        except ProtocolError as exc:  # not even a bare error fits: nothing can be answered
+            log.warning("dropping connection from %s: cannot answer %s(): %s",
+                        self.channel.peer, call.context.name, exc)
+            self.abort()
         except ConnectionLost:
             pass  # the reader notices too, and cancels what is left
 
