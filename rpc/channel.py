@@ -49,6 +49,7 @@ class Channel(Framing):
                 raise ConnectionLost(f"connection to {self.peer} lost: {exc}") from exc
             if not data:
                 raise self.end_of_stream()
+            self.saw_activity()
             self._frames.extend(self.decoder.feed(data))
         return self._frames.popleft()
 
@@ -91,6 +92,7 @@ class Channel(Framing):
                     for start in range(0, len(view), WRITE_CHUNK):
                         self._write(view[start:start + WRITE_CHUNK])
                         await self._drain()
+                        self.saw_activity()
                 del part, view  # let a large payload go as soon as it is written
         except ConnectionError as exc:
             log.debug("writing to %s failed: %s", self.peer, exc)

@@ -2,6 +2,7 @@
 
 Each test is named after its finding; each failed before its fix.
 """
+import asyncio
 import concurrent.futures as cf
 import logging
 import os
@@ -16,10 +17,11 @@ import pytest
 
 import rpc
 from rpc import auth, protocol
+from rpc.channel import Channel
+from rpc.handshake import server_handshake
 from rpc.protocol import Kind
 from rpc_helpers import (CliServer, RawConnection, ServerThread, rpc_env, sock,  # noqa: F401
                          sock_dir, wait_until)
-from tunnel_support import free_port
 
 
 class Unprintable(Exception):
@@ -149,3 +151,107 @@ def test_finding14_oversized_result_gets_an_error_that_fits(sock, tmp_path, tran
         wait_until(lambda: srv.stats()["in_flight"] == 0, what="in_flight back to 0")
     finally:
         srv.stop()
+
+
+# ---------------------------------------------------------------- finding 10
+
+def test_finding10_call_blocked_sending_to_a_stopped_server_raises_connection_lost():
+    server = CliServer("--tcp", "127.0.0.1:0")
+    try:
+        with rpc.connect(tcp=server.tcp, liveness_timeout=2) as c:
+            assert c.call("echo", 1) == 1
+            server.proc.send_signal(signal.SIGSTOP)
+            with cf.ThreadPoolExecutor(1) as pool:
+                # far more than the socket buffers hold: sendall blocks for good
+                call = pool.submit(c.call, "echo", b"x" * (64 << 20))
+                try:
+                    with pytest.raises(rpc.ConnectionLost):
+                        call.result(timeout=30)
+                finally:
+                    server.proc.send_signal(signal.SIGCONT)
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+        server.stop()
+
+
+# ---------------------------------------------------------------- finding 11
+
+class LoopThread:
+    """An event loop in a daemon thread, for hand-written servers."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout=30):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self):
+        self.run(_cancel_other_tasks())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+async def _cancel_other_tasks():
+    tasks = asyncio.all_tasks() - {asyncio.current_task()}
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+SLOW_PIECE = 1 << 16
+
+
+async def slow_but_alive(reader, writer):
+    """A server that takes its time: it reads a call's argument, and writes its result,
+    a piece at a time, and never answers a PING (it is busy with the transfer)."""
+    channel = Channel(reader, writer)
+    try:
+        await server_handshake(channel, auth.load_key(), protocol.DEFAULT_MAX_FRAME)
+        length, _, _, _, request_id = protocol.HEADER.unpack(await reader.readexactly(16))
+        while length:
+            length -= len(await reader.read(min(length, 8 * SLOW_PIECE)))
+            await asyncio.sleep(0.05)
+        result = protocol.dumps(b"r" * (40 * SLOW_PIECE))
+        writer.write(protocol.encode_header(Kind.RESULT, request_id, len(result)))
+        for start in range(0, len(result), SLOW_PIECE):
+            writer.write(result[start:start + SLOW_PIECE])
+            await writer.drain()
+            await asyncio.sleep(0.1)
+        await reader.read()  # until the client closes
+    finally:
+        await channel.aclose()
+
+
+@pytest.mark.parametrize("transport", ["tcp", "tunnel"])
+def test_finding11_bytes_of_a_large_transfer_count_as_life(tmp_path, transport):
+    """About 5 s to take a 48 MiB argument, then 4 s to send a 2.5 MiB result, with a
+    liveness timeout of 2 s: the server is slow, not dead.
+
+    (Small buffers: once the client has sent all, the server must take the rest of
+    the argument within the timeout, as it answers no PING until then.)"""
+    auth.load_key(create=True)
+    loop = LoopThread()
+    try:
+        if transport == "tcp":
+            listening = socket.socket()
+            listening.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+            listening.bind(("127.0.0.1", 0))
+            listener = loop.run(asyncio.start_server(slow_but_alive, sock=listening,
+                                                          limit=1 << 20))
+            address = {"tcp": "127.0.0.1:%d" % listening.getsockname()[1]}
+        else:
+            import fileforward
+            listener = loop.run(fileforward.start_server(slow_but_alive, tmp_path / "t",
+                                                         liveness_timeout=2))
+            address = {"tunnel_dir": str(tmp_path / "t")}
+        with rpc.connect(**address, liveness_timeout=2) as c:
+            started = time.monotonic()
+            assert c.call("echo", b"a" * (768 * SLOW_PIECE)) == b"r" * (40 * SLOW_PIECE)
+            assert time.monotonic() - started > 4  # the transfer did outlast the timeout
+        listener.close()
+        loop.run(listener.wait_closed())
+    finally:
+        loop.stop()
