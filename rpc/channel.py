@@ -38,7 +38,14 @@ class Channel(Framing):
         self._queue: Deque[Tuple[Buffer, ...]] = collections.deque()
         self._flusher: Optional[asyncio.Task] = None
         self._drain_lock = asyncio.Lock()
-        self._shortcut = Shortcut.attach(writer)
+        #: Made once the peer is authenticated (see :meth:`attach_shortcut`).
+        self._shortcut: Optional[Shortcut] = None
+
+    def attach_shortcut(self) -> None:
+        """For a TCP or Unix socket: let threads write (and read) it directly. Only
+        after authentication: it duplicates the descriptor, and a stranger's
+        connections must cost the server no more than one descriptor each."""
+        self._shortcut = Shortcut.attach(self.writer)
 
     async def recv(self) -> Frame:
         """The next frame. Raises ConnectionLost at EOF, ProtocolError on garbage."""
@@ -59,7 +66,8 @@ class Channel(Framing):
         other streams, which the loop keeps reading through :meth:`recv`.
 
         Call it right after :meth:`recv` returned, with no ``await`` in between:
-        then every byte the loop read is in the decoder, none in the stream reader.
+        then every byte the loop read is in the decoder, none in the stream reader;
+        and after :meth:`attach_shortcut`.
         """
         if self._shortcut is None:
             return None

@@ -6,15 +6,19 @@ asyncio.StreamWriter)`` pair, whichever way it was opened.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shlex
 import socket
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Optional, Sequence, Tuple, Union
+from typing import Any, Awaitable, Callable, Dict, Optional, Sequence, Tuple, Union
 
 from .errors import RPCError, ServerNotRunningError
+from .throttle import ThrottledLog
+
+log = logging.getLogger(__name__)
 
 #: Environment variable overriding the default tunnel directory of the RPC server.
 TUNNEL_DIR_ENV = "FILEFORWARD_RPC_TUNNEL_DIR"
@@ -199,6 +203,7 @@ async def listen(ep: Endpoint, handler: Handler, *, force: bool = False,
                                                 force=force, liveness_timeout=liveness_timeout)
         return Listener(server, str(ep))
     handler = _with_small_reads(handler)
+    _throttle_accept_errors(asyncio.get_running_loop(), f"accepting connections on {ep} failed")
     if ep.kind == "tcp":
         server = await asyncio.start_server(handler, *ep.address, limit=STREAM_LIMIT)
         host, port = server.sockets[0].getsockname()[:2]
@@ -208,6 +213,28 @@ async def listen(ep: Endpoint, handler: Handler, *, force: bool = False,
         server = await asyncio.start_unix_server(handler, sock=sock, limit=STREAM_LIMIT)
         return Listener(server, str(ep), lambda: _unlink(ep.address))
     raise ValueError(f"cannot listen on {ep}")
+
+
+def _throttle_accept_errors(loop: asyncio.AbstractEventLoop, what: str) -> None:
+    """Out of descriptors, asyncio logs a traceback for every failed ``accept()``
+    (about one per second and listener); log them counted, at most one line per
+    interval. Every other error goes to the handler that was there before."""
+    previous = loop.get_exception_handler()
+    failures = ThrottledLog(log, what + " (raise the descriptor limit: ulimit -n)")
+
+    def handle(loop: asyncio.AbstractEventLoop, context: Dict[str, Any]) -> None:
+        if context.get("message") == ACCEPT_ERROR_MESSAGE:
+            failures.note(context.get("exception"))
+        elif previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handle)
+
+
+#: How asyncio reports an ``accept()`` that failed for lack of resources.
+ACCEPT_ERROR_MESSAGE = "socket.accept() out of system resource"
 
 
 def _with_small_reads(handler: Handler) -> Handler:

@@ -76,6 +76,27 @@ def logged(caplog, text):
     return [r.getMessage() for r in caplog.records if text in r.getMessage()]
 
 
+# ---------------------------------------------------------------- finding 8
+
+def test_finding8_stalled_streams_hold_no_worker(served):
+    """More streams than workers (4), each with a client that stopped reading it:
+    plain calls, large and small, and new streams, from another client still run."""
+    srv, address = served
+    with rpc.connect(**address, timeout=20) as stalled, \
+            rpc.connect(**address, timeout=20) as other:
+        streams = [stalled.call("numbers", 10**9) for _ in range(6)]
+        assert [next(stream) for stream in streams] == [0] * 6  # then never read again
+        wait_until(lambda: srv.stats()["in_flight"] == 6, what="the streams to be served")
+        for _ in range(3):
+            assert other.call("echo", "small") == "small"
+            large = b"x" * (1 << 20)  # not run by a reading thread (over TCP)
+            assert other.call("echo", large) == large
+            assert list(other.call("numbers", 3)) == [0, 1, 2]
+        for stream in streams:
+            stream.close()
+    wait_until(lambda: srv.stats()["in_flight"] == 0, what="the streams to be cancelled")
+
+
 # ---------------------------------------------------------------- finding 9
 
 def test_finding9_unprintable_exception_is_answered(served, thread_crashes):
@@ -90,6 +111,110 @@ def test_finding9_unprintable_exception_is_answered(served, thread_crashes):
     wait_until(lambda: srv.stats()["in_flight"] == 0, what="in_flight back to 0")
     assert srv.stats()["calls_served"] == 4
     assert not thread_crashes
+
+
+# ---------------------------------------------------------------- finding 12
+
+SERVER_SCRIPT = """
+import asyncio, logging, resource, sys
+import rpc
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+limit = int(sys.argv[1])
+if limit:
+    resource.setrlimit(resource.RLIMIT_NOFILE,
+                       (limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+async def main():
+    server = await rpc.start_server({"echo": lambda x: x}, tcp="127.0.0.1:0",
+                                    **eval(sys.argv[2]))
+    print(server.addresses[0][len("tcp://"):], flush=True)
+    await server.serve_forever()
+
+asyncio.run(main())
+"""
+
+
+class ServerProcess:
+    """An RPC server in a subprocess, with a descriptor limit and start_server keywords."""
+
+    def __init__(self, fd_limit=0, **kwargs):
+        self.proc = subprocess.Popen([sys.executable, "-c", SERVER_SCRIPT, str(fd_limit),
+                                      repr(kwargs)], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.tcp = self.proc.stdout.readline().strip()
+        assert self.tcp, self.stop()
+
+    def descriptors(self):
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+    def stop(self):
+        """Stop it; returns its log."""
+        self.proc.terminate()
+        try:
+            return self.proc.communicate(timeout=10)[1]
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.communicate()[1]
+
+
+def idle_connections(tcp, count):
+    """``count`` TCP connections to ``tcp`` that never say anything."""
+    host, port = tcp.rsplit(":", 1)
+    return [socket.create_connection((host, int(port)), timeout=10) for _ in range(count)]
+
+
+def test_finding12_unauthenticated_connections_cost_one_descriptor():
+    server = ServerProcess()
+    idle = []
+    try:
+        before = server.descriptors()
+        idle = idle_connections(server.tcp, 40)
+        with rpc.connect(tcp=server.tcp) as c:  # accepted after all of them
+            assert c.call("echo", 1) == 1
+            growth = server.descriptors() - before
+        # 40 idle sockets, plus the client's (socket, its duplicate, an epoll)
+        assert growth <= 40 + 3 + 2, growth
+    finally:
+        for conn in idle:
+            conn.close()
+        server.stop()
+
+
+def test_finding12_pending_handshakes_are_capped():
+    server = ServerProcess(max_pending_handshakes=16)
+    idle = []
+    try:
+        before = server.descriptors()
+        idle = idle_connections(server.tcp, 100)
+        with rpc.connect(tcp=server.tcp, connect_timeout=10) as c:
+            assert c.call("echo", 1) == 1
+            growth = server.descriptors() - before
+        assert growth <= 16 + 3 + 2, growth
+        dropped = sum(1 for conn in idle if conn.recv(1) == b"")  # closed by the server
+        assert dropped >= 100 - 16
+    finally:
+        for conn in idle:
+            conn.close()
+        log = server.stop()
+    assert "more than 16 handshakes were pending" in log, log
+    assert log.count("dropped unauthenticated") <= 2, log  # counted, not one per connection
+
+
+def test_finding12_accept_errors_are_logged_counted():
+    server = ServerProcess(fd_limit=40)
+    idle = []
+    try:
+        idle = idle_connections(server.tcp, 80)  # the backlog holds what is not accepted
+        time.sleep(4)  # not a synchronisation: the window in which failures are counted
+        # (asyncio retries accept() once a second)
+    finally:
+        for conn in idle:
+            conn.close()
+        log = server.stop()
+    lines = [line for line in log.splitlines() if "Too many open files" in line]
+    assert len(lines) == 1, log
+    assert "accepting connections on tcp://" in lines[0] and "time" in lines[0], lines[0]
+    assert "Traceback" not in log, log
 
 
 # ---------------------------------------------------------------- finding 14
