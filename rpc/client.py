@@ -89,7 +89,10 @@ class ClientConnection:
 
     @property
     def error(self) -> Optional[RPCError]:
-        """Why the connection is unusable, or None while it works."""
+        """Why the connection is unusable, or None while it works (a server that
+        closed the connection is noticed here)."""
+        if self._error is None:
+            self.link.notice_end()
         return self._error
 
     def request(self, kind: Kind, payload: Payload, what: str) -> cf.Future:

@@ -58,6 +58,9 @@ class LoopLink:
         """Queue one frame (loop thread only: use :meth:`soon` from elsewhere)."""
         self.channel.send(kind, request_id, payload, flags)
 
+    def notice_end(self) -> None:
+        """Nothing to do: the loop notices the end of the stream as it comes."""
+
     def ping(self) -> None:
         """Queue a PING (loop thread only)."""
         self.channel.send(Kind.PING)

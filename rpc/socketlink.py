@@ -214,16 +214,38 @@ class SocketLink(Framing):
                     if not self._receiver.tick():
                         self._end(ConnectionLost("the server is presumed dead"))
                         return
-                wait = self._next_tick - now if deadline is None else min(
-                    self._next_tick, deadline) - now
-                if self._input.wait(wait):
-                    self._input.read()
-                while self._input.frames:
-                    self._receiver.receive(self._input.frames.popleft())
+                self._read_once(self._next_tick - now if deadline is None else min(
+                    self._next_tick, deadline) - now)
             except Exception as exc:
-                self._end(ConnectionLost("the connection was closed by this client")
-                          if self._closing else reading_error(exc))
+                self._reading_failed(exc)
                 return
+
+    def _read_once(self, wait: float) -> None:
+        """Holding the reading: wait up to ``wait`` s for bytes, then deliver the frames."""
+        assert self._receiver is not None
+        if self._input.wait(wait):
+            self._input.read()
+        while self._input.frames:
+            self._receiver.receive(self._input.frames.popleft())
+
+    def _reading_failed(self, exc: Exception) -> None:
+        """Call in ``except``: reading ended with ``exc``."""
+        self._end(ConnectionLost("the connection was closed by this client")
+                  if self._closing else reading_error(exc))
+
+    def notice_end(self) -> None:
+        """If nobody is reading, take in what has arrived now, without waiting: a
+        server that closed the connection (say, to restart) is noticed before the
+        next call is sent into it, and can be reconnected to."""
+        if self._ended or self._receiver is None or not self._reading.acquire(blocking=False):
+            return
+        try:
+            self._read_once(0)
+        except Exception as exc:
+            self._reading_failed(exc)
+        finally:
+            self._reading.release()
+            self._pass_reading()
 
     def _serve_background(self) -> None:
         """Read while something waits that no caller reads for; tick while idle."""

@@ -116,7 +116,7 @@ def test_finding9_unprintable_exception_is_answered(served, thread_crashes):
 # ---------------------------------------------------------------- finding 12
 
 SERVER_SCRIPT = """
-import asyncio, logging, resource, sys
+import asyncio, logging, os, resource, sys
 import rpc
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 limit = int(sys.argv[1])
@@ -125,8 +125,8 @@ if limit:
                        (limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 
 async def main():
-    server = await rpc.start_server({"echo": lambda x: x}, tcp="127.0.0.1:0",
-                                    **eval(sys.argv[2]))
+    server = await rpc.start_server({"echo": lambda x: x, "pid": os.getpid},
+                                    **{"tcp": "127.0.0.1:0", **eval(sys.argv[2])})
     print(server.addresses[0][len("tcp://"):], flush=True)
     await server.serve_forever()
 
@@ -380,3 +380,20 @@ def test_finding11_bytes_of_a_large_transfer_count_as_life(tmp_path, transport):
         loop.run(listener.wait_closed())
     finally:
         loop.stop()
+
+
+def test_finding14_proxy_reconnects_over_tcp_after_a_clean_restart():
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    address = "127.0.0.1:%d" % port.getsockname()[1]
+    port.close()
+    pid = rpc.proxy("pid", tcp=address, timeout=20)
+    server = ServerProcess(tcp=address)
+    try:
+        assert pid() == server.proc.pid
+        server.stop()  # SIGTERM: the server closes its connections cleanly
+        server = ServerProcess(tcp=address)
+        assert pid() == server.proc.pid  # the first call after the restart
+    finally:
+        pid.close()
+        server.stop()
