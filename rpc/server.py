@@ -33,7 +33,8 @@ from .protocol import (DEFAULT_MAX_FRAME, Buffer, Flag, Frame, Kind, check_max_f
                        pack_value)
 from .socketreader import SocketReader
 from .throttle import ThrottledLog
-from .transports import Listener, claim_stdio, endpoint, listen, stdio_streams
+from .transports import (DEFAULT_LIVENESS_TIMEOUT, Listener, claim_stdio, endpoint, listen,
+                         stdio_streams)
 from . import turns
 from .turns import TakingTurns
 
@@ -589,7 +590,7 @@ async def start_server(functions: Functions, *, tunnel_dir: Any = None, tcp: Any
                        unix: Any = None, stdio: bool = False, workers: int = 4,
                        key_file: Any = None, force: bool = False,
                        max_frame: int = DEFAULT_MAX_FRAME,
-                       liveness_timeout: float = 15.0,
+                       liveness_timeout: float = DEFAULT_LIVENESS_TIMEOUT,
                        max_pending_handshakes: int = DEFAULT_MAX_PENDING_HANDSHAKES
                        ) -> RPCServer:
     """Start serving ``functions`` (name -> callable) on one transport.

@@ -27,6 +27,11 @@ TUNNEL_DIR_ENV = "FILEFORWARD_RPC_TUNNEL_DIR"
 DEFAULT_HOST = "127.0.0.1"
 #: StreamReader buffer limit: large enough that big payloads flow in few reads.
 STREAM_LIMIT = 1 << 20
+#: Seconds of silence after which a peer is presumed dead (while calls wait for it;
+#: over the tunnel, at any time). Long, because a served function that holds the GIL
+#: (a long C call) silences its whole process; a process that dies is noticed at once
+#: over sockets, as its kernel closes them.
+DEFAULT_LIVENESS_TIMEOUT = 60.0
 #: Bytes per recv() of the server's socket transports. asyncio's default, 256 KiB,
 #: is above glibc's mmap threshold: every read then maps, remaps and unmaps its
 #: buffer, about 20 us, more than all the rest of the server's work on a small call.
@@ -195,7 +200,7 @@ class Listener:
 
 
 async def listen(ep: Endpoint, handler: Handler, *, force: bool = False,
-                 liveness_timeout: float = 15.0) -> Listener:
+                 liveness_timeout: float = DEFAULT_LIVENESS_TIMEOUT) -> Listener:
     """Start accepting connections on ``ep`` (tunnel, tcp or unix)."""
     if ep.kind == "tunnel":
         import fileforward

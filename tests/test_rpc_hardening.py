@@ -116,7 +116,7 @@ def test_finding9_unprintable_exception_is_answered(served, thread_crashes):
 # ---------------------------------------------------------------- finding 12
 
 SERVER_SCRIPT = """
-import asyncio, logging, os, resource, sys
+import asyncio, ctypes, logging, os, resource, sys
 import rpc
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 limit = int(sys.argv[1])
@@ -124,10 +124,13 @@ if limit:
     resource.setrlimit(resource.RLIMIT_NOFILE,
                        (limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 
+def hold_gil(seconds):
+    return ctypes.PyDLL(None).sleep(seconds)  # a C call that keeps the GIL (PyDLL: not released)
+
 async def main():
-    server = await rpc.start_server({"echo": lambda x: x, "pid": os.getpid},
-                                    **{"tcp": "127.0.0.1:0", **eval(sys.argv[2])})
-    print(server.addresses[0][len("tcp://"):], flush=True)
+    server = await rpc.start_server({"echo": lambda x: x, "pid": os.getpid,
+                                     "hold_gil": hold_gil}, **eval(sys.argv[2]))
+    print(server.addresses[0].partition("tcp://")[2], flush=True)
     await server.serve_forever()
 
 asyncio.run(main())
@@ -138,11 +141,13 @@ class ServerProcess:
     """An RPC server in a subprocess, with a descriptor limit and start_server keywords."""
 
     def __init__(self, fd_limit=0, **kwargs):
+        kwargs = kwargs or {"tcp": "127.0.0.1:0"}
         self.proc = subprocess.Popen([sys.executable, "-c", SERVER_SCRIPT, str(fd_limit),
                                       repr(kwargs)], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
-        self.tcp = self.proc.stdout.readline().strip()
-        assert self.tcp, self.stop()
+        started = self.proc.stdout.readline()
+        assert started, self.stop()
+        self.tcp = started.strip()  # empty for other transports
 
     def descriptors(self):
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
@@ -181,7 +186,7 @@ def test_finding12_unauthenticated_connections_cost_one_descriptor():
 
 
 def test_finding12_pending_handshakes_are_capped():
-    server = ServerProcess(max_pending_handshakes=16)
+    server = ServerProcess(tcp="127.0.0.1:0", max_pending_handshakes=16)
     idle = []
     try:
         before = server.descriptors()
@@ -348,6 +353,22 @@ async def slow_but_alive(reader, writer):
         await reader.read()  # until the client closes
     finally:
         await channel.aclose()
+
+
+def test_finding11_a_function_holding_the_gil_cuts_off_no_client(tmp_path):
+    """Served with the default liveness timeout, a function holds the GIL for 20 s
+    (longer than the former default of 15 s): its caller and an idle client of the
+    tunnel both carry on."""
+    tunnel = str(tmp_path / "rpc-tunnel")
+    server = ServerProcess(tunnel_dir=tunnel)
+    try:
+        with rpc.connect(tunnel_dir=tunnel) as caller, rpc.connect(tunnel_dir=tunnel) as idle:
+            assert idle.call("echo", 1) == 1
+            assert caller.call("hold_gil", 20) == 0
+            assert idle.call("echo", 2) == 2
+            assert caller.call("echo", 3) == 3
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("transport", ["tcp", "tunnel"])
