@@ -102,8 +102,8 @@ class Channel(Framing):
                         await self._drain()
                         self.saw_activity()
                 del part, view  # let a large payload go as soon as it is written
-        except ConnectionError as exc:
-            log.debug("writing to %s failed: %s", self.peer, exc)
+        except ConnectionError as exc:  # what the peer never got: its calls fail
+            log.warning("writing to %s failed, closing the connection: %s", self.peer, exc)
             self._queue.clear()
             self.writer.close()
         finally:

@@ -113,13 +113,21 @@ async def iterate_in_thread(items: Iterator[Any], pool: Executor, call: CallCont
     producer = _Producer(items, call, lookahead,
                          lambda *entry: loop.call_soon_threadsafe(queue.put_nowait, entry))
 
-    def resume() -> None:
+    def resume() -> None:  # on the loop
         try:
             pool.submit(context_of(call).run, producer.run)
-        except RuntimeError:  # the pool is shut down: the server is closing
+        except RuntimeError as exc:  # the pool is shut down: the server is closing
             producer.close()
+            queue.put_nowait((_Producer.DONE, exc))
 
-    call.on_cancel(lambda: producer.make_room() and loop.call_soon_threadsafe(resume))
+    def wake() -> None:  # any thread: the call was cancelled
+        if producer.make_room():
+            try:
+                loop.call_soon_threadsafe(resume)
+            except RuntimeError:
+                pass  # the loop is closed: the server has stopped
+
+    call.on_cancel(wake)
     resume()
     try:
         while True:

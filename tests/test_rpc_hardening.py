@@ -418,3 +418,19 @@ def test_finding14_proxy_reconnects_over_tcp_after_a_clean_restart():
     finally:
         pid.close()
         server.stop()
+
+
+def test_finding14_a_failed_write_is_logged_as_a_warning(sock, rpc_log):
+    srv = ServerThread(FUNCTIONS, unix=sock)
+    try:
+        raw = RawConnection(sock)
+        raw.authenticate(auth.load_key())
+        head, args = protocol.encode_call("echo", (b"x" * (32 << 20),), {})
+        raw.send(Kind.CALL, 1, head + args)
+        raw.sock.recv(16)  # the result has started: leave in the middle of it
+        raw.close()
+        wait_until(lambda: logged(rpc_log, "writing to"), what="the log line")
+        [record] = [r for r in rpc_log.records if "writing to" in r.getMessage()]
+        assert record.levelno == logging.WARNING and "failed" in record.getMessage()
+    finally:
+        srv.stop()
