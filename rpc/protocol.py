@@ -265,15 +265,13 @@ def pack_error(exc: BaseException, limit: Optional[int] = None) -> bytes:
     <Type>: <unprintable>")``. With a ``limit``, parts are dropped (the pickled
     exception, then the traceback, then the end of the message) until it fits.
     """
-    try:
-        message: str = str(exc)
-    except Exception:
-        message, blob = UNPRINTABLE, None
-    else:
+    blob: Optional[bytes] = None
+    message = error_text(exc)
+    if message is not UNPRINTABLE:
         try:
             blob = dumps(exc)
         except Exception:
-            blob = None
+            pass
     try:
         tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     except Exception:
@@ -290,12 +288,17 @@ def pack_error(exc: BaseException, limit: Optional[int] = None) -> bytes:
     return dumps((name, message.encode()[:room].decode(errors="ignore") + "...", "", None))
 
 
+def error_text(exc: BaseException) -> str:
+    """``str(exc)``, or :data:`UNPRINTABLE` if that raises."""
+    try:
+        return str(exc)
+    except Exception:
+        return UNPRINTABLE
+
+
 def describe_error(exc: BaseException) -> str:
     """``Type: message``, even for an exception whose ``str()`` raises."""
-    try:
-        return f"{type(exc).__name__}: {exc}"
-    except Exception:
-        return f"{type(exc).__name__}: {UNPRINTABLE}"
+    return f"{type(exc).__name__}: {error_text(exc)}"
 
 
 #: The message of an exception whose ``str()`` raises.
