@@ -20,7 +20,7 @@ from rpc import auth, protocol
 from rpc.channel import Channel
 from rpc.handshake import server_handshake
 from rpc.protocol import Kind
-from rpc_helpers import (CliServer, RawConnection, ServerThread, rpc_env, sock,  # noqa: F401
+from rpc_helpers import (RawConnection, ServerThread, rpc_env, sock,  # noqa: F401
                          sock_dir, wait_until)
 
 
@@ -76,44 +76,7 @@ def logged(caplog, text):
     return [r.getMessage() for r in caplog.records if text in r.getMessage()]
 
 
-# ---------------------------------------------------------------- finding 8
-
-def test_finding8_stalled_streams_hold_no_worker(served):
-    """More streams than workers (4), each with a client that stopped reading it:
-    plain calls, large and small, and new streams, from another client still run."""
-    srv, address = served
-    with rpc.connect(**address, timeout=20) as stalled, \
-            rpc.connect(**address, timeout=20) as other:
-        streams = [stalled.call("numbers", 10**9) for _ in range(6)]
-        assert [next(stream) for stream in streams] == [0] * 6  # then never read again
-        wait_until(lambda: srv.stats()["in_flight"] == 6, what="the streams to be served")
-        for _ in range(3):
-            assert other.call("echo", "small") == "small"
-            large = b"x" * (1 << 20)  # not run by a reading thread (over TCP)
-            assert other.call("echo", large) == large
-            assert list(other.call("numbers", 3)) == [0, 1, 2]
-        for stream in streams:
-            stream.close()
-    wait_until(lambda: srv.stats()["in_flight"] == 0, what="the streams to be cancelled")
-
-
-# ---------------------------------------------------------------- finding 9
-
-def test_finding9_unprintable_exception_is_answered(served, thread_crashes):
-    srv, address = served
-    with rpc.connect(**address, timeout=20) as c:
-        for _ in range(3):  # more than once: the connection and its threads survive
-            with pytest.raises(RuntimeError) as info:
-                c.call("raise_unprintable")
-            assert str(info.value) == (f"Server-side {__name__}.Unprintable: <unprintable>")
-            assert "raise_unprintable" in info.value.remote_traceback
-        assert c.call("echo", "still answering") == "still answering"
-    wait_until(lambda: srv.stats()["in_flight"] == 0, what="in_flight back to 0")
-    assert srv.stats()["calls_served"] == 4
-    assert not thread_crashes
-
-
-# ---------------------------------------------------------------- finding 12
+# ---------------------------------------------------------------- a server in a subprocess
 
 SERVER_SCRIPT = """
 import asyncio, ctypes, logging, os, resource, sys
@@ -161,6 +124,165 @@ class ServerProcess:
             self.proc.kill()
             return self.proc.communicate()[1]
 
+
+# ---------------------------------------------------------------- finding 8
+
+def test_finding8_stalled_streams_hold_no_worker(served):
+    """More streams than workers (4), each with a client that stopped reading it:
+    plain calls, large and small, and new streams, from another client still run."""
+    srv, address = served
+    with rpc.connect(**address, timeout=20) as stalled, \
+            rpc.connect(**address, timeout=20) as other:
+        streams = [stalled.call("numbers", 10**9) for _ in range(6)]
+        assert [next(stream) for stream in streams] == [0] * 6  # then never read again
+        wait_until(lambda: srv.stats()["in_flight"] == 6, what="the streams to be served")
+        for _ in range(3):
+            assert other.call("echo", "small") == "small"
+            large = b"x" * (1 << 20)  # not run by a reading thread (over TCP)
+            assert other.call("echo", large) == large
+            assert list(other.call("numbers", 3)) == [0, 1, 2]
+        for stream in streams:
+            stream.close()
+    wait_until(lambda: srv.stats()["in_flight"] == 0, what="the streams to be cancelled")
+
+
+# ---------------------------------------------------------------- finding 9
+
+def test_finding9_unprintable_exception_is_answered(served, thread_crashes):
+    srv, address = served
+    with rpc.connect(**address, timeout=20) as c:
+        for _ in range(3):  # more than once: the connection and its threads survive
+            with pytest.raises(RuntimeError) as info:
+                c.call("raise_unprintable")
+            assert str(info.value) == (f"Server-side {__name__}.Unprintable: <unprintable>")
+            assert "raise_unprintable" in info.value.remote_traceback
+        assert c.call("echo", "still answering") == "still answering"
+    wait_until(lambda: srv.stats()["in_flight"] == 0, what="in_flight back to 0")
+    assert srv.stats()["calls_served"] == 4
+    assert not thread_crashes
+
+
+# ---------------------------------------------------------------- finding 10
+
+def test_finding10_call_blocked_sending_to_a_stopped_server_raises_connection_lost():
+    server = ServerProcess()
+    try:
+        with rpc.connect(tcp=server.tcp, liveness_timeout=2) as c:
+            assert c.call("echo", 1) == 1
+            server.proc.send_signal(signal.SIGSTOP)
+            with cf.ThreadPoolExecutor(1) as pool:
+                # far more than the socket buffers hold: sendall blocks for good
+                call = pool.submit(c.call, "echo", b"x" * (64 << 20))
+                try:
+                    with pytest.raises(rpc.ConnectionLost):
+                        call.result(timeout=30)
+                finally:
+                    server.proc.send_signal(signal.SIGCONT)
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+        server.stop()
+
+
+# ---------------------------------------------------------------- finding 11
+
+class LoopThread:
+    """An event loop in a daemon thread, for hand-written servers."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout=30):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self):
+        self.run(_cancel_other_tasks())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+async def _cancel_other_tasks():
+    tasks = asyncio.all_tasks() - {asyncio.current_task()}
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+SLOW_PIECE = 1 << 16
+
+
+async def slow_but_alive(reader, writer):
+    """A server that takes its time: it reads a call's argument, and writes its result,
+    a piece at a time, and never answers a PING (it is busy with the transfer)."""
+    channel = Channel(reader, writer)
+    try:
+        await server_handshake(channel, auth.load_key(), protocol.DEFAULT_MAX_FRAME)
+        length, _, _, _, request_id = protocol.HEADER.unpack(await reader.readexactly(16))
+        while length:
+            length -= len(await reader.read(min(length, 8 * SLOW_PIECE)))
+            await asyncio.sleep(0.05)
+        result = protocol.dumps(b"r" * (40 * SLOW_PIECE))
+        writer.write(protocol.encode_header(Kind.RESULT, request_id, len(result)))
+        for start in range(0, len(result), SLOW_PIECE):
+            writer.write(result[start:start + SLOW_PIECE])
+            await writer.drain()
+            await asyncio.sleep(0.1)
+        await reader.read()  # until the client closes
+    finally:
+        await channel.aclose()
+
+
+def test_finding11_a_function_holding_the_gil_cuts_off_no_client(tmp_path):
+    """Served with the default liveness timeout, a function holds the GIL for 20 s
+    (longer than the former default of 15 s): its caller and an idle client of the
+    tunnel both carry on."""
+    tunnel = str(tmp_path / "rpc-tunnel")
+    server = ServerProcess(tunnel_dir=tunnel)
+    try:
+        with rpc.connect(tunnel_dir=tunnel) as caller, rpc.connect(tunnel_dir=tunnel) as idle:
+            assert idle.call("echo", 1) == 1
+            assert caller.call("hold_gil", 20) == 0
+            assert idle.call("echo", 2) == 2
+            assert caller.call("echo", 3) == 3
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("transport", ["tcp", "tunnel"])
+def test_finding11_bytes_of_a_large_transfer_count_as_life(tmp_path, transport):
+    """About 5 s to take a 48 MiB argument, then 4 s to send a 2.5 MiB result, with a
+    liveness timeout of 2 s: the server is slow, not dead.
+
+    (Small buffers: once the client has sent all, the server must take the rest of
+    the argument within the timeout, as it answers no PING until then.)"""
+    auth.load_key(create=True)
+    loop = LoopThread()
+    try:
+        if transport == "tcp":
+            listening = socket.socket()
+            listening.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+            listening.bind(("127.0.0.1", 0))
+            listener = loop.run(asyncio.start_server(slow_but_alive, sock=listening,
+                                                          limit=1 << 20))
+            address = {"tcp": "127.0.0.1:%d" % listening.getsockname()[1]}
+        else:
+            import fileforward
+            listener = loop.run(fileforward.start_server(slow_but_alive, tmp_path / "t",
+                                                         liveness_timeout=2))
+            address = {"tunnel_dir": str(tmp_path / "t")}
+        with rpc.connect(**address, liveness_timeout=2) as c:
+            started = time.monotonic()
+            assert c.call("echo", b"a" * (768 * SLOW_PIECE)) == b"r" * (40 * SLOW_PIECE)
+            assert time.monotonic() - started > 4  # the transfer did outlast the timeout
+        listener.close()
+        loop.run(listener.wait_closed())
+    finally:
+        loop.stop()
+
+
+# ---------------------------------------------------------------- finding 12
 
 def idle_connections(tcp, count):
     """``count`` TCP connections to ``tcp`` that never say anything."""
@@ -281,126 +403,6 @@ def test_finding14_oversized_result_gets_an_error_that_fits(sock, tmp_path, tran
         wait_until(lambda: srv.stats()["in_flight"] == 0, what="in_flight back to 0")
     finally:
         srv.stop()
-
-
-# ---------------------------------------------------------------- finding 10
-
-def test_finding10_call_blocked_sending_to_a_stopped_server_raises_connection_lost():
-    server = CliServer("--tcp", "127.0.0.1:0")
-    try:
-        with rpc.connect(tcp=server.tcp, liveness_timeout=2) as c:
-            assert c.call("echo", 1) == 1
-            server.proc.send_signal(signal.SIGSTOP)
-            with cf.ThreadPoolExecutor(1) as pool:
-                # far more than the socket buffers hold: sendall blocks for good
-                call = pool.submit(c.call, "echo", b"x" * (64 << 20))
-                try:
-                    with pytest.raises(rpc.ConnectionLost):
-                        call.result(timeout=30)
-                finally:
-                    server.proc.send_signal(signal.SIGCONT)
-    finally:
-        server.proc.send_signal(signal.SIGCONT)
-        server.stop()
-
-
-# ---------------------------------------------------------------- finding 11
-
-class LoopThread:
-    """An event loop in a daemon thread, for hand-written servers."""
-
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout=30):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stop(self):
-        self.run(_cancel_other_tasks())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-
-async def _cancel_other_tasks():
-    tasks = asyncio.all_tasks() - {asyncio.current_task()}
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-
-
-SLOW_PIECE = 1 << 16
-
-
-async def slow_but_alive(reader, writer):
-    """A server that takes its time: it reads a call's argument, and writes its result,
-    a piece at a time, and never answers a PING (it is busy with the transfer)."""
-    channel = Channel(reader, writer)
-    try:
-        await server_handshake(channel, auth.load_key(), protocol.DEFAULT_MAX_FRAME)
-        length, _, _, _, request_id = protocol.HEADER.unpack(await reader.readexactly(16))
-        while length:
-            length -= len(await reader.read(min(length, 8 * SLOW_PIECE)))
-            await asyncio.sleep(0.05)
-        result = protocol.dumps(b"r" * (40 * SLOW_PIECE))
-        writer.write(protocol.encode_header(Kind.RESULT, request_id, len(result)))
-        for start in range(0, len(result), SLOW_PIECE):
-            writer.write(result[start:start + SLOW_PIECE])
-            await writer.drain()
-            await asyncio.sleep(0.1)
-        await reader.read()  # until the client closes
-    finally:
-        await channel.aclose()
-
-
-def test_finding11_a_function_holding_the_gil_cuts_off_no_client(tmp_path):
-    """Served with the default liveness timeout, a function holds the GIL for 20 s
-    (longer than the former default of 15 s): its caller and an idle client of the
-    tunnel both carry on."""
-    tunnel = str(tmp_path / "rpc-tunnel")
-    server = ServerProcess(tunnel_dir=tunnel)
-    try:
-        with rpc.connect(tunnel_dir=tunnel) as caller, rpc.connect(tunnel_dir=tunnel) as idle:
-            assert idle.call("echo", 1) == 1
-            assert caller.call("hold_gil", 20) == 0
-            assert idle.call("echo", 2) == 2
-            assert caller.call("echo", 3) == 3
-    finally:
-        server.stop()
-
-
-@pytest.mark.parametrize("transport", ["tcp", "tunnel"])
-def test_finding11_bytes_of_a_large_transfer_count_as_life(tmp_path, transport):
-    """About 5 s to take a 48 MiB argument, then 4 s to send a 2.5 MiB result, with a
-    liveness timeout of 2 s: the server is slow, not dead.
-
-    (Small buffers: once the client has sent all, the server must take the rest of
-    the argument within the timeout, as it answers no PING until then.)"""
-    auth.load_key(create=True)
-    loop = LoopThread()
-    try:
-        if transport == "tcp":
-            listening = socket.socket()
-            listening.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
-            listening.bind(("127.0.0.1", 0))
-            listener = loop.run(asyncio.start_server(slow_but_alive, sock=listening,
-                                                          limit=1 << 20))
-            address = {"tcp": "127.0.0.1:%d" % listening.getsockname()[1]}
-        else:
-            import fileforward
-            listener = loop.run(fileforward.start_server(slow_but_alive, tmp_path / "t",
-                                                         liveness_timeout=2))
-            address = {"tunnel_dir": str(tmp_path / "t")}
-        with rpc.connect(**address, liveness_timeout=2) as c:
-            started = time.monotonic()
-            assert c.call("echo", b"a" * (768 * SLOW_PIECE)) == b"r" * (40 * SLOW_PIECE)
-            assert time.monotonic() - started > 4  # the transfer did outlast the timeout
-        listener.close()
-        loop.run(listener.wait_closed())
-    finally:
-        loop.stop()
 
 
 def test_finding14_proxy_reconnects_over_tcp_after_a_clean_restart():
