@@ -15,7 +15,7 @@ from typing import Any, Callable, Coroutine, Dict, Optional, Sequence, Union
 from .client import ClientConnection, RemoteStream
 from .errors import SerializationError, ServerNotRunningError
 from .protocol import DEFAULT_MAX_FRAME, Kind, check_max_frame, encode_call
-from .transports import endpoint
+from .transports import DEFAULT_LIVENESS_TIMEOUT, endpoint
 
 #: Stream items the server may send ahead of the consumer.
 DEFAULT_STREAM_WINDOW = 64
@@ -174,7 +174,8 @@ class RemoteFunction:
 def connect(*, tunnel_dir: Any = None, tcp: Any = None, unix: Any = None,
             command: Union[str, Sequence[str], None] = None, key_file: Any = None,
             timeout: Optional[float] = None, connect_timeout: float = 10.0,
-            liveness_timeout: float = 15.0, max_frame: int = DEFAULT_MAX_FRAME,
+            liveness_timeout: float = DEFAULT_LIVENESS_TIMEOUT,
+            max_frame: int = DEFAULT_MAX_FRAME,
             stream_window: int = DEFAULT_STREAM_WINDOW) -> Client:
     """Connect to an RPC server and authenticate; returns a :class:`Client`.
 
@@ -184,7 +185,8 @@ def connect(*, tunnel_dir: Any = None, tcp: Any = None, unix: Any = None,
     ServerNotRunningError if no server answers within ``connect_timeout`` seconds,
     AuthenticationError if the key (``key_file``, default ``rpc.default_key_path()``)
     is missing or differs from the server's. ``timeout`` is the default per-call
-    timeout; a server silent for ``liveness_timeout`` while calls wait is presumed dead.
+    timeout; a server silent for ``liveness_timeout`` (60 s) while calls wait is
+    presumed dead.
     """
     ep = endpoint(tunnel_dir=tunnel_dir, tcp=tcp, unix=unix, command=command)
     thread = _LoopThread()

@@ -38,7 +38,14 @@ class Channel(Framing):
         self._queue: Deque[Tuple[Buffer, ...]] = collections.deque()
         self._flusher: Optional[asyncio.Task] = None
         self._drain_lock = asyncio.Lock()
-        self._shortcut = Shortcut.attach(writer)
+        #: Made once the peer is authenticated (see :meth:`attach_shortcut`).
+        self._shortcut: Optional[Shortcut] = None
+
+    def attach_shortcut(self) -> None:
+        """For a TCP or Unix socket: let threads write (and read) it directly. Only
+        after authentication: it duplicates the descriptor, and a stranger's
+        connections must cost the server no more than one descriptor each."""
+        self._shortcut = Shortcut.attach(self.writer)
 
     async def recv(self) -> Frame:
         """The next frame. Raises ConnectionLost at EOF, ProtocolError on garbage."""
@@ -49,6 +56,7 @@ class Channel(Framing):
                 raise ConnectionLost(f"connection to {self.peer} lost: {exc}") from exc
             if not data:
                 raise self.end_of_stream()
+            self.saw_activity()
             self._frames.extend(self.decoder.feed(data))
         return self._frames.popleft()
 
@@ -58,7 +66,8 @@ class Channel(Framing):
         other streams, which the loop keeps reading through :meth:`recv`.
 
         Call it right after :meth:`recv` returned, with no ``await`` in between:
-        then every byte the loop read is in the decoder, none in the stream reader.
+        then every byte the loop read is in the decoder, none in the stream reader;
+        and after :meth:`attach_shortcut`.
         """
         if self._shortcut is None:
             return None
@@ -91,9 +100,10 @@ class Channel(Framing):
                     for start in range(0, len(view), WRITE_CHUNK):
                         self._write(view[start:start + WRITE_CHUNK])
                         await self._drain()
+                        self.saw_activity()
                 del part, view  # let a large payload go as soon as it is written
-        except ConnectionError as exc:
-            log.debug("writing to %s failed: %s", self.peer, exc)
+        except ConnectionError as exc:  # what the peer never got: its calls fail
+            log.warning("writing to %s failed, closing the connection: %s", self.peer, exc)
             self._queue.clear()
             self.writer.close()
         finally:

@@ -47,7 +47,8 @@ class ClientConnection:
         self._streams: Dict[int, "RemoteStream"] = {}
         self._ids = itertools.count(1)
         self._error: Optional[RPCError] = None
-        self._last_heard = time.monotonic()
+        #: Until when nothing waited for the server: silence before it proves nothing.
+        self._idle_until = time.monotonic()
         link.start(self, liveness_timeout / 4)
 
     @classmethod
@@ -88,7 +89,10 @@ class ClientConnection:
 
     @property
     def error(self) -> Optional[RPCError]:
-        """Why the connection is unusable, or None while it works."""
+        """Why the connection is unusable, or None while it works (a server that
+        closed the connection is noticed here)."""
+        if self._error is None:
+            self.link.notice_end()
         return self._error
 
     def request(self, kind: Kind, payload: Payload, what: str) -> cf.Future:
@@ -147,7 +151,6 @@ class ClientConnection:
 
     def receive(self, frame: Frame) -> None:
         """Deliver a reply, stream item or error to whoever waits for it."""
-        self._last_heard = time.monotonic()
         kind, request_id = frame.kind, frame.request_id
         if kind is Kind.RESULT or kind is Kind.ERROR:
             future = self._pending.pop(request_id, None)
@@ -185,8 +188,8 @@ class ClientConnection:
         """While calls wait, ping the server; False once it stayed silent too long."""
         now = time.monotonic()
         if not (self._pending or self._streams):
-            self._last_heard = now  # idle: silence proves nothing
-        elif now - self._last_heard > self.liveness_timeout:
+            self._idle_until = now
+        elif now - max(self._idle_until, self.link.last_activity) > self.liveness_timeout:
             self.fail(ConnectionLost(
                 f"the server sent nothing for {self.liveness_timeout:g} s, not even "
                 f"an answer to a ping; it is presumed dead"))
@@ -201,7 +204,7 @@ class ClientConnection:
 
     def _ping(self) -> None:
         try:
-            self.link.send(Kind.PING)
+            self.link.ping()
         except RPCError:
             pass
 

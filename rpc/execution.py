@@ -91,54 +91,110 @@ def enter(call: CallContext) -> None:
     _current.set(call)
 
 
-async def run_in_thread(pool: Executor, call: CallContext, fn: Callable[..., Any],
-                        *args: Any) -> Any:
-    """``fn(*args)`` in a worker thread that sees ``call`` as its current call."""
+def context_of(call: CallContext) -> contextvars.Context:
+    """A context in which :func:`current_call` is ``call`` (for the thread running it)."""
     context = contextvars.copy_context()
     context.run(enter, call)
-    return await asyncio.get_running_loop().run_in_executor(pool, context.run, fn, *args)
+    return context
 
 
 async def iterate_in_thread(items: Iterator[Any], pool: Executor, call: CallContext,
                             lookahead: int = 8) -> AsyncIterator[Any]:
     """Drive a plain generator in a worker thread, at most ``lookahead`` items ahead.
 
-    One thread serves the whole stream (no hand-off per item); the generator is
-    closed in that same thread when the stream ends, fails or is cancelled.
+    A worker runs the generator while there is room ahead of the consumer, then goes
+    back to the pool: a stream whose client stops reading holds no thread (one per
+    stream would soon starve every other call). The consumer making room starts it
+    again. The generator is closed in a worker when the stream ends, fails or is
+    cancelled.
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
-    room = threading.Semaphore(lookahead)
-    call.on_cancel(room.release)
-    done = object()
+    producer = _Producer(items, call, lookahead,
+                         lambda *entry: loop.call_soon_threadsafe(queue.put_nowait, entry))
 
-    def produce() -> None:
+    def resume() -> None:  # on the loop
         try:
-            while room.acquire() and not call.cancelled:
-                try:
-                    item = next(items)
-                except StopIteration:
-                    break
-                loop.call_soon_threadsafe(queue.put_nowait, (item, None))
-            loop.call_soon_threadsafe(queue.put_nowait, (done, None))
-        except BaseException as exc:  # delivered to the caller as the stream's error
-            loop.call_soon_threadsafe(queue.put_nowait, (done, exc))
-        finally:
-            close = getattr(items, "close", None)
-            if close is not None:
-                close()
+            pool.submit(context_of(call).run, producer.run)
+        except RuntimeError as exc:  # the pool is shut down: the server is closing
+            producer.close()
+            queue.put_nowait((_Producer.DONE, exc))
 
-    producer = run_in_thread(pool, call, produce)
-    task = asyncio.ensure_future(producer)
+    def wake() -> None:  # any thread: the call was cancelled
+        if producer.make_room():
+            try:
+                loop.call_soon_threadsafe(resume)
+            except RuntimeError:
+                pass  # the loop is closed: the server has stopped
+
+    call.on_cancel(wake)
+    resume()
     try:
         while True:
             item, error = await queue.get()
-            if item is done:
+            if item is _Producer.DONE:
                 if error is not None:
                     raise error
                 return
-            room.release()
+            if producer.make_room():
+                resume()
             yield item
     finally:
-        if not task.done():
+        if not producer.finished:
             call.cancel()
+
+
+class _Producer:
+    """A generator run by one worker at a time, in turns, while there is room."""
+
+    DONE = object()
+
+    def __init__(self, items: Iterator[Any], call: CallContext, room: int,
+                 deliver: Callable[..., None]) -> None:
+        self._items = items
+        self._call = call
+        self._room = room
+        self._deliver = deliver
+        self._lock = threading.Lock()
+        self._running = True  # the first worker is started at once
+        self.finished = False
+
+    def make_room(self) -> bool:
+        """The consumer took an item (or the call was cancelled); True if a worker
+        must be started: none runs the generator now."""
+        with self._lock:
+            self._room += 1
+            if self._running or self.finished:
+                return False
+            self._running = True
+            return True
+
+    def run(self) -> None:
+        """Worker thread: produce while there is room; at the end, close the generator."""
+        error: Optional[BaseException] = None
+        try:
+            while not self._call.cancelled:
+                with self._lock:
+                    if not self._room:
+                        self._running = False
+                        return  # the consumer starts a worker again when it makes room
+                    self._room -= 1
+                try:
+                    item = next(self._items)
+                except StopIteration:
+                    break
+                self._deliver(item, None)
+        except BaseException as exc:  # delivered to the caller as the stream's error
+            error = exc
+        try:
+            self.close()
+        except BaseException as exc:
+            error = error or exc
+        self._deliver(self.DONE, error)
+
+    def close(self) -> None:
+        """Mark the stream finished and close the generator."""
+        self.finished = True
+        close = getattr(self._items, "close", None)
+        if close is not None:
+            close()

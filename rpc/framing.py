@@ -1,6 +1,8 @@
 """What every way of moving frames shares (asyncio streams, sockets read by threads)."""
 from __future__ import annotations
 
+import time
+
 from .errors import ConnectionLost, ProtocolError, TruncatedFrameError
 from .protocol import HANDSHAKE_MAX_FRAME, FrameDecoder
 
@@ -16,6 +18,13 @@ class Framing:
         self.decoder = FrameDecoder(HANDSHAKE_MAX_FRAME)
         #: The largest payload the peer accepts (raised after the handshake).
         self.peer_max_frame = HANDSHAKE_MAX_FRAME
+        #: When the peer last showed life (monotonic clock): any bytes received, even
+        #: part of a frame, or part of a large frame taken off our hands.
+        self.last_activity = time.monotonic()
+
+    def saw_activity(self) -> None:
+        """Bytes arrived, or a slice of a large frame went out: the peer is alive."""
+        self.last_activity = time.monotonic()
 
     def set_limits(self, max_frame: int, peer_max_frame: int) -> None:
         """After authentication: accept and send frames up to the agreed sizes."""

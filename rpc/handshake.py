@@ -81,7 +81,10 @@ def _check_hello(hello: Dict[str, Any], peer_role: str) -> None:
         raise ProtocolError(f"malformed HELLO from the {peer_role}: bad nonce")
     if not (isinstance(max_frame, int) and 0 < max_frame <= ABSOLUTE_MAX_FRAME):
         raise ProtocolError(f"malformed HELLO from the {peer_role}: bad max_frame")
-    for warning in version_warnings(versions(), hello.get("versions") or {}):
+    peer_versions = hello.get("versions") or {}
+    if not isinstance(peer_versions, dict):
+        raise ProtocolError(f"malformed HELLO from the {peer_role}: bad versions")
+    for warning in version_warnings(versions(), peer_versions):
         log.warning("version mismatch with %s (%s): %s; pickled functions and classes "
                     "may fail to load", peer_role, hello.get("hostname"), warning)
 
@@ -117,10 +120,10 @@ async def server_handshake(channel: Channel, key: bytes, max_frame: int,
     ``before_accepting()`` runs once the client is authenticated, just before it is
     told so: until then, it sends nothing more.
     """
-    hello = await _expect(channel, Kind.HELLO)
     nonce_s = auth.new_nonce()
-    channel.send(Kind.HELLO, payload=_hello(nonce_s, max_frame))
     try:
+        hello = await _expect(channel, Kind.HELLO)
+        channel.send(Kind.HELLO, payload=_hello(nonce_s, max_frame))
         _check_hello(hello, "client")
         reply = await _expect(channel, Kind.AUTH)
         nonce_c = hello["nonce"]

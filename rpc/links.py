@@ -58,6 +58,18 @@ class LoopLink:
         """Queue one frame (loop thread only: use :meth:`soon` from elsewhere)."""
         self.channel.send(kind, request_id, payload, flags)
 
+    def notice_end(self) -> None:
+        """Nothing to do: the loop notices the end of the stream as it comes."""
+
+    def ping(self) -> None:
+        """Queue a PING (loop thread only)."""
+        self.channel.send(Kind.PING)
+
+    @property
+    def last_activity(self) -> float:
+        """When the server last showed life (see :class:`~rpc.framing.Framing`)."""
+        return self.channel.last_activity
+
     def attending(self) -> ContextManager[None]:
         """Nothing to do: the loop reads for every caller."""
         return contextlib.nullcontext()

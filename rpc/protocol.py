@@ -237,7 +237,7 @@ def decode_json(data: Buffer) -> dict:
     """Parse a handshake payload; anything but a JSON object is a protocol error."""
     try:
         obj = json.loads(bytes(data))
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: deeply nested input
         raise ProtocolError(f"malformed handshake message: {exc}") from None
     if not isinstance(obj, dict):
         raise ProtocolError("malformed handshake message: not a JSON object")
@@ -256,18 +256,53 @@ def decode_credit(data: Buffer) -> int:
     return _CREDIT.unpack(data)[0]
 
 
-def pack_error(exc: BaseException) -> bytes:
+def pack_error(exc: BaseException, limit: Optional[int] = None) -> bytes:
     """ERROR payload: type name, message, traceback text, and the pickled exception.
 
     The exception is pickled on its own (or not at all, if that fails) so that the
-    client can fall back to a RuntimeError when it cannot rebuild it.
+    client can fall back to a RuntimeError when it cannot rebuild it. One whose
+    ``str()`` fails is not sent at all: the client gets ``RuntimeError("Server-side
+    <Type>: <unprintable>")``. With a ``limit``, parts are dropped (the pickled
+    exception, then the traceback, then the end of the message) until it fits.
     """
-    tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    blob: Optional[bytes] = None
+    message = error_text(exc)
+    if message is not UNPRINTABLE:
+        try:
+            blob = dumps(exc)
+        except Exception:
+            pass
     try:
-        blob: Optional[bytes] = dumps(exc)
+        tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     except Exception:
-        blob = None
-    return dumps((_type_name(type(exc)), str(exc), tb_text, blob))
+        tb_text = ""
+    name = _type_name(type(exc))
+    payload = dumps((name, message, tb_text, blob))
+    if limit is None or len(payload) <= limit:
+        return payload
+    for smaller in ((name, message, tb_text, None), (name, message, "", None)):
+        payload = dumps(smaller)
+        if len(payload) <= limit:
+            return payload
+    room = max(0, limit - len(dumps((name, "...", "", None))) - 8)  # 8: pickle's length fields
+    return dumps((name, message.encode()[:room].decode(errors="ignore") + "...", "", None))
+
+
+def error_text(exc: BaseException) -> str:
+    """``str(exc)``, or :data:`UNPRINTABLE` if that raises."""
+    try:
+        return str(exc)
+    except Exception:
+        return UNPRINTABLE
+
+
+def describe_error(exc: BaseException) -> str:
+    """``Type: message``, even for an exception whose ``str()`` raises."""
+    return f"{type(exc).__name__}: {error_text(exc)}"
+
+
+#: The message of an exception whose ``str()`` raises.
+UNPRINTABLE = "<unprintable>"
 
 
 def unpack_error(data: Buffer) -> BaseException:
@@ -297,7 +332,7 @@ def pack_value(value: Any, what: str) -> Tuple[bool, bytes]:
     except Exception as exc:
         err = RemoteSerializationError(
             f"the server cannot pickle {what} ({type(value).__name__}): "
-            f"{type(exc).__name__}: {exc}")
+            f"{describe_error(exc)}")
         return False, pack_error(err)
 
 

@@ -9,7 +9,6 @@ A call whose client cancels it, times out or disconnects is cancelled here too.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import functools
 import inspect
 import logging
@@ -30,9 +29,12 @@ from .errors import (ConnectionLost, FunctionNotFoundError, ProtocolError, RPCEr
 from .execution import CallContext
 from .handshake import server_handshake, versions
 from .protocol import (DEFAULT_MAX_FRAME, Buffer, Flag, Frame, Kind, check_max_frame,
-                       decode_call, decode_credit, dumps, loads, pack_error, pack_value)
+                       decode_call, decode_credit, describe_error, dumps, loads, pack_error,
+                       pack_value)
 from .socketreader import SocketReader
-from .transports import Listener, claim_stdio, endpoint, listen, stdio_streams
+from .throttle import ThrottledLog
+from .transports import (DEFAULT_LIVENESS_TIMEOUT, Listener, claim_stdio, endpoint, listen,
+                         stdio_streams)
 from . import turns
 from .turns import TakingTurns
 
@@ -44,13 +46,17 @@ WORKER_THREAD_PREFIX = "rpc-worker"
 #: thread: copying dwarfs a hand-off, and glibc trims the heap of a thread that
 #: frees megabytes on every call (measured: +1 ms for a 1 MiB echo).
 INLINE_LIMIT = 1 << 16
+#: Connections that may be in their handshake at once; a newer one drops the oldest,
+#: so that strangers who connect and say nothing cannot exhaust the server.
+DEFAULT_MAX_PENDING_HANDSHAKES = 64
 
 
 class RPCServer:
     """Serves ``functions`` to every client that proves it holds the key."""
 
     def __init__(self, functions: Functions, *, key: bytes, workers: int = 4,
-                 max_frame: int = DEFAULT_MAX_FRAME, handshake_timeout: float = 10.0) -> None:
+                 max_frame: int = DEFAULT_MAX_FRAME, handshake_timeout: float = 10.0,
+                 max_pending_handshakes: int = DEFAULT_MAX_PENDING_HANDSHAKES) -> None:
         for name, fn in functions.items():
             if not isinstance(name, str) or not callable(fn):
                 raise TypeError(f"functions must map names (str) to callables; "
@@ -62,6 +68,18 @@ class RPCServer:
         self.workers = workers
         self.max_frame = check_max_frame(max_frame)
         self.handshake_timeout = handshake_timeout
+        if max_pending_handshakes < 1:
+            raise ValueError(f"max_pending_handshakes must be at least 1, "
+                             f"got {max_pending_handshakes}")
+        self.max_pending_handshakes = max_pending_handshakes
+        #: Connections not authenticated yet, oldest first (a dict keeps the order).
+        self._handshaking: Dict["_Connection", None] = {}
+        self._evictions = ThrottledLog(
+            log, f"dropped unauthenticated connections: more than {max_pending_handshakes} "
+                 f"handshakes were pending (max_pending_handshakes)")
+        self._no_shortcut = ThrottledLog(
+            log, "serving connections through the event loop only: their socket cannot "
+                 "be duplicated (raise the descriptor limit)")
         self.calls_served = 0
         self.in_flight = 0
         self.listeners: List[Listener] = []
@@ -82,6 +100,12 @@ class RPCServer:
         """Serve one connection until it ends (the callback for every transport)."""
         conn = _Connection(self, Channel(reader, writer))
         self._connections.add(conn)
+        if len(self._handshaking) >= self.max_pending_handshakes:
+            oldest = next(iter(self._handshaking))
+            del self._handshaking[oldest]
+            oldest.evict()
+            self._evictions.note(f"the oldest was from {oldest.channel.peer}")
+        self._handshaking[conn] = None
         try:
             await conn.run()
         except asyncio.CancelledError:
@@ -208,7 +232,7 @@ class _Call:
         except Exception as exc:
             raise SerializationError(
                 f"the server cannot unpickle the arguments of {self.context.name}(): "
-                f"{type(exc).__name__}: {exc}") from exc
+                f"{describe_error(exc)}") from exc
 
     def cancel(self) -> bool:
         """Cancel wherever the call is; True if it never started (nothing will finish it)."""
@@ -234,6 +258,8 @@ class _Connection:
         self.task: Optional[asyncio.Task] = None  # the one running run()
         self._turns: Optional[TakingTurns] = None
         self._error: Optional[ProtocolError] = None  # a frame the loop refused
+        #: Dropped before authentication to make room for a newer connection.
+        self.evicted = False
         self._loop: Optional[asyncio.AbstractEventLoop] = None
 
     async def run(self) -> None:
@@ -241,8 +267,13 @@ class _Connection:
         self._loop = asyncio.get_running_loop()
         socket_reader: Optional[SocketReader] = None
 
-        def take_over_reading() -> None:
+        def authenticated() -> None:
             nonlocal socket_reader
+            try:
+                self.channel.attach_shortcut()
+            except OSError as exc:  # e.g. out of descriptors: serve it on the loop
+                self.server._no_shortcut.note(f"{self.channel.peer}: {exc}")
+                return
             if turns.AVAILABLE:
                 socket_reader = self.channel.take_over_reading()
 
@@ -250,12 +281,17 @@ class _Connection:
             try:
                 hello = await asyncio.wait_for(
                     server_handshake(self.channel, self.server._key, self.server.max_frame,
-                                     take_over_reading),
+                                     authenticated),
                     self.server.handshake_timeout)
-            except (RPCError, asyncio.TimeoutError) as exc:
-                log.warning("rejected connection from %s: %s", self.channel.peer,
-                            exc or "handshake timed out")
+            except asyncio.TimeoutError:
+                log.warning("rejected connection from %s: no handshake within %g s",
+                            self.channel.peer, self.server.handshake_timeout)
                 return
+            except RPCError as exc:
+                log.warning("rejected connection from %s: %s", self.channel.peer, exc)
+                return
+            finally:
+                self.server._handshaking.pop(self, None)
             log.info("client %s (%s) connected", self.channel.peer, hello.get("hostname"))
             if socket_reader is None:
                 while True:
@@ -267,7 +303,8 @@ class _Connection:
         except ConnectionLost as exc:
             log.info("client %s disconnected: %s", self.channel.peer, exc)
         except asyncio.CancelledError:
-            log.info("closing connection from %s", self.channel.peer)
+            if not self.evicted:
+                log.info("closing connection from %s", self.channel.peer)
         finally:
             with self.server._books:
                 calls = list(self.calls.values())
@@ -317,7 +354,7 @@ class _Connection:
         self.register(call)
         if (free and len(frame.payload) <= INLINE_LIMIT
                 and self.server._slots.acquire(blocking=False)):
-            return functools.partial(_call_context(call).run, self.run_here, fn, call)
+            return functools.partial(execution.context_of(call.context).run, self.run_here, fn, call)
         self.submit(fn, call)
         return None
 
@@ -360,6 +397,11 @@ class _Connection:
         if self.task is not None:
             self.task.cancel()
 
+    def evict(self) -> None:
+        """Drop the connection, still unauthenticated, to make room for a newer one."""
+        self.evicted = True
+        self.abort()
+
     def dispatch(self, frame: Frame) -> None:
         """Act on one frame from the client."""
         kind, rid = frame.kind, frame.request_id
@@ -401,7 +443,7 @@ class _Connection:
     def submit(self, fn: Callable[..., Any], call: _Call) -> None:
         """Any thread: queue a plain function's call for the worker pool."""
         try:
-            call.job = self.server._pool.submit(_call_context(call).run, self.run_in_pool,
+            call.job = self.server._pool.submit(execution.context_of(call.context).run, self.run_in_pool,
                                                 fn, call)
         except RuntimeError:  # the pool is shut down: the server is closing
             self.finish(call)
@@ -481,11 +523,18 @@ class _Connection:
             self.reply(call, Kind.ERROR, pack_error(exc))
 
     def reply(self, call: _Call, kind: Kind, payload: Buffer, flags: Flag = Flag.NONE) -> None:
-        """Send one frame for ``call``; a result too large for the client becomes an error."""
+        """Send one frame for ``call``; one too large for the client becomes an error
+        cut down to the client's frame limit."""
         try:
-            self.channel.send(kind, call.request_id, payload, flags)
-        except ProtocolError as exc:  # larger than the client accepts
-            self.channel.send(Kind.ERROR, call.request_id, pack_error(exc))
+            try:
+                self.channel.send(kind, call.request_id, payload, flags)
+            except ProtocolError as exc:  # larger than the client accepts
+                self.channel.send(Kind.ERROR, call.request_id,
+                                  pack_error(exc, self.channel.peer_max_frame))
+        except ProtocolError as exc:  # not even a bare error fits: nothing can be answered
+            log.warning("dropping connection from %s: cannot answer %s(): %s",
+                        self.channel.peer, call.context.name, exc)
+            self.abort()
         except ConnectionLost:
             pass  # the reader notices too, and cancels what is left
 
@@ -509,13 +558,6 @@ class _Connection:
             self.reply(call, Kind.STREAM_END, b"")
         finally:
             await items.aclose()  # type: ignore[attr-defined]
-
-
-def _call_context(call: _Call) -> contextvars.Context:
-    """A context in which ``rpc.current_call()`` is ``call`` (for the thread running it)."""
-    context = contextvars.copy_context()
-    context.run(execution.enter, call.context)
-    return context
 
 
 class _Packed:
@@ -548,16 +590,20 @@ async def start_server(functions: Functions, *, tunnel_dir: Any = None, tcp: Any
                        unix: Any = None, stdio: bool = False, workers: int = 4,
                        key_file: Any = None, force: bool = False,
                        max_frame: int = DEFAULT_MAX_FRAME,
-                       liveness_timeout: float = 15.0) -> RPCServer:
+                       liveness_timeout: float = DEFAULT_LIVENESS_TIMEOUT,
+                       max_pending_handshakes: int = DEFAULT_MAX_PENDING_HANDSHAKES
+                       ) -> RPCServer:
     """Start serving ``functions`` (name -> callable) on one transport.
 
     The transport is the tunnel directory (default: ``rpc.default_tunnel_dir()``),
     ``tcp="HOST:PORT"`` (host defaults to 127.0.0.1), ``unix=PATH`` (mode 0600) or
     ``stdio=True`` (one client on stdin/stdout; serving ends when it disconnects).
     The key file is created (0600) if missing: see ``rpc.default_key_path()``.
+    At most ``max_pending_handshakes`` connections may be unauthenticated at once:
+    a newer one drops the oldest.
     """
     server = RPCServer(functions, key=load_key(key_file, create=True), workers=workers,
-                       max_frame=max_frame)
+                       max_frame=max_frame, max_pending_handshakes=max_pending_handshakes)
     ep = endpoint(tunnel_dir=tunnel_dir, tcp=tcp, unix=unix, stdio=stdio)
     if ep.kind == "stdio":
         reader, writer = await stdio_streams(*claim_stdio())

@@ -29,6 +29,9 @@ from .socketreader import SocketReader
 #: Frames up to this size are joined and sent with one system call; larger ones are
 #: sent part by part, so that a large argument is never copied.
 JOIN_LIMIT = 1 << 16
+#: A large frame is sent in slices of this size; each slice the peer takes is a sign
+#: of life (a live server may be busy reading a large argument for a long time).
+SEND_SLICE = 1 << 20
 
 
 class SocketLink(Framing):
@@ -65,11 +68,11 @@ class SocketLink(Framing):
     # ------------------------------------------------------------ sending
 
     def send(self, kind: Kind, request_id: int = 0, payload: Payload = b"",
-             flags: Flag = Flag.NONE) -> None:
+             flags: Flag = Flag.NONE, wait: bool = True) -> None:
         """Write one frame from any thread; frames never interleave.
 
         A large frame holds the socket until it is written: calls sent meanwhile
-        from other threads wait for it.
+        from other threads wait for it (with ``wait=False``, the frame is dropped).
         """
         size = payload_size(payload)
         self.check_size(size, f"a {kind.name} message")
@@ -78,25 +81,42 @@ class SocketLink(Framing):
         else:
             parts = (encode_header(kind, request_id, size, flags),) + (
                 payload if isinstance(payload, tuple) else (payload,))
+        if not self._write_lock.acquire(wait):
+            return
         try:
-            with self._write_lock:
-                self._writer = threading.get_ident()
-                try:
-                    for part in parts:
-                        self.sock.sendall(part)
-                except OSError as exc:
-                    raise ConnectionLost(f"connection to {self.peer} lost: {exc}") from exc
-                except BaseException:  # e.g. Ctrl-C: part of a frame may have gone out,
-                    self._shutdown()   # and the stream cannot be resynchronised
-                    raise
-                finally:
-                    self._writer = None
+            self._writer = threading.get_ident()
+            try:
+                if size <= JOIN_LIMIT:
+                    self.sock.sendall(parts[0])
+                else:
+                    self._send_slices(parts)
+            except OSError as exc:
+                raise ConnectionLost(f"connection to {self.peer} lost: {exc}") from exc
+            except BaseException:  # e.g. Ctrl-C: part of a frame may have gone out,
+                self._shutdown()   # and the stream cannot be resynchronised
+                raise
+            finally:
+                self._writer = None
+                self._write_lock.release()
         finally:
             while self._deferred:
                 fn, args = self._deferred.pop(0)
                 fn(*args)
         if self._callers == 0:  # no caller will read the reply: the background must
             self._notify()
+
+    def _send_slices(self, parts: Tuple[Payload, ...]) -> None:
+        """A large frame, slice by slice: each slice sent is a sign of life."""
+        for part in parts:
+            view = memoryview(part).cast("B")
+            for start in range(0, len(view), SEND_SLICE):
+                self.sock.sendall(view[start:start + SEND_SLICE])
+                self.saw_activity()
+
+    def ping(self) -> None:
+        """Send a PING, unless a frame is being written (the PING would wait behind it:
+        liveness then rests on that frame's progress)."""
+        self.send(Kind.PING, wait=False)
 
     def soon(self, fn: Callable[..., None], *args: Any) -> None:
         """Run ``fn(*args)`` now (sending is thread-safe, there is no loop to go to);
@@ -194,16 +214,38 @@ class SocketLink(Framing):
                     if not self._receiver.tick():
                         self._end(ConnectionLost("the server is presumed dead"))
                         return
-                wait = self._next_tick - now if deadline is None else min(
-                    self._next_tick, deadline) - now
-                if self._input.wait(wait):
-                    self._input.read()
-                while self._input.frames:
-                    self._receiver.receive(self._input.frames.popleft())
+                self._read_once(self._next_tick - now if deadline is None else min(
+                    self._next_tick, deadline) - now)
             except Exception as exc:
-                self._end(ConnectionLost("the connection was closed by this client")
-                          if self._closing else reading_error(exc))
+                self._reading_failed(exc)
                 return
+
+    def _read_once(self, wait: float) -> None:
+        """Holding the reading: wait up to ``wait`` s for bytes, then deliver the frames."""
+        assert self._receiver is not None
+        if self._input.wait(wait):
+            self._input.read()
+        while self._input.frames:
+            self._receiver.receive(self._input.frames.popleft())
+
+    def _reading_failed(self, exc: Exception) -> None:
+        """Call in ``except``: reading ended with ``exc``."""
+        self._end(ConnectionLost("the connection was closed by this client")
+                  if self._closing else reading_error(exc))
+
+    def notice_end(self) -> None:
+        """If nobody is reading, take in what has arrived now, without waiting: a
+        server that closed the connection (say, to restart) is noticed before the
+        next call is sent into it, and can be reconnected to."""
+        if self._ended or self._receiver is None or not self._reading.acquire(blocking=False):
+            return
+        try:
+            self._read_once(0)
+        except Exception as exc:
+            self._reading_failed(exc)
+        finally:
+            self._reading.release()
+            self._pass_reading()
 
     def _serve_background(self) -> None:
         """Read while something waits that no caller reads for; tick while idle."""
@@ -222,9 +264,10 @@ class SocketLink(Framing):
                     if self._callers == 0 and receiver.busy():
                         self._read_until(lambda: self._callers > 0 or not receiver.busy(),
                                          self._interval)
-                    elif time.monotonic() >= self._next_tick:  # idle: nothing to read
+                    elif time.monotonic() >= self._next_tick:  # nobody reads for a reply
                         self._next_tick = time.monotonic() + self._interval
-                        receiver.tick()
+                        if not receiver.tick():  # wakes a caller blocked sending, too
+                            self._end(ConnectionLost("the server is presumed dead"))
                 finally:
                     self._reading.release()
                     self._pass_reading()

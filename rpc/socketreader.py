@@ -48,6 +48,7 @@ class SocketReader:
             raise ConnectionLost(f"connection to {self.framing.peer} lost: {exc}") from exc
         if not size:
             raise self.framing.end_of_stream()
+        self.framing.saw_activity()
         self.frames.extend(self.framing.decoder.feed(self._buffer[:size]))
         return size
 

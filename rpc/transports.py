@@ -6,15 +6,19 @@ asyncio.StreamWriter)`` pair, whichever way it was opened.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shlex
 import socket
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Optional, Sequence, Tuple, Union
+from typing import Any, Awaitable, Callable, Dict, Optional, Sequence, Tuple, Union
 
 from .errors import RPCError, ServerNotRunningError
+from .throttle import ThrottledLog
+
+log = logging.getLogger(__name__)
 
 #: Environment variable overriding the default tunnel directory of the RPC server.
 TUNNEL_DIR_ENV = "FILEFORWARD_RPC_TUNNEL_DIR"
@@ -23,6 +27,11 @@ TUNNEL_DIR_ENV = "FILEFORWARD_RPC_TUNNEL_DIR"
 DEFAULT_HOST = "127.0.0.1"
 #: StreamReader buffer limit: large enough that big payloads flow in few reads.
 STREAM_LIMIT = 1 << 20
+#: Seconds of silence after which a peer is presumed dead (while calls wait for it;
+#: over the tunnel, at any time). Long, because a served function that holds the GIL
+#: (a long C call) silences its whole process; a process that dies is noticed at once
+#: over sockets, as its kernel closes them.
+DEFAULT_LIVENESS_TIMEOUT = 60.0
 #: Bytes per recv() of the server's socket transports. asyncio's default, 256 KiB,
 #: is above glibc's mmap threshold: every read then maps, remaps and unmaps its
 #: buffer, about 20 us, more than all the rest of the server's work on a small call.
@@ -191,7 +200,7 @@ class Listener:
 
 
 async def listen(ep: Endpoint, handler: Handler, *, force: bool = False,
-                 liveness_timeout: float = 15.0) -> Listener:
+                 liveness_timeout: float = DEFAULT_LIVENESS_TIMEOUT) -> Listener:
     """Start accepting connections on ``ep`` (tunnel, tcp or unix)."""
     if ep.kind == "tunnel":
         import fileforward
@@ -199,6 +208,7 @@ async def listen(ep: Endpoint, handler: Handler, *, force: bool = False,
                                                 force=force, liveness_timeout=liveness_timeout)
         return Listener(server, str(ep))
     handler = _with_small_reads(handler)
+    _throttle_accept_errors(asyncio.get_running_loop(), f"accepting connections on {ep} failed")
     if ep.kind == "tcp":
         server = await asyncio.start_server(handler, *ep.address, limit=STREAM_LIMIT)
         host, port = server.sockets[0].getsockname()[:2]
@@ -208,6 +218,28 @@ async def listen(ep: Endpoint, handler: Handler, *, force: bool = False,
         server = await asyncio.start_unix_server(handler, sock=sock, limit=STREAM_LIMIT)
         return Listener(server, str(ep), lambda: _unlink(ep.address))
     raise ValueError(f"cannot listen on {ep}")
+
+
+def _throttle_accept_errors(loop: asyncio.AbstractEventLoop, what: str) -> None:
+    """Out of descriptors, asyncio logs a traceback for every failed ``accept()``
+    (about one per second and listener); log them counted, at most one line per
+    interval. Every other error goes to the handler that was there before."""
+    previous = loop.get_exception_handler()
+    failures = ThrottledLog(log, what + " (raise the descriptor limit: ulimit -n)")
+
+    def handle(loop: asyncio.AbstractEventLoop, context: Dict[str, Any]) -> None:
+        if context.get("message") == ACCEPT_ERROR_MESSAGE:
+            failures.note(context.get("exception"))
+        elif previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handle)
+
+
+#: How asyncio reports an ``accept()`` that failed for lack of resources.
+ACCEPT_ERROR_MESSAGE = "socket.accept() out of system resource"
 
 
 def _with_small_reads(handler: Handler) -> Handler:
