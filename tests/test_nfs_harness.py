@@ -75,7 +75,7 @@ class _Session:
 @pytest.mark.parametrize("profile, refreshed", [
     (None, True), ("nfs-local-locks", True), ("beegfs", False),
 ], ids=["nfs", "nfs-local-locks", "beegfs"])
-def test_open_file_sees_stale_size_until_it_locks(make_two_nodes, profile, refreshed):
+def test_a_granted_lock_refreshes_a_stale_open_file_except_on_beegfs(make_two_nodes, profile, refreshed):
     """A granted lock refreshes the file, whether locks are forwarded or node-local,
     but not on BeeGFS."""
     two_nodes = make_two_nodes(profile, attr_timeout=30.0)  # stale for sure, however slow the machine
