@@ -354,7 +354,8 @@ def test_cli_mounts_runs_on_b_and_unmounts(tmp_path):
     a, b, backing = tmp_path / "a", tmp_path / "b", tmp_path / "backing"
     cli = subprocess.Popen(
         [sys.executable, "-m", "tests.nfs_harness", "mount", "--backing", str(backing),
-         "--a", str(a), "--b", str(b), "--counters-dir", str(tmp_path), "--latency-ms", "0"],
+         "--a", str(a), "--b", str(b), "--counters-dir", str(tmp_path), "--profile", "beegfs",
+         "--latency-ms", "0", "--lock-flush"],
         stdout=subprocess.PIPE, text=True)
     try:
         lines = []
@@ -363,6 +364,10 @@ def test_cli_mounts_runs_on_b_and_unmounts(tmp_path):
             assert line, f"CLI exited early: {lines}"
             lines.append(line.strip())
         netns = next(x.split(": ", 1)[1] for x in lines if x.startswith("netns: "))
+        options = next(x for x in lines if x.startswith("options: "))
+        for knob in ("latency_ms=0.0", "write_behind=True", "lock_forwarding=False",
+                     "lock_flush=True", "lock_invalidation=False"):  # the profile, overridden
+            assert knob in options
         (a / "hello").write_bytes(b"from A")
         out = subprocess.run(
             [sys.executable, "-m", "tests.nfs_harness", "exec-b", "--netns", netns, "--",

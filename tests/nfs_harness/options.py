@@ -5,8 +5,8 @@ from dataclasses import dataclass, field, fields
 from typing import Dict, List, NamedTuple, Optional
 
 
-def _knob(default, help: str):
-    return field(default=default, metadata={"help": help})
+def _knob(default, text: str):
+    return field(default=default, metadata={"help": text})
 
 
 @dataclass(frozen=True)
