@@ -6,6 +6,8 @@ mount writes it back, at fsync, close, a lock request (NFS flushes before lockin
 and unlocking) or when too much has piled up, as a client's page cache does.
 Reads on this mount see its own held writes laid over the server's data, and its
 sizes include them. With write-behind off, every write goes through at once.
+Stricter than Linux NFS, whose stat() on the writing node also writes back: a
+protocol that passes here does not rely on that.
 """
 import os
 import threading
