@@ -1,5 +1,6 @@
 """Self-test of the two-node NFS emulation: it must show what NFS shows (stale caches,
-cross-node lock exclusion, coherence through locks) and catch what it exists to catch."""
+cross-node lock exclusion, coherence through locks, write-behind), what node-local
+locks and BeeGFS show, and catch what it exists to catch."""
 import errno
 import fcntl
 import json
@@ -17,6 +18,7 @@ import pytest
 from tests.extras import require_nfs_harness
 from tests.nfs_harness.mounts import is_mounted, poll_until
 from tests.nfs_harness.probes import WIDTH
+from tests.nfs_harness.writeback import WriteCache
 
 PROBES = [sys.executable, "-m", "tests.nfs_harness.probes"]
 DATA = (0, 2**40)          # the transport's data range ...
@@ -59,18 +61,113 @@ def test_both_mounts_show_one_directory(two_nodes):
     assert sorted(os.listdir(two_nodes.b)) == ["f"]
 
 
-def test_open_file_sees_stale_size_until_it_locks(make_two_nodes):
-    two_nodes = make_two_nodes(attr_timeout=30.0)  # stale for sure, however slow the machine
+class _Session:
+    """A `session` probe on one node: one command in, one line of answer out."""
+
+    def __init__(self, nodes, node: str, path: Path) -> None:
+        self.process = _probe(nodes, node, "session", str(path))
+
+    def __call__(self, command: str) -> str:
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        return self.process.stdout.readline().rstrip("\n")
+
+
+@pytest.mark.parametrize("profile, refreshed", [
+    (None, True), ("nfs-local-locks", True), ("beegfs", False),
+], ids=["nfs", "nfs-local-locks", "beegfs"])
+def test_a_granted_lock_refreshes_a_stale_open_file_except_on_beegfs(make_two_nodes, profile, refreshed):
+    """A granted lock refreshes the file, whether locks are forwarded or node-local,
+    but not on BeeGFS."""
+    two_nodes = make_two_nodes(profile, attr_timeout=30.0)  # stale for sure, however slow the machine
     (two_nodes.a / "f").write_bytes(b"x" * 10)
     fd_b = os.open(two_nodes.b / "f", os.O_RDWR)
     assert os.fstat(fd_b).st_size == 10
     fd_a = os.open(two_nodes.a / "f", os.O_RDWR)
     os.pwrite(fd_a, b"y" * 20, 10)
+    os.fsync(fd_a)
     assert os.fstat(fd_b).st_size == 10, "node B should trust its attribute cache"
     assert os.pread(fd_b, 100, 0) == b"x" * 10
     fcntl.lockf(fd_b, fcntl.LOCK_SH)
-    assert os.fstat(fd_b).st_size == 30
-    assert os.pread(fd_b, 100, 0) == b"x" * 10 + b"y" * 20
+    if refreshed:
+        assert os.fstat(fd_b).st_size == 30
+    assert (os.pread(fd_b, 100, 0) == b"x" * 10 + b"y" * 20) == refreshed, \
+        "node B's cached page should be dropped by the lock exactly where locks refresh"
+
+
+def test_writes_go_through_without_write_behind(two_nodes):
+    writer = _Session(two_nodes, "a", two_nodes.a / "f")
+    reader = _Session(two_nodes, "b", two_nodes.b / "f")
+    assert writer("lock") == "ok" and writer("write data") == "ok"
+    assert (two_nodes.backing / "f").read_bytes() == b"data"
+    assert reader("read") == "=data"
+
+
+@pytest.mark.parametrize("profile, still_held_after, flush", [
+    ("nfs", [], "fsync"),
+    ("nfs", [], "unlock"),
+    ("nfs", [], "close"),
+    ("beegfs", ["unlock"], "close"),
+    ("beegfs", ["unlock"], "fsync"),
+], ids=["nfs-fsync", "nfs-unlock", "nfs-close", "beegfs-unlock-then-close",
+        "beegfs-unlock-then-fsync"])
+def test_write_behind_hides_a_write_from_the_other_node_until_flushed(
+        make_two_nodes, profile, still_held_after, flush):
+    nodes = make_two_nodes(profile, latency_ms=0)
+    writer = _Session(nodes, "a", nodes.a / "f")
+    neighbour = _Session(nodes, "a", nodes.a / "f")  # another process on node A
+    reader = _Session(nodes, "b", nodes.b / "f")
+    for step in ["lock", "write data", *still_held_after]:
+        assert writer(step) == "ok"
+    assert neighbour("read") == "=data", "a mount must see its own held writes"
+    assert reader("read") == "=", "node B saw node A's write before A flushed it"
+    assert (nodes.backing / "f").read_bytes() == b""
+    assert writer(flush) == "ok"
+    assert (nodes.backing / "f").read_bytes() == b"data"
+    assert reader("read") == "=data"
+
+
+def test_write_behind_holds_writes_per_mount_and_writes_them_back_in_order(tmp_path):
+    """The held-write overlay itself, on a plain file: reads see held writes over the
+    server's bytes (holes read as zeros), the server sees nothing until write-back,
+    and too much held data is written back on its own."""
+    path = tmp_path / "f"
+    path.write_bytes(b"0123456789")
+    fd = os.open(path, os.O_RDWR)
+    key = (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
+    cache = WriteCache(hold=True, dirty_limit=100)
+    assert cache.write(key, fd, b"abc", 2) == 0
+    assert cache.write(key, fd, b"def", 5) == 0   # contiguous: merged into one extent
+    assert cache.write(key, fd, b"X", 3) == 0     # over a held write: later one wins
+    assert cache.write(key, fd, b"end", 14) == 0  # past the end, leaving a hole
+    expected = b"01aXcdef89" + bytes(4) + b"end"
+    assert cache.read(fd, key, 100, 0) == expected
+    assert cache.read(fd, key, 4, 12) == b"\0\0en"
+    assert cache.size(key, 10) == 17
+    assert path.read_bytes() == b"0123456789"
+    assert cache.write_back(key) == 3  # two extents merged: three WRITE requests
+    assert path.read_bytes() == expected
+    assert cache.size(key, 10) == 10 and cache.write_back(key) == 0
+    assert cache.write(key, fd, b"x" * 101, 0) == 1  # over the dirty limit
+    assert path.read_bytes() == b"x" * 101
+    os.close(fd)
+
+
+def test_node_local_locks_exclude_on_one_mount_only(make_two_nodes):
+    nodes = make_two_nodes(lock_forwarding=False)
+    holder = _probe(nodes, "a", "hold", str(nodes.a / "f"), "0", "0")
+    _expect_line(holder, "locked")
+    fd_a = os.open(nodes.a / "f", os.O_RDWR)
+    assert not _try_lock(fd_a, 0, 1), "processes on one node must still exclude each other"
+    other_node = _probe(nodes, "b", "lock", str(nodes.b / "f"), "0", "0")
+    _expect_line(other_node, "trying")
+    _expect_line(other_node, "locked")
+    assert other_node.wait(DEADLINE) == 0
+    holder.stdin.close()
+    assert holder.wait(DEADLINE) == 0
+    assert poll_until(lambda: _try_lock(fd_a, 0, 1), DEADLINE)
+    assert nodes.requests("a")["lock"] == nodes.requests("b")["lock"] == 0, \
+        "a node-local lock is no request to the server"
 
 
 def test_open_revalidates_cached_pages(two_nodes):
@@ -228,17 +325,24 @@ def _count_across_nodes(nodes, per_node: int, times: int) -> int:
     return int((nodes.backing / "counter").read_bytes()[:WIDTH] or b"0")
 
 
-@pytest.mark.parametrize("knobs, exact", [
-    ({}, True),
-    ({"lock_forwarding": False}, False),
-    ({"lock_invalidation": False}, False),
-], ids=["nfs-semantics", "no-lock-forwarding", "no-lock-invalidation"])
-def test_lost_update_counter(make_two_nodes, knobs, exact):
-    nodes = make_two_nodes(**knobs)
+@pytest.mark.parametrize("profile, knobs, exact", [
+    (None, {}, True),
+    ("nfs", {}, True),
+    (None, {"lock_forwarding": False}, False),
+    ("nfs-local-locks", {}, False),
+    ("beegfs", {}, False),
+    (None, {"lock_invalidation": False}, False),
+    ("nfs", {"lock_flush": False}, False),
+], ids=["nfs-write-through", "nfs-write-behind", "no-lock-forwarding", "nfs-local-locks",
+        "beegfs", "no-lock-invalidation", "write-behind-no-lock-flush"])
+def test_lost_update_counter(make_two_nodes, profile, knobs, exact):
+    """Lock, read, add one, write, unlock: exact where locks exclude across nodes
+    and carry the data (NFS), lossy where either fails."""
+    nodes = make_two_nodes(profile, **knobs)
     per_node, times = 3, 60
     expected = 2 * per_node * times
     counted = _count_across_nodes(nodes, per_node, times)
-    print(f"{knobs or 'NFS semantics'}: expected {expected}, counted {counted}")
+    print(f"{profile} {knobs}: expected {expected}, counted {counted}")
     if exact:
         assert counted == expected
     else:
@@ -250,7 +354,8 @@ def test_cli_mounts_runs_on_b_and_unmounts(tmp_path):
     a, b, backing = tmp_path / "a", tmp_path / "b", tmp_path / "backing"
     cli = subprocess.Popen(
         [sys.executable, "-m", "tests.nfs_harness", "mount", "--backing", str(backing),
-         "--a", str(a), "--b", str(b), "--counters-dir", str(tmp_path), "--latency-ms", "0"],
+         "--a", str(a), "--b", str(b), "--counters-dir", str(tmp_path), "--profile", "beegfs",
+         "--latency-ms", "0", "--lock-flush"],
         stdout=subprocess.PIPE, text=True)
     try:
         lines = []
@@ -259,6 +364,10 @@ def test_cli_mounts_runs_on_b_and_unmounts(tmp_path):
             assert line, f"CLI exited early: {lines}"
             lines.append(line.strip())
         netns = next(x.split(": ", 1)[1] for x in lines if x.startswith("netns: "))
+        options = next(x for x in lines if x.startswith("options: "))
+        for knob in ("latency_ms=0.0", "write_behind=True", "lock_forwarding=False",
+                     "lock_flush=True", "lock_invalidation=False"):  # the profile, overridden
+            assert knob in options
         (a / "hello").write_bytes(b"from A")
         out = subprocess.run(
             [sys.executable, "-m", "tests.nfs_harness", "exec-b", "--netns", netns, "--",

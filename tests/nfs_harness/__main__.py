@@ -1,7 +1,9 @@
 """Command line for manual and benchmark use of the two-node NFS emulation.
 
-  python -m tests.nfs_harness mount --backing DIR --a MNT_A --b MNT_B [--latency-ms 0.5 ...]
-      mounts both nodes, prints where everything is, serves until SIGTERM/SIGINT.
+  python -m tests.nfs_harness mount --backing DIR --a MNT_A --b MNT_B [--profile beegfs]
+                                    [--latency-ms 0.5 --write-behind --no-lock-forwarding ...]
+      mounts both nodes, prints where everything is, serves until SIGTERM/SIGINT;
+      a profile sets several knobs at once (`mount --help`), knobs given override it.
   python -m tests.nfs_harness exec-b [--netns NAME] -- CMD [ARGS...]
       runs CMD on node B (in the namespace of the one running `mount` by default).
   python -m tests.nfs_harness stats FILE...
@@ -66,8 +68,8 @@ def _stats(args: argparse.Namespace) -> int:
 
 def main(argv=None) -> int:
     """Parse the command line and run one subcommand."""
-    parser = argparse.ArgumentParser(prog="python -m tests.nfs_harness",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tests.nfs_harness", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     mount = sub.add_parser("mount", help="mount two nodes until SIGTERM/SIGINT")
     mount.add_argument("--backing", type=Path, required=True, help="the shared export")

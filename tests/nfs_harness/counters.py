@@ -44,9 +44,9 @@ class CounterWriter:
         self._index = {op: i * _SLOT.size for i, op in enumerate(OPERATIONS)}
         self._lock = threading.Lock()
 
-    def add(self, op: str) -> None:
-        """Count one request of operation `op`."""
+    def add(self, op: str, requests: int = 1) -> None:
+        """Count `requests` requests of operation `op`."""
         offset = self._index[op]
         with self._lock:
             (value,) = _SLOT.unpack_from(self._map, offset)
-            _SLOT.pack_into(self._map, offset, value + 1)
+            _SLOT.pack_into(self._map, offset, value + requests)

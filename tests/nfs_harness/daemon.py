@@ -3,10 +3,12 @@
 Run as `python -m tests.nfs_harness.daemon --backing DIR --mount MNT --counters F`;
 it serves in the foreground until SIGTERM/SIGINT or its parent's death. What makes
 it NFS-like, per mount: the kernel caches attributes, names and missing names for
-the configured timeouts; every request costs `latency_ms`; open() and a granted
-lock drop this mount's cached attributes and pages of the file (close-to-open and
-lock coherence); POSIX record locks are forwarded so that they exclude each other
-across mounts (see locks.py).
+the configured timeouts; every request sent to the server costs `latency_ms`;
+open() and a granted lock drop this mount's cached attributes and pages of the file
+(close-to-open and lock coherence); with write-behind, writes stay in this mount
+until fsync, close or a lock request writes them back (see writeback.py); POSIX
+record locks are forwarded so that they exclude each other across mounts, or kept
+node-local (see locks.py). Each knob can be switched off (options.py).
 """
 import argparse
 import ctypes
@@ -29,8 +31,9 @@ os.environ["FUSE_LIBRARY_NAME"] = "fuse3"  # mfusepy would pick libfuse2 first i
 import mfusepy  # noqa: E402
 
 from .counters import CounterWriter  # noqa: E402
-from .locks import LockTable  # noqa: E402
+from .locks import FileKey, LockTable  # noqa: E402
 from .options import NodeOptions  # noqa: E402
+from .writeback import WriteCache  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +59,17 @@ _EXIT_BY_SIGNAL = 8  # what fuse_main_real returns after SIGTERM/SIGINT: a clean
 
 
 class _OpenFile:
-    """A file this mount has open: the backing descriptor and the name it has here."""
+    """A file this mount has open: the backing descriptor, the name it has here and
+    whether it was opened for writing."""
 
-    __slots__ = ("fd", "path", "key")
+    __slots__ = ("fd", "path", "key", "writable")
 
-    def __init__(self, fd: int, path: str) -> None:
+    def __init__(self, fd: int, path: str, flags: int) -> None:
         st = os.fstat(fd)
         self.fd = fd
         self.path = path
         self.key = (st.st_dev, st.st_ino)
+        self.writable = flags & os.O_ACCMODE != os.O_RDONLY
 
 
 def _request(method):
@@ -94,11 +99,10 @@ class NfsClientOps:
         self._open_count: Counter = Counter()
         self._next_fh = itertools.count(1)
         self._files_mutex = threading.Lock()
-        self._locks = LockTable()
+        self._locks = LockTable(node_local=not options.lock_forwarding)
+        self._cache = WriteCache(hold=options.write_behind)
         self._fuse: Optional[int] = None
         self._session: Optional[int] = None
-        if not options.lock_forwarding:
-            self.lock = None  # mfusepy leaves the operation out: the kernel keeps locks local
 
     # -- plumbing ------------------------------------------------------------------
 
@@ -123,16 +127,22 @@ class NfsClientOps:
         self._fuse = _lib.fuse_get_context().contents.fuse
         self._session = _lib.fuse_get_session(self._fuse)
 
-    def _round_trip(self, op: str) -> None:
-        self._counters.add(op)
+    def _round_trip(self, op: str, requests: int = 1) -> None:
+        """Count `requests` requests to the server and wait for their answers."""
+        if not requests:
+            return
+        self._counters.add(op, requests)
         if self._latency:
-            time.sleep(self._latency)
+            time.sleep(self._latency * requests)
+
+    def _write_back(self, key: FileKey) -> None:
+        self._round_trip("write", self._cache.write_back(key))
 
     def _real(self, path: str) -> str:
         return self._root + path
 
     def _register(self, fd: int, path: str, fi) -> None:
-        entry = _OpenFile(fd, path)
+        entry = _OpenFile(fd, path, fi.flags)
         with self._files_mutex:
             fi.fh = next(self._next_fh)
             self._files[fi.fh] = entry
@@ -155,9 +165,10 @@ class NfsClientOps:
     @_request
     def getattr(self, path: Optional[str], fi=None) -> dict:
         st = os.fstat(self._file(fi).fd) if fi is not None else os.lstat(self._real(path))
+        size = self._cache.size((st.st_dev, st.st_ino), st.st_size)
         return {
             "st_mode": st.st_mode, "st_ino": st.st_ino, "st_nlink": st.st_nlink,
-            "st_uid": st.st_uid, "st_gid": st.st_gid, "st_size": st.st_size,
+            "st_uid": st.st_uid, "st_gid": st.st_gid, "st_size": size,
             "st_blocks": st.st_blocks, "st_blksize": st.st_blksize,
             "st_atime": st.st_atime_ns, "st_mtime": st.st_mtime_ns, "st_ctime": st.st_ctime_ns,
         }
@@ -264,26 +275,40 @@ class NfsClientOps:
 
     @_request
     def read(self, path: Optional[str], size: int, offset: int, fi) -> bytes:
-        return os.pread(self._file(fi).fd, size, offset)
+        entry = self._file(fi)
+        return self._cache.read(entry.fd, entry.key, size, offset)
 
-    @_request
     def write(self, path: Optional[str], data: bytes, offset: int, fi) -> int:
-        return os.pwrite(self._file(fi).fd, data, offset)
+        """Write through, or hold in this mount (write-behind): no request to the
+        server then, until it is written back."""
+        entry = self._file(fi)
+        self._round_trip("write", self._cache.write(entry.key, entry.fd, data, offset))
+        return len(data)
 
     @_request
     def truncate(self, path: Optional[str], length: int, fi=None) -> None:
+        """Held writes go first, as an NFS client flushes before changing a size."""
         if fi is not None:
+            self._write_back(self._file(fi).key)
             os.ftruncate(self._file(fi).fd, length)
         else:
+            st = os.stat(self._real(path))
+            self._write_back((st.st_dev, st.st_ino))
             os.truncate(self._real(path), length)
 
     @_request
     def fsync(self, path: Optional[str], datasync: int, fi) -> None:
-        (os.fdatasync if datasync else os.fsync)(self._file(fi).fd)
+        entry = self._file(fi)
+        self._write_back(entry.key)
+        (os.fdatasync if datasync else os.fsync)(entry.fd)
 
     @_request
     def flush(self, path: Optional[str], fi) -> None:
-        """Nothing to write back (writes go through); libfuse then unlocks the owner."""
+        """close() of a descriptor open for writing writes the file back, as on NFS
+        (close-to-open); libfuse then unlocks the owner."""
+        entry = self._file(fi)
+        if entry.writable:
+            self._write_back(entry.key)
 
     @_request
     def release(self, path: Optional[str], fi) -> None:
@@ -295,15 +320,23 @@ class NfsClientOps:
                 self._locks.forget_file(entry.key)
         os.close(entry.fd)
 
+    def destroy(self, path: Optional[str]) -> None:
+        """A clean unmount writes back what is still held."""
+        self._cache.write_back_all()
+
     def lock(self, path: Optional[str], fi, cmd: int, lock_p) -> int:
-        """Forward F_GETLK/F_SETLK/F_SETLKW; a granted lock revalidates the file."""
+        """F_GETLK/F_SETLK/F_SETLKW: forwarded to the server or kept node-local (no
+        round trip then). As on NFS, a lock or unlock first writes back this mount's
+        held writes of the file (lock_flush), and a granted lock revalidates the
+        file (lock_invalidation)."""
         if not self._options.locks_available:
             raise mfusepy.FuseOSError(errno.ENOLCK)
         entry = self._file(fi)
         fl = lock_p.contents
         owner = fi.lock_owner
+        server_requests = 1 if self._options.lock_forwarding else 0
         if cmd == fcntl.F_GETLK:
-            self._round_trip("lock")
+            self._round_trip("lock", server_requests)
             fl.l_type, fl.l_start, fl.l_len, pid = self._locks.get(
                 entry.fd, entry.key, owner, fl.l_type, fl.l_start, fl.l_len)
             fl.l_whence = os.SEEK_SET
@@ -311,7 +344,9 @@ class NfsClientOps:
             return 0
         if fl.l_type == fcntl.F_UNLCK and not self._locks.holds(entry.key, owner):
             return 0  # like an NFS client: no round trip to unlock what it never locked
-        self._round_trip("lock")
+        if self._options.lock_flush:
+            self._write_back(entry.key)
+        self._round_trip("lock", server_requests)
         self._locks.set(entry.fd, entry.key, owner, fl.l_type, fl.l_start, fl.l_len,
                         wait=cmd == fcntl.F_SETLKW, cancelled=self._cancelled)
         if fl.l_type != fcntl.F_UNLCK and self._options.lock_invalidation:

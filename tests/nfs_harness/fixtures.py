@@ -5,7 +5,7 @@ Register them by importing them into tests/conftest.py (see the block at its end
 import contextlib
 import itertools
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import pytest
 
@@ -18,17 +18,20 @@ from .options import NodeOptions
 
 @pytest.fixture
 def make_two_nodes(tmp_path: Path) -> Iterator[Callable[..., TwoNodes]]:
-    """Factory: `make_two_nodes(**knobs)` mounts a fresh pair of nodes; the knobs are
-    NodeOptions fields (latency_ms, attr_timeout, lock_forwarding, ...). Every pair
-    is unmounted, its processes killed and its namespace deleted after the test.
-    Skips (fails under CI) with the missing pieces if the harness cannot run here."""
+    """Factory: `make_two_nodes(profile=None, **knobs)` mounts a fresh pair of nodes;
+    `profile` names one of options.PROFILES ("nfs", "nfs-local-locks", "beegfs"), the
+    knobs are NodeOptions fields (latency_ms, write_behind, lock_forwarding, ...) and
+    override it. Every pair is unmounted, its processes killed and its namespace
+    deleted after the test. Skips (fails under CI) with the missing pieces if the
+    harness cannot run here."""
     require_nfs_harness()
     serial = itertools.count()
     with contextlib.ExitStack() as stack:
-        def make(**knobs) -> TwoNodes:
+        def make(profile: Optional[str] = None, **knobs) -> TwoNodes:
             workdir = tmp_path / f"nodes{next(serial)}"
+            options = NodeOptions.preset(profile, **knobs)
             try:
-                return stack.enter_context(start_two_nodes(workdir, NodeOptions(**knobs)))
+                return stack.enter_context(start_two_nodes(workdir, options))
             except HarnessUnavailable as exc:  # e.g. no privilege for namespaces here
                 require_nfs_harness(str(exc))
                 raise

@@ -1,11 +1,14 @@
-"""POSIX record locks of one mount, forwarded to the backing filesystem.
+"""POSIX record locks of one mount, forwarded to the backing filesystem or kept local.
 
-Each (backing file, FUSE lock owner) pair gets its own open file description on the
-backing file and takes open-file-description locks on it. Both mounts' daemons lock
-the same backing inode, so locks exclude each other across mounts and, because the
-kernel gives every process its own lock owner, across processes on one mount. POSIX
-semantics follow: an owner's locks merge, and closing any of its descriptors (the
-kernel's FLUSH, which libfuse turns into a whole-file unlock) drops them all.
+Each (file, FUSE lock owner) pair gets its own open file description and takes
+open-file-description locks on it. Forwarded, that description is of the backing
+file: both mounts' daemons lock the same backing inode, so locks exclude each other
+across mounts and, because the kernel gives every process its own lock owner, across
+processes on one mount. Node-local, it is of an anonymous stand-in file that this
+mount keeps per backing file: locks exclude processes of this mount only, as on NFS
+mounted `nolock`, Lustre `localflock` or BeeGFS by default. POSIX semantics follow:
+an owner's locks merge, and closing any of its descriptors (the kernel's FLUSH,
+which libfuse turns into a whole-file unlock) drops them all.
 """
 import errno
 import fcntl
@@ -28,10 +31,13 @@ FileKey = Tuple[int, int]  # (st_dev, st_ino) of the backing file
 class LockTable:
     """The open-file-description locks this mount holds, by file and owner."""
 
-    def __init__(self, first_poll: float = 0.001, max_poll: float = 0.01) -> None:
+    def __init__(self, node_local: bool = False, first_poll: float = 0.001,
+                 max_poll: float = 0.01) -> None:
+        self._node_local = node_local
         self._first_poll = first_poll
         self._max_poll = max_poll
         self._ofds: Dict[Tuple[FileKey, int], int] = {}
+        self._stand_ins: Dict[FileKey, int] = {}  # node-local: what this mount locks instead
         self._mutex = threading.Lock()
 
     def holds(self, key: FileKey, owner: int) -> bool:
@@ -78,6 +84,9 @@ class LockTable:
         with self._mutex:
             for ofd_key in [k for k in self._ofds if k[0] == key]:
                 os.close(self._ofds.pop(ofd_key))
+            stand_in = self._stand_ins.pop(key, None)
+            if stand_in is not None:
+                os.close(stand_in)
 
     def _try_lock(self, fd: int, key: FileKey, owner: int, ltype: int, start: int,
                   length: int) -> None:
@@ -96,9 +105,14 @@ class LockTable:
             fcntl.fcntl(ofd, F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, start, length, 0))
 
     def _ofd(self, fd: int, key: FileKey, owner: int) -> int:
-        """The owner's description of the file, opened afresh from `fd` if needed."""
+        """The owner's description of the file (or of its node-local stand-in),
+        opened afresh if needed."""
         ofd = self._ofds.get((key, owner))
         if ofd is None:
+            if self._node_local:
+                if key not in self._stand_ins:
+                    self._stand_ins[key] = os.memfd_create("lock", os.MFD_CLOEXEC)
+                fd = self._stand_ins[key]
             proc_path = f"/proc/self/fd/{fd}"
             try:
                 ofd = os.open(proc_path, os.O_RDWR | os.O_CLOEXEC)

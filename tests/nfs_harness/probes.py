@@ -10,6 +10,10 @@ keeps open) and reports on stdout, so that a test can synchronise on its output.
                            print "done N" when all have
   count PATH N             print "ready", wait for a line on stdin, then N times:
                            lock, read the number, write it plus one, unlock
+  session PATH             open PATH, then run one command per stdin line and answer
+                           it in one line: `write TEXT` (at the file position), `lock`,
+                           `unlock` (whole file), `fsync`, `close` answer "ok";
+                           `read` opens PATH afresh and answers "=" and its content
 """
 import fcntl
 import os
@@ -61,7 +65,29 @@ def _count(path: str, times: str) -> None:
         fcntl.lockf(fd, fcntl.LOCK_UN)
 
 
-COMMANDS = {"hold": _hold, "lock": _lock, "waiters": _waiters, "count": _count}
+def _session(path: str) -> None:
+    fd = _open(path)
+    actions = {
+        "lock": lambda: fcntl.lockf(fd, fcntl.LOCK_EX),
+        "unlock": lambda: fcntl.lockf(fd, fcntl.LOCK_UN),
+        "fsync": lambda: os.fsync(fd),
+        "close": lambda: os.close(fd),
+    }
+    for line in sys.stdin:
+        command, _, argument = line.rstrip("\n").partition(" ")
+        if command == "read":
+            with open(path, "rb") as f:
+                print("=" + f.read().decode(), flush=True)
+            continue
+        if command == "write":
+            os.write(fd, argument.encode())
+        else:
+            actions[command]()
+        print("ok", flush=True)
+
+
+COMMANDS = {"hold": _hold, "lock": _lock, "waiters": _waiters, "count": _count,
+            "session": _session}
 
 if __name__ == "__main__":
     COMMANDS[sys.argv[1]](*sys.argv[2:])
