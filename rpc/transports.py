@@ -110,8 +110,8 @@ async def open_streams(ep: Endpoint, connect_timeout: float, liveness_timeout: f
             reader, writer = await fileforward.open_connection(
                 ep.address, limit=STREAM_LIMIT, connect_timeout=connect_timeout,
                 liveness_timeout=liveness_timeout)
-        except ConnectionRefusedError as exc:  # fileforward.NoServerError
-            raise _not_running(ep, connect_timeout, exc) from exc
+        except ConnectionRefusedError as exc:  # fileforward.NoServerError: its text
+            raise _not_running(ep, connect_timeout) from exc  # advises fileforward users
         return reader, writer, None
     if ep.kind == "command":
         try:
@@ -163,8 +163,15 @@ def _connect_once(ep: Endpoint, timeout: float) -> socket.socket:
     return sock
 
 
-def _not_running(ep: Endpoint, waited: float, exc: BaseException) -> ServerNotRunningError:
-    return ServerNotRunningError(f"no RPC server answered at {ep} within {waited:g} s ({exc})")
+def _not_running(ep: Endpoint, waited: float,
+                 cause: Optional[BaseException] = None) -> ServerNotRunningError:
+    """The error naming the fix: start an RPC server on that same endpoint."""
+    address = f"{ep.address[0]}:{ep.address[1]}" if ep.kind == "tcp" else os.fspath(ep.address)
+    flag = "--tunnel-dir" if ep.kind == "tunnel" else f"--{ep.kind}"
+    reason = f" ({cause})" if cause is not None else ""
+    return ServerNotRunningError(
+        f"no RPC server answered at {ep} within {waited:g} s{reason}; start the RPC server "
+        f"first: python -m rpc serve MODULE:ATTR {flag} {shlex.quote(address)}")
 
 
 # ---------------------------------------------------------------- server side
