@@ -73,9 +73,6 @@ class Client:
         #: Default timeout in seconds of every call (None: wait as long as it takes).
         self.timeout = timeout
         self._pid = os.getpid()
-        # A job that ends without closing (e.g. through rpc.proxy) closes here, so
-        # that the server sees a client leave, not a connection reset at exit.
-        atexit.register(self._close_at_exit)
 
     @property
     def closed(self) -> bool:
@@ -220,7 +217,12 @@ def connect(*, tunnel_dir: Any = None, tcp: Any = None, unix: Any = None,
     except BaseException:
         thread.stop()
         raise
-    return Client(conn, thread, timeout)
+    client = Client(conn, thread, timeout)
+    if ep.kind == "tunnel":  # a job that ends without closing (e.g. through rpc.proxy)
+        # closes at exit: the server sees a client leave, not the reset of a stopping
+        # file transport (the kernel closes sockets and pipes the same way by itself)
+        atexit.register(client._close_at_exit)
+    return client
 
 
 class LazyProxy:

@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -200,14 +201,20 @@ def test_rpc_serve_in_a_script_logs_its_start_line(sock):
             return x
         rpc.serve({{"echo": echo, "add": add}}, unix={str(sock)!r})
         """)
-    rpc.auth.load_key(create=True)  # so that the start line is the first
     proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
-    try:
-        line = proc.stderr.readline()  # the script set up no logging
-        assert "INFO" in line and f"serving 2 functions on unix:{sock} (add, echo)" in line
+    log = []
+    reader = threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True)
+    reader.start()
+    try:  # the server's socket appears once it serves; it logs before that
+        wait_until(lambda: sock.exists() or proc.poll() is not None, timeout=30,
+                   what="the script's server to start")
     finally:
         proc.terminate()
         proc.wait(10)
+        reader.join(10)
+    start = [line for line in log if "serving" in line]  # the script set up no logging
+    assert len(start) == 1 and " INFO " in start[0], log
+    assert f"serving 2 functions on unix:{sock} (add, echo)" in start[0]
 
 
 # ---------------------------------------------------------------- clients coming and going
