@@ -204,7 +204,7 @@ async def listen(ep: Endpoint, handler: Handler, *, force: bool = False,
         import fileforward
         server = await fileforward.start_server(handler, ep.address, limit=STREAM_LIMIT,
                                                 force=force, liveness_timeout=liveness_timeout)
-        return Listener(server, str(ep))
+        return Listener(server, str(Endpoint("tunnel", server.tunnel_dir)))  # absolute
     handler = _with_small_reads(handler)
     if ep.kind == "tcp":
         server = await asyncio.start_server(handler, *ep.address, limit=STREAM_LIMIT)

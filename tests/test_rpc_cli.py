@@ -182,12 +182,16 @@ def test_serve_names_a_bad_entry_in_one_line(tmp_path, sock):
     assert len(lines) == 1 and "'three' is 3 (int), not a function" in lines[0], proc.stderr
 
 
-def test_cli_start_line_names_transport_and_functions(sock):
-    srv = CliServer("--unix", str(sock))
+@pytest.mark.parametrize("transport", ["unix", "tunnel"])
+def test_cli_start_line_names_transport_and_functions(transport, sock, tmp_path):
+    if transport == "unix":
+        srv, where = CliServer("--unix", str(sock)), f"unix:{sock}"
+    else:  # a relative tunnel directory is shown as the absolute path it is
+        srv, where = CliServer("--tunnel-dir", "t", cwd=tmp_path), f"tunnel:{tmp_path / 't'}"
     try:
         line = next(line for line in srv.log if "serving" in line)
-        assert f"on unix:{sock} (" in line and " INFO " in line
-        assert "add, " in line and "echo" in line  # the functions, sorted
+        assert f"on {where} (" in line and " INFO " in line
+        assert "(acount, add, aecho, " in line  # the functions, sorted
     finally:
         srv.stop()
 
