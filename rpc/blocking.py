@@ -7,6 +7,7 @@ the same API works in plain scripts, from many threads at once, and inside Jupyt
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures as cf
 import os
 import threading
@@ -19,6 +20,8 @@ from .transports import DEFAULT_LIVENESS_TIMEOUT, endpoint
 
 #: Stream items the server may send ahead of the consumer.
 DEFAULT_STREAM_WINDOW = 64
+#: Seconds to wait for a server to answer (connect, proxy, status).
+DEFAULT_CONNECT_TIMEOUT = 10.0
 
 
 class _LoopThread:
@@ -35,12 +38,25 @@ class _LoopThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def stop(self) -> None:
-        """Stop the loop and its thread."""
+        """Cancel what still runs on the loop (e.g. a connect interrupted by Ctrl-C:
+        it must end, not be destroyed pending), then stop the loop and its thread."""
+        if threading.current_thread() is not self._thread:
+            try:
+                self.run(_cancel_other_tasks(), timeout=5.0)
+            except (cf.TimeoutError, RuntimeError):
+                pass  # a task that ignores cancellation is left behind
         self.loop.call_soon_threadsafe(self.loop.stop)
         if threading.current_thread() is not self._thread:
             self._thread.join(5.0)
             if not self.loop.is_running():
                 self.loop.close()
+
+
+async def _cancel_other_tasks() -> None:
+    others = asyncio.all_tasks() - {asyncio.current_task()}
+    for task in others:
+        task.cancel()
+    await asyncio.gather(*others, return_exceptions=True)
 
 
 class Client:
@@ -56,6 +72,7 @@ class Client:
         self._closed = False
         #: Default timeout in seconds of every call (None: wait as long as it takes).
         self.timeout = timeout
+        self._pid = os.getpid()
 
     @property
     def closed(self) -> bool:
@@ -96,10 +113,15 @@ class Client:
         if self._closed:
             return
         self._closed = True
+        atexit.unregister(self._close_at_exit)
         try:
             self._loop_thread.run(self._conn.aclose(), timeout=10.0)
         finally:
             self._loop_thread.stop()
+
+    def _close_at_exit(self) -> None:
+        if os.getpid() == self._pid:  # a forked child's copy has no loop thread
+            self.close()
 
     def __enter__(self) -> "Client":
         return self
@@ -173,9 +195,8 @@ class RemoteFunction:
 
 def connect(*, tunnel_dir: Any = None, tcp: Any = None, unix: Any = None,
             command: Union[str, Sequence[str], None] = None, key_file: Any = None,
-            timeout: Optional[float] = None, connect_timeout: float = 10.0,
-            liveness_timeout: float = DEFAULT_LIVENESS_TIMEOUT,
-            max_frame: int = DEFAULT_MAX_FRAME,
+            timeout: Optional[float] = None, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+            liveness_timeout: float = DEFAULT_LIVENESS_TIMEOUT, max_frame: int = DEFAULT_MAX_FRAME,
             stream_window: int = DEFAULT_STREAM_WINDOW) -> Client:
     """Connect to an RPC server and authenticate; returns a :class:`Client`.
 
@@ -197,7 +218,12 @@ def connect(*, tunnel_dir: Any = None, tcp: Any = None, unix: Any = None,
     except BaseException:
         thread.stop()
         raise
-    return Client(conn, thread, timeout)
+    client = Client(conn, thread, timeout)
+    if ep.kind == "tunnel":  # a job that ends without closing (e.g. through rpc.proxy)
+        # closes at exit: the server sees a client leave, not the reset of a stopping
+        # file transport (the kernel closes sockets and pipes the same way by itself)
+        atexit.register(client._close_at_exit)
+    return client
 
 
 class LazyProxy:
@@ -260,7 +286,7 @@ def proxy(name: str, *, tunnel_dir: Any = None, timeout: Optional[float] = None,
     return LazyProxy(name, timeout, tunnel_dir=tunnel_dir, **connect_kwargs)
 
 
-def status(tunnel_dir: Any = None, *, connect_timeout: float = 5.0,
+def status(tunnel_dir: Any = None, *, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
            **connect_kwargs: Any) -> Dict[str, Any]:
     """The server's :meth:`Client.info`, or ``{"alive": False, ...}`` if none answers."""
     try:

@@ -1,4 +1,4 @@
-"""``python -m rpc serve MODULE:ATTR [...]`` and ``python -m rpc status [...]``."""
+"""`python -m rpc serve MODULE:ATTR [...]` and `python -m rpc status [...]`."""
 from __future__ import annotations
 
 import argparse
@@ -11,19 +11,42 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Dict, List, Optional
 
-from .blocking import status
+from fileforward.cliargs import (Parser, add_job_option, add_logging_options, job_tunnel_dir,
+                                 raise_descriptor_limit, setup_logging)
+
+from .blocking import DEFAULT_CONNECT_TIMEOUT, status
 from .errors import RPCError
 from .protocol import DEFAULT_MAX_FRAME
-from .server import serve
+from .server import DEFAULT_MAX_PENDING_HANDSHAKES, check_functions, serve
+from .transports import DEFAULT_LIVENESS_TIMEOUT, TUNNEL_DIR_ENV
 
 log = logging.getLogger("rpc.cli")
+
+DESCRIPTION = f"""\
+Call Python functions that run on the other side: a SLURM job calls a function,
+it runs on the login node (which has the internet), the result comes back.
+
+  on the login node:  python -m rpc serve llm_server:FUNCTIONS
+  in the job:         python -c 'import rpc; print(rpc.proxy("completion")(...))'
+  anywhere:           python -m rpc status
+
+Both ends use the same transport: by default the tunnel directory
+${TUNNEL_DIR_ENV}, else ~/.cache/fileforward/rpc-tunnel (no port at all).
+Run `python -m rpc COMMAND --help` for each command's options.
+"""
+
+FUNCTIONS_HELP = ("the functions to serve: ATTR of MODULE (a module name, or the path of a .py "
+                  "file) is a dict of name -> function, a list of functions, or one function")
+
+#: Exit status after Ctrl-C, as a shell reports a process ended by SIGINT.
+INTERRUPTED = 130
 
 
 def load_functions(spec: str) -> Dict[str, Callable[..., Any]]:
     """Resolve ``MODULE:ATTR`` (MODULE may be a dotted name or a ``.py`` path).
 
     ATTR may name a dict of name -> function, a list of functions (served under
-    their ``__name__``), or a single function.
+    their ``__name__``), or a single function. Raises TypeError naming a bad entry.
     """
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
@@ -32,12 +55,15 @@ def load_functions(spec: str) -> Dict[str, Callable[..., Any]]:
     for part in attr.split("."):
         obj = getattr(obj, part)
     if isinstance(obj, dict):
-        return dict(obj)
-    if isinstance(obj, (list, tuple)):
-        return {fn.__name__: fn for fn in obj}
-    if callable(obj):
-        return {obj.__name__: obj}
-    raise TypeError(f"{spec} is a {type(obj).__name__}, not a dict, list or function")
+        functions = dict(obj)
+    elif isinstance(obj, (list, tuple)):
+        functions = {getattr(fn, "__name__", repr(fn)): fn for fn in obj}
+    elif callable(obj):
+        functions = {obj.__name__: obj}
+    else:
+        raise TypeError(f"{spec} is a {type(obj).__name__}, not a dict, list or function")
+    check_functions(functions)
+    return functions
 
 
 def _import(name: str) -> ModuleType:
@@ -59,59 +85,89 @@ def _import(name: str) -> ModuleType:
 
 def _add_transport(parser: argparse.ArgumentParser, stdio: bool) -> None:
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--tunnel_dir", help="tunnel directory of the file transport "
-                       "(default: $FILEFORWARD_RPC_TUNNEL_DIR or ~/.cache/fileforward/rpc-tunnel)")
-    group.add_argument("--tcp", metavar="HOST:PORT", help="TCP address (host defaults to 127.0.0.1)")
-    group.add_argument("--unix", metavar="PATH", help="Unix socket path (created mode 0600)")
+    group.add_argument("--tunnel-dir", metavar="DIR", help=(
+        f"tunnel directory of the file transport (default: ${TUNNEL_DIR_ENV} or "
+        f"~/.cache/fileforward/rpc-tunnel)"))
+    add_job_option(group, "RPC tunnel directory (rpc/)")
+    group.add_argument("--tcp", metavar="HOST:PORT",
+                       help="TCP address; HOST defaults to 127.0.0.1 (default: off)")
+    group.add_argument("--unix", metavar="PATH",
+                       help="Unix socket path, created mode 0600 (default: off)")
     if stdio:
         group.add_argument("--stdio", action="store_true",
-                           help="serve one client on stdin/stdout (e.g. through ssh)")
-    parser.add_argument("--key_file", help="key file (default: $FILEFORWARD_RPC_KEY or "
-                        "~/.cache/fileforward/rpc.key)")
+                           help="serve one client on stdin/stdout, e.g. through ssh (default: off)")
+    parser.add_argument("--key-file", metavar="FILE", help=(
+        "key file shared by both ends (default: $FILEFORWARD_RPC_KEY or "
+        "~/.cache/fileforward/rpc.key)"))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> Parser:
     """The command-line interface."""
-    parser = argparse.ArgumentParser(prog="python -m rpc", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    commands = parser.add_subparsers(dest="command", required=True)
-    srv = commands.add_parser("serve", help="serve the functions of MODULE:ATTR")
-    srv.add_argument("functions", metavar="MODULE:ATTR")
+    parser = Parser(prog="python -m rpc", description=DESCRIPTION)
+    add_logging_options(parser, suppress_defaults=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    srv = commands.add_parser("serve", help="serve the functions of MODULE:ATTR",
+                              description="Serve the functions of MODULE:ATTR until Ctrl-C or "
+                                          "SIGTERM\n(or, with --stdio, until the client leaves).")
+    srv.add_argument("functions", metavar="MODULE:ATTR", help=FUNCTIONS_HELP)
     _add_transport(srv, stdio=True)
-    srv.add_argument("--workers", type=int, default=4, help="how many plain functions may run at once (default 4)")
+    srv.add_argument("--workers", type=int, default=4, metavar="N",
+                     help="how many plain functions may run at once")
     srv.add_argument("--force", action="store_true",
-                     help="take over a tunnel directory whose server looks alive")
-    srv.add_argument("--max_frame", type=int, default=DEFAULT_MAX_FRAME,
+                     help="take over a tunnel directory whose server looks alive (default: off)")
+    srv.add_argument("--max-frame", type=int, default=DEFAULT_MAX_FRAME, metavar="BYTES",
                      help="largest accepted message in bytes")
-    srv.add_argument("--liveness_timeout", type=float, default=15.0,
+    srv.add_argument("--liveness-timeout", type=float, default=DEFAULT_LIVENESS_TIMEOUT, metavar="S",
                      help="file transport: seconds of silence after which a client is dead")
-    st = commands.add_parser("status", help="show whether a server runs, and its counters")
+    srv.add_argument("--max-pending-handshakes", type=int, default=DEFAULT_MAX_PENDING_HANDSHAKES, metavar="N",
+                     help="TCP/Unix: connections allowed to be authenticating at once (the oldest is "
+                          "dropped beyond that)")
+    add_logging_options(srv, suppress_defaults=True)
+    st = commands.add_parser("status", help="show whether a server runs, and its counters",
+                             description="Print the server's status as JSON; exit 1 if no "
+                                         "server answers.")
     _add_transport(st, stdio=False)
-    st.add_argument("--connect_timeout", type=float, default=5.0)
+    st.add_argument("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT, metavar="S",
+                    help="seconds to wait for a server to answer")
+    add_logging_options(st, suppress_defaults=True)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the CLI; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    transport = {"tunnel_dir": args.tunnel_dir, "tcp": args.tcp, "unix": args.unix}
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging("rpc", args)
+    tunnel_dir = args.tunnel_dir
+    if args.job is not None:
+        try:
+            tunnel_dir = job_tunnel_dir(args.job, "rpc")
+        except ValueError as exc:
+            parser.error(str(exc))
+    transport = {"tunnel_dir": tunnel_dir, "tcp": args.tcp, "unix": args.unix}
     try:
         if args.command == "serve":
-            try:
-                functions = load_functions(args.functions)
-            except (ValueError, TypeError, ImportError, AttributeError) as exc:
-                log.error("cannot load %s: %s: %s", args.functions, type(exc).__name__, exc)
-                return 2
-            serve(functions, stdio=args.stdio, workers=args.workers, key_file=args.key_file,
-                  force=args.force, max_frame=args.max_frame,
-                  liveness_timeout=args.liveness_timeout, **transport)
-            return 0
-        info = status(connect_timeout=args.connect_timeout, key_file=args.key_file,
-                      **transport)
+            return _serve(args, transport)
+        info = status(connect_timeout=args.connect_timeout, key_file=args.key_file, **transport)
+    except KeyboardInterrupt:
+        return INTERRUPTED
     except (RPCError, OSError, ValueError) as exc:  # OSError: e.g. address in use
         log.error("%s: %s", type(exc).__name__, exc)
         return 2
     print(json.dumps(info, indent=2, default=str))
     return 0 if info["alive"] else 1
+
+
+def _serve(args: argparse.Namespace, transport: Dict[str, Any]) -> int:
+    raise_descriptor_limit()  # every client holds descriptors
+    try:
+        functions = load_functions(args.functions)
+    except Exception as exc:  # whatever importing the user's module raised
+        log.error("cannot load %s: %s: %s", args.functions, type(exc).__name__, exc)
+        log.debug("the traceback of that error:", exc_info=True)
+        return 2
+    serve(functions, stdio=args.stdio, workers=args.workers, key_file=args.key_file,
+          force=args.force, max_frame=args.max_frame, liveness_timeout=args.liveness_timeout,
+          max_pending_handshakes=args.max_pending_handshakes,
+          **transport)
+    return 0

@@ -57,10 +57,7 @@ class RPCServer:
     def __init__(self, functions: Functions, *, key: bytes, workers: int = 4,
                  max_frame: int = DEFAULT_MAX_FRAME, handshake_timeout: float = 10.0,
                  max_pending_handshakes: int = DEFAULT_MAX_PENDING_HANDSHAKES) -> None:
-        for name, fn in functions.items():
-            if not isinstance(name, str) or not callable(fn):
-                raise TypeError(f"functions must map names (str) to callables; "
-                                f"got {name!r}: {fn!r}")
+        check_functions(functions)
         self.functions: Dict[str, Callable[..., Any]] = dict(functions)
         #: The functions that run in threads (asking inspect costs on every call).
         self._plain = {name: fn for name, fn in self.functions.items()
@@ -178,6 +175,16 @@ class RPCServer:
             "uptime_s": round(time.monotonic() - self._started, 3),
             "addresses": self.addresses, "versions": versions(),
         }
+
+
+def check_functions(functions: Functions) -> None:
+    """Raise TypeError naming the first entry that is not ``name (str) -> callable``."""
+    for name, fn in functions.items():
+        if not isinstance(name, str):
+            raise TypeError(f"entry {name!r}: a function's name must be a str, "
+                            f"not a {type(name).__name__}")
+        if not callable(fn):
+            raise TypeError(f"entry {name!r} is {fn!r} ({type(fn).__name__}), not a function")
 
 
 def _describe(fn: Callable[..., Any]) -> Dict[str, str]:
@@ -301,7 +308,11 @@ class _Connection:
         except ProtocolError as exc:
             log.warning("dropping connection from %s: %s", self.channel.peer, exc)
         except ConnectionLost as exc:
-            log.info("client %s disconnected: %s", self.channel.peer, exc)
+            if _closed_by_client(exc):
+                log.info("client %s disconnected", self.channel.peer)
+            else:
+                log.warning("connection from client %s lost: %s", self.channel.peer,
+                            exc.__cause__ or exc)
         except asyncio.CancelledError:
             if not self.evicted:
                 log.info("closing connection from %s", self.channel.peer)
@@ -560,6 +571,13 @@ class _Connection:
             await items.aclose()  # type: ignore[attr-defined]
 
 
+def _closed_by_client(exc: ConnectionLost) -> bool:
+    """True if the client ended the stream between two frames (a normal end): the
+    exact ConnectionLost of Framing.end_of_stream, not a truncated frame nor one
+    raised from an OSError (a reset, a peer declared dead)."""
+    return type(exc) is ConnectionLost and exc.__cause__ is None
+
+
 class _Packed:
     """A result pickled in the worker thread, so that the loop only sends it."""
 
@@ -612,8 +630,8 @@ async def start_server(functions: Functions, *, tunnel_dir: Any = None, tcp: Any
     else:
         server.listeners.append(await listen(ep, server.handle, force=force,
                                              liveness_timeout=liveness_timeout))
-    log.info("serving %d functions on %s", len(server.functions),
-             ", ".join(server.addresses) or "stdio")
+    log.info("serving %d functions on %s (%s)", len(server.functions),
+             ", ".join(server.addresses) or "stdio", ", ".join(sorted(server.functions)))
     return server
 
 
@@ -632,12 +650,34 @@ def serve(functions: Functions, **kwargs: Any) -> None:
             for waiting in waits:
                 waiting.cancel()
 
+    restore_logging = _show_log_unless_configured()
     try:
         asyncio.run(main())
     except KeyboardInterrupt:
         log.info("interrupted; server stopped")
+    finally:
+        restore_logging()
     if threading.current_thread() is threading.main_thread():
         _leave_stuck_calls_behind(STUCK_CALL_GRACE)
+
+
+def _show_log_unless_configured() -> Callable[[], None]:
+    """serve() is often a script's main loop, run with no logging set up: then the
+    rpc log's INFO lines (where it serves, which clients come and go) go to stderr
+    while it serves. Returns what undoes that."""
+    package = logging.getLogger("rpc")
+    if logging.getLogger().handlers or package.handlers:
+        return lambda: None
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    level = package.level
+    package.addHandler(handler)
+    package.setLevel(level or logging.INFO)
+
+    def restore() -> None:
+        package.removeHandler(handler)
+        package.setLevel(level)
+    return restore
 
 
 STUCK_CALL_GRACE = 2.0

@@ -119,8 +119,8 @@ async def open_streams(ep: Endpoint, connect_timeout: float, liveness_timeout: f
             reader, writer = await fileforward.open_connection(
                 ep.address, limit=STREAM_LIMIT, connect_timeout=connect_timeout,
                 liveness_timeout=liveness_timeout)
-        except ConnectionRefusedError as exc:  # fileforward.NoServerError
-            raise _not_running(ep, connect_timeout, exc) from exc
+        except ConnectionRefusedError as exc:  # fileforward.NoServerError: its text
+            raise _not_running(ep, connect_timeout) from exc  # advises fileforward users
         return reader, writer, None
     if ep.kind == "command":
         try:
@@ -172,8 +172,15 @@ def _connect_once(ep: Endpoint, timeout: float) -> socket.socket:
     return sock
 
 
-def _not_running(ep: Endpoint, waited: float, exc: BaseException) -> ServerNotRunningError:
-    return ServerNotRunningError(f"no RPC server answered at {ep} within {waited:g} s ({exc})")
+def _not_running(ep: Endpoint, waited: float,
+                 cause: Optional[BaseException] = None) -> ServerNotRunningError:
+    """The error naming the fix: start an RPC server on that same endpoint."""
+    address = f"{ep.address[0]}:{ep.address[1]}" if ep.kind == "tcp" else os.fspath(ep.address)
+    flag = "--tunnel-dir" if ep.kind == "tunnel" else f"--{ep.kind}"
+    reason = f" ({cause})" if cause is not None else ""
+    return ServerNotRunningError(
+        f"no RPC server answered at {ep} within {waited:g} s{reason}; start the RPC server "
+        f"first: python -m rpc serve MODULE:ATTR {flag} {shlex.quote(address)}")
 
 
 # ---------------------------------------------------------------- server side
@@ -206,7 +213,7 @@ async def listen(ep: Endpoint, handler: Handler, *, force: bool = False,
         import fileforward
         server = await fileforward.start_server(handler, ep.address, limit=STREAM_LIMIT,
                                                 force=force, liveness_timeout=liveness_timeout)
-        return Listener(server, str(ep))
+        return Listener(server, str(Endpoint("tunnel", server.tunnel_dir)))  # absolute
     handler = _with_small_reads(handler)
     _throttle_accept_errors(asyncio.get_running_loop(), f"accepting connections on {ep} failed")
     if ep.kind == "tcp":

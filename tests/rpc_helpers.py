@@ -65,13 +65,14 @@ def wait_until(predicate, timeout=10.0, what="condition"):
 class CliServer:
     """`python -m rpc serve` in a subprocess; waits until it says where it serves.
 
-    ``prefix`` is the argv prefix that runs it on another node (tests/conftest.py Node).
+    ``prefix`` is the argv prefix that runs it on another node (tests/conftest.py Node);
+    ``popen`` goes to subprocess.Popen (env, preexec_fn).
     """
 
-    def __init__(self, *transport_args, spec=FUNCS_SPEC, extra=(), prefix=()):
+    def __init__(self, *transport_args, spec=FUNCS_SPEC, extra=(), prefix=(), **popen):
         self.proc = subprocess.Popen(
             [*prefix, sys.executable, "-m", "rpc", "serve", spec, *transport_args, *extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
         self.log = []
         self.address = None
         self._serving = threading.Event()
@@ -184,10 +185,12 @@ def sigkill_and_restart(start_server, record, log, pending, within=15.0):
 class RawConnection:
     """A blocking socket speaking frames by hand, through the sans-I/O core."""
 
-    def __init__(self, unix_path):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    def __init__(self, address):
+        """``address``: a Unix socket path, or a TCP (host, port)."""
+        tcp = isinstance(address, tuple)
+        self.sock = socket.socket(socket.AF_INET if tcp else socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(10)
-        self.sock.connect(str(unix_path))
+        self.sock.connect(address if tcp else str(address))
         self.decoder = protocol.FrameDecoder(protocol.DEFAULT_MAX_FRAME)
         self.frames = []
 
