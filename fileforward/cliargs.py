@@ -111,7 +111,7 @@ def add_logging_options(parser: argparse.ArgumentParser, suppress_defaults: bool
     not given leaves no attribute (so a parent and a subcommand can both offer it)."""
     default = (lambda value: argparse.SUPPRESS) if suppress_defaults else (lambda value: value)
     parser.add_argument("-v", "--verbose", action="store_true", default=default(False),
-                        help="log debug messages (same as --log-level DEBUG)")
+                        help="log debug messages (same as --log-level DEBUG; default: off)")
     parser.add_argument("--log-level", choices=LOG_LEVELS, default=default("INFO"),
                         help="least severe messages to show (default: INFO)")
     parser.add_argument("--log-file", metavar="FILE", default=default(None),

@@ -118,7 +118,7 @@ async def open_streams(ep: Endpoint, connect_timeout: float, liveness_timeout: f
         try:
             reader, writer = await fileforward.open_connection(
                 ep.address, limit=STREAM_LIMIT, connect_timeout=connect_timeout,
-                liveness_timeout=liveness_timeout)
+                liveness_timeout=liveness_timeout, peer_name="RPC server")
         except ConnectionRefusedError as exc:  # fileforward.NoServerError: its text
             raise _not_running(ep, connect_timeout) from exc  # advises fileforward users
         return reader, writer, None
@@ -211,8 +211,8 @@ async def listen(ep: Endpoint, handler: Handler, *, force: bool = False,
     """Start accepting connections on ``ep`` (tunnel, tcp or unix)."""
     if ep.kind == "tunnel":
         import fileforward
-        server = await fileforward.start_server(handler, ep.address, limit=STREAM_LIMIT,
-                                                force=force, liveness_timeout=liveness_timeout)
+        server = await fileforward.start_server(handler, ep.address, limit=STREAM_LIMIT, force=force,
+                                                liveness_timeout=liveness_timeout, peer_name="RPC client")
         return Listener(server, str(Endpoint("tunnel", server.tunnel_dir)))  # absolute
     handler = _with_small_reads(handler)
     _throttle_accept_errors(asyncio.get_running_loop(), f"accepting connections on {ep} failed")
