@@ -18,12 +18,19 @@ How the files are used (see tunneldir.py for names):
 - Cycle timing: right after activity the thread polls every poll_min; then it
   waits half the time since the last activity, up to poll_max. While connections
   are hot, the bell is drained at most every 10 ms: every request counts on NFS.
+- Errors: one connection's filesystem error ends that connection. An error of the
+  whole endpoint (bell, directory, pointer) is retried with backoff (trouble.py) and
+  fails the endpoint after give_up_after. The directory is checked again every
+  DIR_CHECK_INTERVAL and before each connection: a tampered one (owner, mode, or a
+  file that is a link, not ours or not 0600) stops the endpoint writing nothing more;
+  a deleted one is made again, with a new bell (and pointer, if we serve).
 """
 from __future__ import annotations
 
 import asyncio
 import atexit
 import concurrent.futures
+import contextlib
 import errno
 import json
 import logging
@@ -390,6 +397,8 @@ class Endpoint:
                     raise
                 except OSError as exc:  # endpoint-wide: a connection's own error ends it where it happens
                     wait = trouble.failed(exc, now)
+                    with contextlib.suppress(OSError):  # the same trouble, reported just above
+                        self._keep_peers(now)  # meanwhile, a peer we cannot reach or hear is lost as usual
                 self.busy_since = None
                 self._wake.wait(wait)
         except BaseException as exc:
