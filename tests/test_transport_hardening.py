@@ -170,17 +170,17 @@ def test_finding2_linked_chunk_files_are_refused_and_their_targets_untouched(tmp
     assert victims[1].read_bytes() == original, "the server wrote into a symlink's target"
 
 
-def test_finding2_chmod_777_on_a_live_tunnel_dir_stops_the_endpoint(tmp_path):
-    """A live directory opened to everyone: the endpoint notices within 10 s by itself,
-    logs one ERROR line naming `chmod 700 DIR`, and exits non-zero."""
-    tunnel_dir = tmp_path / "tunnel"
+def test_finding2_chmod_777_on_a_live_tunnel_dir_stops_the_endpoint(nodes):
+    """A live directory opened to everyone (from the other node): the endpoint notices
+    within 10 s by itself, logs one ERROR line naming `chmod 700 DIR`, and exits non-zero."""
+    login, job = nodes
     service_port = free_port()
-    service = start_service("echo", service_port)
-    server = start_cli("client", service_port, tunnel_dir)
+    service = start_service("echo", service_port, job.prefix)
+    server = start_cli("client", service_port, job.tunnel_dir, prefix=job.prefix)
     try:
-        os.chmod(tunnel_dir, 0o777)
+        os.chmod(login.tunnel_dir, 0o777)
         line = server.wait_for(lambda line: " ERROR " in line, timeout=DETECT + SLACK)
-        assert f"chmod 700 {tunnel_dir}" in line, line
+        assert f"chmod 700 {job.tunnel_dir}" in line, line
         assert server.popen.wait(SLACK) != 0, server.output
         assert len(error_lines(server.output)) == 1, server.output
     finally:
