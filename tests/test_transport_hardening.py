@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import logging
 import os
 import shutil
@@ -70,6 +71,10 @@ def descriptors_in(directory: Path) -> int:
         with contextlib.suppress(OSError):
             count += os.readlink(f"/proc/self/fd/{fd}").startswith(f"{directory}/")
     return count
+
+
+def open_fds_of(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def delete_live_dir(path: Path) -> None:
@@ -195,7 +200,7 @@ def test_finding2_connect_right_after_chmod_777_is_not_accepted(tmp_path):
     server = start_cli("client", free_port(), tunnel_dir)
     try:
         pointer = (tunnel_dir / tunneldir.SERVER_FILE).read_text()
-        server_eid = __import__("json").loads(pointer)["eid"]
+        server_eid = json.loads(pointer)["eid"]
         intruder = "f" * 16
         cid = f"{intruder}-1"
         to_server, to_client = tunneldir.chunk_paths(tunnel_dir, cid)
@@ -269,10 +274,6 @@ def test_finding3_emfile_on_accept_ends_only_that_connection(tmp_path):
     finally:
         server.kill()
         service.kill()
-
-
-def open_fds_of(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def test_finding3_persistent_endpoint_error_fails_the_server(tmp_path, caplog):
