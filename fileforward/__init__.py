@@ -6,7 +6,7 @@
 The readers and writers are the standard asyncio.StreamReader / StreamWriter.
 """
 from .api import Connector, Server, open_connection, start_server
-from .errors import (NoServerError, PeerLostError, ProtocolError, ServerAlreadyRunningError, TunnelError,
+from .errors import (EndpointFailedError, NoServerError, PeerLostError, ProtocolError, ServerAlreadyRunningError, TunnelError,
                      UnsafeTunnelDirError)
 from .options import Options
 from .tunneldir import default_tunnel_dir
@@ -15,6 +15,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "open_connection", "start_server", "Connector", "Server", "Options", "default_tunnel_dir",
-    "TunnelError", "NoServerError", "PeerLostError", "ProtocolError", "ServerAlreadyRunningError",
+    "TunnelError", "EndpointFailedError", "NoServerError", "PeerLostError", "ProtocolError", "ServerAlreadyRunningError",
     "UnsafeTunnelDirError", "__version__",
 ]

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional, Tuple, Union
 
 from .endpoint import Endpoint
+from .errors import EndpointFailedError
 from .options import Options
 from .transport import FileTransport
 from .tunneldir import default_tunnel_dir
@@ -83,6 +84,20 @@ class Connector:
             self._endpoint.stop()
             await self._endpoint.wait_stopped()
 
+    async def wait_closed(self) -> None:
+        """Wait until the endpoint stops: after close(), or when it fails (see `failure`).
+
+        A program that lives for its connections waits for this too, so that it does
+        not stay up unable to serve."""
+        await self.start()
+        assert self._endpoint is not None
+        await self._endpoint.wait_stopped()
+
+    @property
+    def failure(self) -> Optional[EndpointFailedError]:
+        """Why the endpoint stopped by itself (already logged at ERROR), else None."""
+        return self._endpoint.failure if self._endpoint is not None else None
+
     async def __aenter__(self) -> "Connector":
         return await self.start()
 
@@ -152,27 +167,37 @@ class Server:
         self._endpoint.autostop = True
         self._mark_closed()
 
+    @property
+    def failure(self) -> Optional[EndpointFailedError]:
+        """Why the server stopped by itself (already logged at ERROR), else None."""
+        return self._endpoint.failure
+
     async def wait_closed(self) -> None:
-        """Wait until the server stopped accepting."""
+        """Wait until the server stopped accepting (after close(), a stepdown, or a
+        failure: see `failure`)."""
         await asyncio.shield(self._closed)
 
     async def shutdown(self) -> None:
-        """Stop accepting, reset every open connection and remove our files."""
+        """Stop accepting, reset every open connection and remove our files.
+        EndpointFailedError if the endpoint had failed."""
         self.close()
         self._endpoint.stop()
         await self._endpoint.wait_stopped()
         await self.wait_closed()
+        self._endpoint.raise_failure()
 
     async def start_serving(self) -> None:
         """Already serving since start_server returned (asyncio.Server compatibility)."""
 
     async def serve_forever(self) -> None:
-        """Serve until close() (or a stepdown); cancelling this closes the server."""
+        """Serve until close() (or a stepdown); cancelling this closes the server.
+        EndpointFailedError if the endpoint failed."""
         try:
             await asyncio.shield(self._closed)
         except asyncio.CancelledError:
             self.close()
             raise
+        self._endpoint.raise_failure()
 
     async def __aenter__(self) -> "Server":
         return self

@@ -28,12 +28,19 @@ How the files are used (see tunneldir.py for names):
 - Cycle timing: right after activity the thread polls every poll_min; then it
   waits half the time since the last activity, up to poll_max. While connections
   are hot, the bell is drained at most every 10 ms: every request counts on NFS.
+- Errors: one connection's filesystem error ends that connection. An error of the
+  whole endpoint (bell, directory, pointer) is retried with backoff (trouble.py) and
+  fails the endpoint after give_up_after. The directory is checked again every
+  DIR_CHECK_INTERVAL and before each connection: a tampered one (owner, mode, or a
+  file that is a link, not ours or not 0600) stops the endpoint writing nothing more;
+  a deleted one is made again, with a new bell (and pointer, if we serve).
 """
 from __future__ import annotations
 
 import asyncio
 import atexit
 import concurrent.futures
+import contextlib
 import errno
 import json
 import logging
@@ -47,12 +54,14 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Set
 
 from . import tunneldir
-from .errors import NoServerError, PeerLostError, ProtocolError, ServerAlreadyRunningError
+from .errors import (EndpointFailedError, NoServerError, PeerLostError, ProtocolError, ServerAlreadyRunningError,
+                     TunnelDirLostError, TunnelError, UnsafeTunnelDirError)
 from .files import TABLE, Busy, SharedFile
 from .options import Options
 from .records import (FORMAT_VERSION, HEADER, MAGIC, Kind, decode, decode_until_damage, encode, encode_text,
                       text_fields)
 from .transport import FileTransport
+from .trouble import Trouble
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +71,7 @@ POINTER_RECHECK = 0.25
 STEPDOWN_WAIT = 10.0
 BELL_POLL_WHILE_HOT = 0.01  # hot connections are drained directly; the bell can wait a little
 POINTER_WATCH = 2.0  # how often a client endpoint with no peer looks for a server
+DIR_CHECK_INTERVAL = 5.0  # how often the directory's owner, mode and identity are checked again
 _GONE_ERRNOS = (errno.ENOENT, errno.ESTALE)
 
 
@@ -278,6 +288,10 @@ class Endpoint:
         self._on_stepdown = on_stepdown
         self._bell: Optional[SharedFile] = None
         self._pointer: Optional[SharedFile] = None
+        self._dir_id: Optional[tunneldir.DirIdentity] = None
+        self._next_dir_check = 0.0
+        self.failure: Optional[EndpointFailedError] = None
+        self.silent = False  # set when the directory was tampered with: write nothing more there
         self._conns: Dict[str, Conn] = {}
         self._connects: Dict[str, PendingConnect] = {}
         self._peers: Dict[str, Peer] = {}
@@ -288,6 +302,7 @@ class Endpoint:
         self._stop_requested = False
         self._had_work = False
         self._next_cid = 0
+        self._last_refused = ""
         self._last_activity = time.monotonic()
         self._last_bell_poll = float("-inf")
         self._bell_looked = time.monotonic()  # start of the last drain of our bell
@@ -314,6 +329,8 @@ class Endpoint:
         """Run `command` on the I/O thread at the start of its next cycle."""
         with self._commands_lock:
             if self._closed:
+                if self.failure is not None:
+                    raise EndpointFailedError(str(self.failure))
                 raise ConnectionAbortedError(f"fileforward endpoint for {self.tunnel_dir} is shut down")
             self._commands.append(command)
         self._wake.set()
@@ -331,6 +348,11 @@ class Endpoint:
     async def wait_stopped(self) -> None:
         """Wait until the I/O thread has cleaned up and exited."""
         await asyncio.wrap_future(self.stopped)
+
+    def raise_failure(self) -> None:
+        """Raise EndpointFailedError if the endpoint stopped because it could not go on."""
+        if self.failure is not None:
+            raise EndpointFailedError(str(self.failure)) from self.failure.__cause__
 
     async def connect(self) -> FileTransport:
         """A new connection to the directory's server (NoServerError if none answers)."""
@@ -385,17 +407,28 @@ class Endpoint:
             self.stopped.set_result(None)
             return
         self.started.set_result(None)
+        trouble = Trouble(f"tunnel directory {self.tunnel_dir}", self.opts.give_up_after)
         try:
             while not self._should_stop():
                 self._wake.clear()
                 now = time.monotonic()
                 self.busy_since = now
-                if self._cycle(now):
-                    self._last_activity = time.monotonic()
+                try:
+                    self._watch_dir(now)
+                    if self._cycle(now):
+                        self._last_activity = time.monotonic()
+                    trouble.cleared(now)
+                    wait = self._interval()
+                except UnsafeTunnelDirError:
+                    raise
+                except OSError as exc:  # endpoint-wide: a connection's own error ends it where it happens
+                    wait = trouble.failed(exc, now)
+                    with contextlib.suppress(OSError):  # the same trouble, reported just above
+                        self._keep_peers(now)  # meanwhile, a peer we cannot reach or hear is lost as usual
                 self.busy_since = None
-                self._wake.wait(self._interval())
-        except BaseException:
-            log.exception("fileforward I/O thread for %s failed", self.tunnel_dir)
+                self._wake.wait(wait)
+        except BaseException as exc:
+            self._fail_endpoint(exc)
         finally:
             self.busy_since = None
             try:
@@ -404,6 +437,19 @@ class Endpoint:
                 log.exception("fileforward endpoint for %s: cleanup failed", self.tunnel_dir)
             atexit.unregister(self._stop_at_exit)
             self.stopped.set_result(None)
+
+    def _fail_endpoint(self, exc: BaseException) -> None:
+        """Stop for good, in one ERROR line naming the cause (and, for a tampered directory,
+        its fix); after tampering nothing more is written into the directory."""
+        if isinstance(exc, UnsafeTunnelDirError):
+            self.silent = True
+        if isinstance(exc, (TunnelError, EndpointFailedError)):
+            log.error("fileforward stopped: %s", exc)
+        else:  # a bug: keep its traceback
+            log.exception("fileforward I/O thread for %s failed", self.tunnel_dir)
+        failure = EndpointFailedError(f"fileforward stopped: {exc}")
+        failure.__cause__ = exc
+        self.failure = failure
 
     def _should_stop(self) -> bool:
         if self._stop_requested:
@@ -447,7 +493,9 @@ class Endpoint:
 
     # --- startup and shutdown -----------------------------------------------------------
     def _open(self) -> None:
-        self.tunnel_dir = tunneldir.prepare(self.tunnel_dir)
+        """Make (or make again) the directory, our bell, and the server pointer if we serve."""
+        self.tunnel_dir, self._dir_id = tunneldir.prepare(self.tunnel_dir)
+        self._next_dir_check = time.monotonic() + DIR_CHECK_INTERVAL
         while self._bell is None:
             eid = secrets.token_hex(8)
             final = tunneldir.bell_path(self.tunnel_dir, eid)
@@ -465,29 +513,60 @@ class Endpoint:
                 self._claim_pointer()
             self._clear_stale_files()
         except BaseException:
-            self._shutdown()
+            _quietly(self._release_pointer, True)
+            self._close_bell()
             raise
 
     def _shutdown(self) -> None:
         self._run_commands(last=True)
-        for peer in self._peers.values():  # first: a peer that reads it ends our connections at once
-            _quietly(peer.bell.append, encode_text(Kind.BYE, self.eid))
+        self._end_all(self.failure or ConnectionAbortedError(f"fileforward endpoint for {self.tunnel_dir} shut down"),
+                      tell_peers=not self.silent)
+
+    def _end_all(self, lost: BaseException, tell_peers: bool) -> None:
+        """End every connection with `lost`, forget every peer, give up our files; with
+        `tell_peers`, peers get a BYE first (a peer that reads it ends our connections
+        at once) and a plain RESET per connection (the BYE says why)."""
+        if tell_peers:
+            for peer in self._peers.values():
+                _quietly(peer.bell.append, encode_text(Kind.BYE, self.eid))
         for pending in list(self._connects.values()):
-            self._abandon_connect(pending, ConnectionAbortedError(f"fileforward endpoint for {self.tunnel_dir} shut down"))
+            self._abandon_connect(pending, lost)
         for conn in list(self._conns.values()):
-            _reset_output(conn, "")  # a plain reset: the BYE below says why
+            if tell_peers:
+                _reset_output(conn, "")
+            conn.end_output()
             self._end_input(conn)
-            self.to_loop(conn.transport.deliver_lost,
-                          ConnectionAbortedError(f"fileforward endpoint for {self.tunnel_dir} shut down"))
+            self.to_loop(conn.transport.deliver_lost, lost)
             self._forget(conn)
         for peer in list(self._peers.values()):
             self._drop_peer(peer)
-        _quietly(self._release_pointer, True)
+        _quietly(self._release_pointer, tell_peers)
+        self._close_bell()
+
+    def _close_bell(self) -> None:
         if self._bell is not None:
             TABLE.unlink(Path(self._bell.path))
             _quietly(self._bell.drop_alive)
             TABLE.release(self._bell)
             self._bell = None
+
+    def _watch_dir(self, now: float) -> None:
+        """Every DIR_CHECK_INTERVAL, check the directory again: UnsafeTunnelDirError if its
+        owner or mode changed (the endpoint stops); if it was deleted, everything in it
+        is lost: end our connections and make it again (retried while that fails)."""
+        if self._bell is not None:
+            if now < self._next_dir_check:
+                return
+            self._next_dir_check = now + DIR_CHECK_INTERVAL
+            try:
+                tunneldir.verify(self.tunnel_dir, self._dir_id)
+                return
+            except TunnelDirLostError as exc:
+                log.error("%s: %d connection(s) lost; making it again (mode 700)", exc, len(self._conns))
+                self._serve = self._pointer is not None
+                self._end_all(PeerLostError(str(exc)), tell_peers=False)
+        self._open()
+        log.warning("tunnel directory %s made again; connections work again", self.tunnel_dir)
 
     def _clear_stale_files(self) -> None:
         """Remove what crashed endpoints left behind; a live owner holds its bell's lock."""
@@ -562,7 +641,7 @@ class Endpoint:
     def _release_pointer(self, clear: bool) -> None:
         if self._pointer is None:
             return
-        if clear:
+        if clear and not self.silent:
             _quietly(self._pointer.replace, b"")
         self._pointer.drop_alive()
         TABLE.release(self._pointer)
@@ -585,17 +664,33 @@ class Endpoint:
 
     # --- connecting (client) ------------------------------------------------------------
     def _begin_connect(self) -> PendingConnect:
+        self.raise_failure()
+        self._verify_dir()
         self._next_cid += 1
         cid = f"{self.eid}-{self._next_cid}"
         to_server, to_client = tunneldir.chunk_paths(self.tunnel_dir, cid)
         out_file = TABLE.open(to_server, create=True, exclusive=True)
-        in_file = TABLE.open(to_client, create=True, exclusive=True)
+        try:
+            in_file = TABLE.open(to_client, create=True, exclusive=True)
+        except BaseException:
+            TABLE.unlink(to_server)
+            TABLE.release(out_file)
+            raise
         conn = Conn(self, cid, to_client, to_server, in_file, out_file)
         pending = PendingConnect(conn, time.monotonic() + self.opts.connect_timeout)
         self._conns[cid] = conn
         self._connects[cid] = pending
         self._had_work = True
         return pending
+
+    def _verify_dir(self) -> None:
+        """Check the directory before a connection's files are opened in it; on a
+        failure, the next cycle's check stops the endpoint or makes the directory again."""
+        try:
+            tunneldir.verify(self.tunnel_dir, self._dir_id)
+        except OSError:
+            self._next_dir_check = 0.0
+            raise
 
     def _advance_connect(self, pending: PendingConnect, now: float) -> None:
         if now >= pending.deadline:
@@ -621,6 +716,12 @@ class Endpoint:
             self._append_to(tunneldir.bell_path(self.tunnel_dir, eid),
                             encode_text(Kind.CONNECT, self.eid, pending.conn.cid))
         except FileNotFoundError:
+            return
+        except UnsafeTunnelDirError:
+            raise
+        except OSError as exc:  # e.g. ENOSPC: this connection fails, the next may work
+            self._abandon_connect(pending, TunnelError(
+                exc.errno, f"cannot ask the server in {self.tunnel_dir} for a connection: {exc.strerror or exc}"))
             return
         pending.sent_to = eid
 
@@ -660,15 +761,27 @@ class Endpoint:
         if self._pointer is None:
             _quietly(self._append_to, to_client, encode(Kind.REFUSE, b"the server is not accepting connections"))
             return
+        try:
+            self._verify_dir()  # UnsafeTunnelDirError stops the endpoint before anything is opened
+        except TunnelDirLostError:
+            return
         files: List[SharedFile] = []
         try:
             for path in (to_server, to_client):
                 files.append(TABLE.open(path))
             peer = self._peer(sender)
-        except FileNotFoundError:
+        except OSError as exc:
             for shared in files:
                 TABLE.release(shared)
-            log.debug("ignoring connection %s: its files or its client are gone", cid)
+            if isinstance(exc, UnsafeTunnelDirError):
+                raise
+            if isinstance(exc, FileNotFoundError):
+                log.debug("ignoring connection %s: its files or its client are gone", cid)
+                return
+            if cid != self._last_refused:  # the client asks again until its timeout: one line
+                self._last_refused = cid
+                log.warning("tunnel directory %s: cannot accept connection %s: %s", self.tunnel_dir, cid, exc)
+            _quietly(self._append_to, to_client, encode(Kind.REFUSE, f"the server cannot accept it: {exc}".encode()))
             return
         in_file, out_file = files
         conn = Conn(self, cid, to_server, to_client, in_file, out_file)
@@ -992,13 +1105,18 @@ def _reset_output(conn: Conn, reason: str) -> bool:
     """End our direction with a RESET record for the peer; False if it was over already."""
     if not conn.end_output():
         return False
+    if conn.endpoint.silent:
+        return False
     _quietly(conn.out_file.append, encode(Kind.RESET, reason.encode("utf-8", "replace")))
     return True
 
 
 def _quietly(function: Callable[..., object], *args: object) -> None:
-    """Best effort, for messages to a peer that may already be gone."""
+    """Best effort, for messages to a peer that may already be gone (a tampered
+    directory is not ignored: UnsafeTunnelDirError goes on)."""
     try:
         function(*args)
+    except UnsafeTunnelDirError:
+        raise
     except OSError as exc:
         log.debug("ignored while ending: %s", exc)

@@ -23,3 +23,14 @@ class PeerLostError(TunnelError, ConnectionResetError):
 
 class ProtocolError(TunnelError, ConnectionError):
     """A record in a tunnel file is malformed or from an incompatible version."""
+
+
+class TunnelDirLostError(TunnelError, FileNotFoundError):
+    """The tunnel directory was deleted while in use."""
+
+
+class EndpointFailedError(TunnelError):
+    """The endpoint stopped because it could not go on serving (the cause is chained).
+
+    Already logged at ERROR by the endpoint when raised from a running endpoint.
+    """

@@ -19,12 +19,13 @@ import errno
 import fcntl
 import logging
 import os
+import stat
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List
+from typing import Callable, Dict, Iterator, List, Sequence
 
-from .errors import TunnelError
+from .errors import TunnelError, UnsafeTunnelDirError
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ ALIVE_OFFSET = 1 << 40
 READ_CHUNK = 1 << 20
 LOCK_RETRY_MIN = 0.0005
 LOCK_RETRY_MAX = 0.01
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+FILE_MODE = 0o600
 
 
 class SharedFile:
@@ -152,11 +155,16 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def _pwritev_all(fd: int, parts: List[bytes], offset: int) -> int:
-    total = sum(len(p) for p in parts)
-    written = os.pwritev(fd, parts, offset)
-    if written < total:  # rare: finish with the remainder as one buffer
-        _pwrite_all(fd, b"".join(parts)[written:], offset + written)
+def _pwritev_all(fd: int, parts: Sequence[bytes], offset: int) -> int:
+    """Write `parts` at `offset`, at most IOV_MAX buffers per call (more is EINVAL)."""
+    total = 0
+    for start in range(0, len(parts), IOV_MAX):
+        group = parts[start:start + IOV_MAX]
+        size = sum(len(p) for p in group)
+        written = os.pwritev(fd, group, offset)
+        if written < size:  # rare: finish with the remainder as one buffer
+            _pwrite_all(fd, b"".join(group)[written:], offset + written)
+        offset, total = offset + size, total + size
     return total
 
 
@@ -174,6 +182,39 @@ def _pread_all(fd: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+def open_private(path: str, flags: int) -> int:
+    """Open a tunnel file, never through a symbolic link, and only if it is a regular
+    file of ours with mode 0600; else UnsafeTunnelDirError (someone tampered with the
+    directory: whatever we wrote there, or truncated, would reach their file)."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, FILE_MODE)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _tampered(path, "is a symbolic link") from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise _tampered(path, "is not a regular file")
+        if info.st_uid != os.geteuid():
+            raise _tampered(path, f"is owned by uid {info.st_uid}, not by you (uid {os.geteuid()})")
+        if stat.S_IMODE(info.st_mode) != FILE_MODE:
+            raise _tampered(path, f"has mode {stat.S_IMODE(info.st_mode):o}, not {FILE_MODE:o}")
+        if info.st_nlink > 1:
+            raise _tampered(path, f"has {info.st_nlink} hard links")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _tampered(path: str, what: str) -> UnsafeTunnelDirError:
+    directory = os.path.dirname(path)
+    return UnsafeTunnelDirError(
+        f"tunnel file {path} {what}: someone else can write to the tunnel directory; nothing was written to it. "
+        f"Check who can (it must be yours, mode 700: chmod 700 {directory}), remove the file, and restart")
+
+
 class FileTable:
     """Reference-counted shared descriptors, keyed by path."""
 
@@ -189,13 +230,12 @@ class FileTable:
             if shared is not None and not exclusive:
                 shared.refs += 1
                 return shared
-            flags = os.O_RDWR | os.O_CLOEXEC
+            flags = os.O_RDWR
             if create:
                 flags |= os.O_CREAT
             if exclusive:
                 flags |= os.O_EXCL
-            fd = os.open(key, flags, 0o600)
-            shared = SharedFile(key, fd)
+            shared = SharedFile(key, open_private(key, flags))
             self._files[key] = shared
             return shared
 

@@ -19,6 +19,8 @@ class Options:
     - window: per connection and direction, the most unread data left on disk.
     - chunk: the largest data record.
     - slow_call_warning: a filesystem call outstanding this long is logged.
+    - give_up_after: an endpoint-wide filesystem error (not one connection's) is
+      retried with backoff for this long (seconds); then the endpoint fails.
     """
 
     liveness_timeout: float = 15.0
@@ -28,9 +30,11 @@ class Options:
     window: int = 4 * MiB
     chunk: int = 1 * MiB
     slow_call_warning: float = 5.0
+    give_up_after: float = 60.0
 
     def __post_init__(self) -> None:
-        for name in ("liveness_timeout", "connect_timeout", "poll_min", "poll_max", "slow_call_warning"):
+        for name in ("liveness_timeout", "connect_timeout", "poll_min", "poll_max", "slow_call_warning",
+                     "give_up_after"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         if self.poll_min > self.poll_max:

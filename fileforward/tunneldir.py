@@ -15,9 +15,11 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
-from .errors import UnsafeTunnelDirError
+from .errors import TunnelDirLostError, UnsafeTunnelDirError
+
+DirIdentity = Tuple[int, int]
 
 ENV_TUNNEL_DIR = "FILEFORWARD_TUNNEL_DIR"
 SERVER_FILE = "server"
@@ -39,17 +41,31 @@ def default_tunnel_dir() -> Path:
     return Path.home() / ".cache" / "fileforward" / "tunnel"
 
 
-def prepare(tunnel_dir: Union[str, Path, None]) -> Path:
+def prepare(tunnel_dir: Union[str, Path, None]) -> Tuple[Path, DirIdentity]:
     """Create the tunnel directory (0700) if needed, refuse an unsafe one.
 
     Whoever can write into the directory can inject bytes into every connection
     (and run code through RPC), so it must be ours and closed to group and others.
+    Returns the resolved path and the directory's identity, for `verify`.
     """
     path = absolute(tunnel_dir)
     make_dirs(path)
     path = path.resolve()
-    check_safe(path)
-    return path
+    return path, _identity(check_safe(path))
+
+
+def verify(path: Path, expected: DirIdentity) -> None:
+    """Check, while in use, that `path` is still the safe directory `prepare` returned.
+
+    UnsafeTunnelDirError if its owner or mode changed; TunnelDirLostError if it was
+    deleted (or deleted and made again: our files in it are gone either way).
+    """
+    try:
+        info = check_safe(path)
+    except FileNotFoundError:
+        raise TunnelDirLostError(f"tunnel directory {path} was deleted while in use") from None
+    if _identity(info) != expected:
+        raise TunnelDirLostError(f"tunnel directory {path} was deleted (and made again) while in use")
 
 
 def absolute(tunnel_dir: Union[str, Path, None]) -> Path:
@@ -75,9 +91,13 @@ def make_dirs(path: Path) -> bool:
     return created
 
 
-def check_safe(path: Path) -> None:
-    """Raise UnsafeTunnelDirError naming the fix if `path` is not private to us."""
-    info = os.stat(path)
+def check_safe(path: Path) -> os.stat_result:
+    """Raise UnsafeTunnelDirError naming the fix if `path` is not private to us.
+
+    Returns its (lstat) status, whose st_dev/st_ino identify this directory: a
+    directory deleted and made again under the same name has another identity.
+    """
+    info = os.lstat(path)
     if not stat.S_ISDIR(info.st_mode):
         raise UnsafeTunnelDirError(f"tunnel directory {path} is not a directory; choose another --tunnel_dir")
     if info.st_uid != os.getuid():
@@ -93,6 +113,11 @@ def check_safe(path: Path) -> None:
             f"anyone who can write there can inject data into your connections; "
             f"fix it with: chmod 700 {path}"
         )
+    return info
+
+
+def _identity(info: os.stat_result) -> DirIdentity:
+    return info.st_dev, info.st_ino
 
 
 def bell_path(tunnel_dir: Path, eid: str) -> Path:

@@ -257,11 +257,9 @@ time.sleep(60)
 def test_files_of_crashed_endpoints_are_cleared_but_live_ones_kept(tunnel_dir):
     tunnel_dir.mkdir(mode=0o700)
     dead, live = "a" * 16, "b" * 16
-    for eid in (dead, live):
-        (tunnel_dir / f"{eid}.bell").write_bytes(b"")
-        (tunnel_dir / f"{eid}-1.c2s").write_bytes(b"")
-        (tunnel_dir / f"{eid}-1.s2c").write_bytes(b"")
-    (tunnel_dir / f"{'c' * 16}-7.c2s").write_bytes(b"")  # no bell: its owner is gone
+    names = [f"{eid}{suffix}" for eid in (dead, live) for suffix in (".bell", "-1.c2s", "-1.s2c")]
+    for name in names + [f"{'c' * 16}-7.c2s"]:  # the last one has no bell: its owner is gone
+        os.close(os.open(tunnel_dir / name, os.O_CREAT | os.O_WRONLY, 0o600))  # as endpoints make them
     (tunnel_dir / ".nfs000000000001").write_bytes(b"")
     holder = subprocess.Popen([sys.executable, "-c", LIVE_HOLDER, str(tunnel_dir / f"{live}.bell")],
                               stdout=subprocess.PIPE, text=True)
