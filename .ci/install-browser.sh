@@ -11,5 +11,5 @@ if ! dpkg-query -W -f='${Status}' chromium 2>/dev/null | grep -q 'install ok ins
 fi
 
 if ! python3 -c 'import playwright' 2>/dev/null; then
-  PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet playwright
+  PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet 'playwright>=1.49'
 fi
