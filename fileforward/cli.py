@@ -17,11 +17,12 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Awaitable, List, Optional
 
 from . import __version__, demo
 from .cliargs import Parser, add_job_option, add_logging_options, job_tunnel_dir, raise_descriptor_limit, \
     setup_logging
+from .errors import EndpointFailedError
 from .forward import Fatal, connecting, listening
 from .options import MiB, Options
 from .tunneldir import ENV_TUNNEL_DIR, default_tunnel_dir
@@ -152,27 +153,35 @@ def _tunnel_dir(parser: Parser, args: argparse.Namespace) -> Optional[Path]:
         parser.error(str(exc))
 
 
+async def _until_stopped(stop: StopRequest, ended: Awaitable[None]) -> None:
+    """Wait for a stop request, or for `ended` (the tunnel endpoint stopped: it failed,
+    or handed over to another side)."""
+    waiters = [asyncio.ensure_future(stop.event().wait()), asyncio.ensure_future(ended)]
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    for waiter in waiters:
+        waiter.cancel()
+
+
 async def _serve(args: argparse.Namespace, tunnel_dir: Optional[Path], options: Options, stop: StopRequest) -> None:
-    """--server until a stop request."""
+    """--server until a stop request, or until its tunnel endpoint fails."""
     async with listening(tunnel_dir, args.bind, args.port, options) as side:
         log.info("forwarding %s:%d -> tunnel %s (the other side, next to the service: "
                  "fileforward --client --port %d --tunnel-dir %s)",
                  side.bind, side.port, side.tunnel_dir, side.port, side.tunnel_dir)
-        await stop.event().wait()
+        await _until_stopped(stop, side.connector.wait_closed())
+    if side.connector.failure is not None:
+        raise side.connector.failure
 
 
 async def _client(args: argparse.Namespace, tunnel_dir: Optional[Path], options: Options,
                   stop: StopRequest) -> None:
-    """--client until a stop request, or until another --client --force takes over."""
+    """--client until a stop request, until another --client --force takes over, or
+    until its tunnel endpoint fails (then shutting down raises the failure)."""
     async with connecting(tunnel_dir, args.host, args.port, options, force=args.force) as server:
         log.info("forwarding tunnel %s -> %s:%d (the other side, on the login node: "
                  "fileforward --server --port %d --tunnel-dir %s)",
                  server.tunnel_dir, args.host, args.port, args.port, server.tunnel_dir)
-        stepped_down = asyncio.ensure_future(server.wait_closed())
-        stopping = asyncio.ensure_future(stop.event().wait())
-        await asyncio.wait([stepped_down, stopping], return_when=asyncio.FIRST_COMPLETED)
-        for waiter in (stepped_down, stopping):
-            waiter.cancel()
+        await _until_stopped(stop, server.wait_closed())
         if server.stepped_down_for:
             log.warning("another fileforward --client (%s) took over %s with --force; exiting",
                         server.stepped_down_for, server.tunnel_dir)
@@ -225,6 +234,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     setup_logging("fileforward", args)
     try:
         status = args.run(parser, args, stop)
+    except EndpointFailedError:  # logged at ERROR, with its cause, where it happened
+        status = 1
     except (Fatal, OSError, ValueError) as exc:
         sys.stderr.write(f"fileforward: error: {exc}\n")
         status = 1

@@ -792,7 +792,7 @@ class Endpoint:
         try:
             out_file.append(encode(Kind.ACCEPT, self.eid.encode()))
         except OSError as exc:
-            self._fail(conn, _describe_gone(exc, "accepting"), tell_peer=False)
+            self._fail_loudly(conn, _describe_gone(exc, "accepting"), tell_peer=False)
             return
         self._ring(conn)
         if self._on_accept is not None:
@@ -806,7 +806,7 @@ class Endpoint:
             written = conn.out_file.append_batch(lambda room: conn.build_batch(room, self.opts.chunk),
                                                  self.opts.window)
         except OSError as exc:
-            self._fail(conn, _describe_gone(exc, "writing"), tell_peer=False)
+            self._fail_loudly(conn, _describe_gone(exc, "writing"), tell_peer=False)
             return True
         if conn.resume_writer:  # only then wake the loop: not once per flush
             conn.resume_writer = False
@@ -923,7 +923,7 @@ class Endpoint:
             conn.in_next = _leave_free_since(polled)
             return True
         except OSError as exc:
-            self._fail(conn, _describe_gone(exc, "reading"), tell_peer=True)
+            self._fail_loudly(conn, _describe_gone(exc, "reading"), tell_peer=True)
             return True
         looked, conn.looked = conn.looked, polled
         if not data:
@@ -938,7 +938,7 @@ class Endpoint:
         try:
             self._on_records(conn, decode(data))
         except ProtocolError as exc:
-            self._fail(conn, ProtocolError(f"connection {conn.cid} in {self.tunnel_dir}: {exc}"), tell_peer=True)
+            self._fail_loudly(conn, ProtocolError(f"damaged record: {exc}"), tell_peer=True)
         return True
 
     def _on_records(self, conn: Conn, records: list) -> None:
@@ -998,6 +998,12 @@ class Endpoint:
             self._abandon_connect(pending, exc)
         else:
             self.to_loop(conn.transport.deliver_lost, exc)
+
+    def _fail_loudly(self, conn: Conn, exc: BaseException, tell_peer: bool) -> None:
+        """_fail for a cause the user must hear of (a damaged file, a full disk...):
+        logged at WARNING on this side, where the broken connection shows up."""
+        log.warning("tunnel directory %s: connection %s broken: %s", self.tunnel_dir, conn.cid, exc)
+        self._fail(conn, exc, tell_peer)
 
     def _forget(self, conn: Conn) -> None:
         if self._conns.pop(conn.cid, None) is None:

@@ -83,6 +83,7 @@ class Listening:
     tunnel_dir: Path
     bind: str
     port: int
+    connector: Connector
 
 
 @contextlib.asynccontextmanager
@@ -121,7 +122,7 @@ async def listening(tunnel_dir: Optional[Path], bind: str, port: int,
         prepare_tunnel_dir(requested)
         async with connector:
             try:
-                yield Listening(connector.tunnel_dir, bind, port)
+                yield Listening(connector.tunnel_dir, bind, port, connector)
             finally:
                 server.close()
                 await connections.cancel_all()

@@ -11,6 +11,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Dict, List, Optional
 
+from fileforward import EndpointFailedError
 from fileforward.cliargs import (Parser, add_job_option, add_logging_options, job_tunnel_dir,
                                  raise_descriptor_limit, setup_logging)
 
@@ -151,6 +152,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         info = status(connect_timeout=args.connect_timeout, key_file=args.key_file, **transport)
     except KeyboardInterrupt:
         return INTERRUPTED
+    except EndpointFailedError:  # the tunnel failed for good: logged at ERROR where it happened
+        return 1
     except (RPCError, OSError, ValueError) as exc:  # OSError: e.g. address in use
         log.error("%s: %s", type(exc).__name__, exc)
         return 2

@@ -139,8 +139,22 @@ class RPCServer:
             await asyncio.wait(tasks)
 
     async def serve_forever(self) -> None:
-        """Serve until :meth:`close` is called (or, for stdio, until the stream ends)."""
-        await self._event().wait()
+        """Serve until :meth:`close` is called (or, for stdio, until the stream ends).
+
+        Raises ``fileforward.EndpointFailedError`` (already logged at ERROR, with its
+        cause) if a tunnel listener failed for good: the server then closes, rather
+        than stay up unable to serve."""
+        waits = [asyncio.ensure_future(self._event().wait())]
+        waits += [asyncio.ensure_future(listener.wait_closed()) for listener in self.listeners]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+        failure = next((listener.failure for listener in self.listeners if listener.failure), None)
+        if failure is not None:
+            self.close()
+            raise failure
 
     async def __aenter__(self) -> "RPCServer":
         return self
@@ -636,7 +650,8 @@ async def start_server(functions: Functions, *, tunnel_dir: Any = None, tcp: Any
 
 
 def serve(functions: Functions, **kwargs: Any) -> None:
-    """Blocking :func:`start_server`: serve until Ctrl-C or SIGTERM (or stdio EOF)."""
+    """Blocking :func:`start_server`: serve until Ctrl-C or SIGTERM (or stdio EOF).
+    Raises ``fileforward.EndpointFailedError`` if its tunnel failed for good."""
     async def main() -> None:
         stop = asyncio.Event()
         try:  # before the server starts: a SIGTERM right after it is up must not be lost
@@ -644,11 +659,12 @@ def serve(functions: Functions, **kwargs: Any) -> None:
         except (ValueError, RuntimeError, NotImplementedError):
             pass  # not the main thread: Ctrl-C / close() still work
         async with await start_server(functions, **kwargs) as server:
-            waits = {asyncio.ensure_future(stop.wait()),
-                     asyncio.ensure_future(server.serve_forever())}
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            for waiting in waits:
-                waiting.cancel()
+            forever, stopping = asyncio.ensure_future(server.serve_forever()), asyncio.ensure_future(stop.wait())
+            await asyncio.wait({forever, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if forever.done():
+                forever.result()  # raises the failure of a tunnel listener, if one failed
+            forever.cancel()
 
     restore_logging = _show_log_unless_configured()
     try:

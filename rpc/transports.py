@@ -202,8 +202,13 @@ class Listener:
             self._cleanup = None
 
     async def wait_closed(self) -> None:
-        """Wait until the listener is closed."""
+        """Wait until the listener is closed (or, for the tunnel, has failed)."""
         await self.server.wait_closed()
+
+    @property
+    def failure(self) -> Optional[BaseException]:
+        """Why a tunnel listener stopped on its own (None: it did not, or not a tunnel)."""
+        return getattr(self.server, "failure", None)
 
 
 async def listen(ep: Endpoint, handler: Handler, *, force: bool = False,

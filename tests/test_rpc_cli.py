@@ -303,3 +303,20 @@ def test_ctrl_c_during_status_is_quiet(transport, tmp_path, sock_dir):
         proc.kill()
     assert proc.returncode == 130, err
     assert out == "" and "Traceback" not in err and "Task was destroyed" not in err, err
+
+
+def test_a_tunnel_that_fails_for_good_stops_the_server_with_one_line(tmp_path):
+    """Finding 3 / 2 for RPC: the tunnel directory opened to everyone under a live
+    `python -m rpc serve` makes its tunnel fail for good; the server says so in one
+    ERROR line and exits 1, instead of staying up unable to serve."""
+    tunnel = tmp_path / "t"
+    srv = CliServer("--tunnel-dir", str(tunnel))
+    try:
+        os.chmod(tunnel, 0o777)
+        assert srv.proc.wait(30) == 1, "".join(srv.log)
+        srv._drain.join(10)
+        errors = [line for line in srv.log if " ERROR " in line]
+        assert len(errors) == 1 and f"chmod 700 {tunnel}" in errors[0], "".join(srv.log)
+        assert not any("Traceback" in line for line in srv.log), "".join(srv.log)
+    finally:
+        srv.stop()

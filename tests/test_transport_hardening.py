@@ -175,21 +175,30 @@ def test_finding2_linked_chunk_files_are_refused_and_their_targets_untouched(tmp
     assert victims[1].read_bytes() == original, "the server wrote into a symlink's target"
 
 
-def test_finding2_chmod_777_on_a_live_tunnel_dir_stops_the_endpoint(nodes):
-    """A live directory opened to everyone (from the other node): the endpoint notices
-    within 10 s by itself, logs one ERROR line naming `chmod 700 DIR`, and exits non-zero."""
+@pytest.mark.parametrize("role", ["client", "server"])
+def test_finding2_chmod_777_on_a_live_tunnel_dir_stops_the_endpoint(nodes, role):
+    """A live directory opened to everyone (from the other node): either side notices
+    within 10 s by itself, logs one ERROR line naming `chmod 700 DIR` (and nothing
+    repeating it), and exits non-zero."""
     login, job = nodes
     service_port = free_port()
     service = start_service("echo", service_port, job.prefix)
-    server = start_cli("client", service_port, job.tunnel_dir, prefix=job.prefix)
+    if role == "client":
+        side, other = job, login
+        proc = start_cli("client", service_port, job.tunnel_dir, prefix=job.prefix)
+    else:
+        side, other = login, job
+        proc = start_cli("server", free_port(), login.tunnel_dir, prefix=login.prefix)
     try:
-        os.chmod(login.tunnel_dir, 0o777)
-        line = server.wait_for(lambda line: " ERROR " in line, timeout=DETECT + SLACK)
-        assert f"chmod 700 {job.tunnel_dir}" in line, line
-        assert server.popen.wait(SLACK) != 0, server.output
-        assert len(error_lines(server.output)) == 1, server.output
+        os.chmod(other.tunnel_dir, 0o777) if not other.prefix else \
+            subprocess.run([*other.prefix, "chmod", "777", str(other.tunnel_dir)], check=True, timeout=30)
+        line = proc.wait_for(lambda line: " ERROR " in line, timeout=DETECT + SLACK)
+        assert f"chmod 700 {side.tunnel_dir}" in line, line
+        assert proc.popen.wait(SLACK) == 1, proc.output
+        assert len(error_lines(proc.output)) == 1, proc.output
+        assert "fileforward: error:" not in proc.output and "Traceback" not in proc.output, proc.output
     finally:
-        server.kill()
+        proc.kill()
         service.kill()
 
 
