@@ -6,6 +6,9 @@ one JSON line, then the connection carries the user's bytes both ways:
 
     -> {"v": 1, "open": "HOST:PORT"}            connect there from the serve side
     <- {"ok": true}   or   {"ok": false, "error": "why", "kind": "refused"}
+    -> {"v": 1, "listen": "[BIND:]PORT"}        -R: listen on the serve side
+    <- {"ok": true, "on": "127.0.0.1:PORT"}, then {"incoming": TOKEN} per connection
+    -> {"v": 1, "take": TOKEN}                  -R: this tunnel connection carries it
 
 The lines are small, bounded JSON, never pickle. `kind` tells the requesting side
 which error its application should see (a SOCKS reply code, an HTTP status):
@@ -83,10 +86,11 @@ def parse_open(message: Dict[str, Any]) -> "tuple[str, int]":
     return parse_destination(destination)
 
 
-async def answer(writer: asyncio.StreamWriter, error: Optional[DialError] = None) -> None:
-    """The serve side's answer: success, or the reason for a failure."""
+async def answer(writer: asyncio.StreamWriter, error: Optional[DialError] = None, **details: str) -> None:
+    """The serve side's answer: success (with `details`, e.g. where it listens), or
+    the reason for a failure."""
     if error is None:
-        await write_line(writer, {"ok": True})
+        await write_line(writer, {"ok": True, **details})
     else:
         await write_line(writer, {"ok": False, "error": str(error), "kind": error.kind})
 

@@ -13,20 +13,22 @@ beginning with one request line (see dialing.py):
 
 A refused or failed destination is logged on both sides and reaches the
 application as an error (a reset, a SOCKS reply, an HTTP status), never a hang.
+Every forward keeps live counters (ForwardCounters) of its connections and bytes.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import secrets
-from typing import Awaitable, Callable, Dict, Optional, Tuple
+from typing import Awaitable, Callable, Dict, List, Optional, Set, Tuple
 
 from .dialing import DialError, answer, dial_error, parse_open, read_line, request_open, write_line, VERSION
-from .forwardspec import Forward, Listen, Permit, parse_listen
-from .listeners import start_listener, stop_listener
+from .forwardspec import Forward, Permit, parse_listen
+from .listeners import bind, start_listener, stop_listener
 from .proxyproto import ProxyRequestError, Target
-from .pump import splice
+from .pump import Spliced, reset, splice
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +41,53 @@ CONNECT_TIMEOUT = 30.0  # like a browser's, for destinations that do not answer
 TAKE_TIMEOUT = 60.0     # how long an -R connection waits for its requester
 
 
+@dataclasses.dataclass
+class ForwardCounters:
+    """One forward's connections and bytes, live (bytes count as they move): what a
+    status report shows."""
+
+    connections: int = 0        # accepted so far
+    failed: int = 0             # refused or failed before any byte was carried
+    finished_to: int = 0        # bytes towards the destination, of finished connections
+    finished_from: int = 0      # bytes back from it
+    live: List[Spliced] = dataclasses.field(default_factory=list)
+
+    @property
+    def open(self) -> int:
+        """Connections carrying bytes now."""
+        return len(self.live)
+
+    @property
+    def to_destination(self) -> int:
+        """Bytes sent towards the destination so far, open connections included."""
+        return self.finished_to + sum(s.forward for s in self.live)
+
+    @property
+    def from_destination(self) -> int:
+        """Bytes received from the destination so far, open connections included."""
+        return self.finished_from + sum(s.backward for s in self.live)
+
+    async def carry(self, what: str, app: Streams, destination: Streams) -> None:
+        """Splice app with destination, counted; one DEBUG line when it ends."""
+        stats = Spliced()
+        self.live.append(stats)
+        try:
+            await splice(app, destination, stats)
+        finally:
+            self.live.remove(stats)
+            self.finished_to += stats.forward
+            self.finished_from += stats.backward
+            log.debug("%s: connection ended: %d bytes to the destination, %d bytes back, %.3f s, %s",
+                      what, stats.forward, stats.backward, stats.seconds, stats.describe())
+
+
 class ServeSide:
     """The `fileforward serve` end: one instance per process, serving every requester."""
 
     def __init__(self, permit: Permit) -> None:
         self._permit = permit
-        self._incoming: Dict[str, "Tuple[Streams, asyncio.Future[None]]"] = {}
+        self._incoming: Dict[str, _Incoming] = {}
+        self.counters: Dict[str, ForwardCounters] = {"out": ForwardCounters()}  # "out", and one per -R listener
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One tunnel connection from a requester (the transport server's callback)."""
@@ -59,85 +102,100 @@ class ServeSide:
             else:
                 raise ValueError(f"unknown request {sorted(message)}")
         except (ValueError, ConnectionError, asyncio.TimeoutError) as exc:
-            log.warning("refused a request from a requesting process: %s", exc or type(exc).__name__)
-            writer.transport.abort()
+            why = str(exc) or type(exc).__name__
+            log.warning("refused a request from a requesting process: %s", why)
+            reset(writer, f"fileforward serve refused the request: {why}")
 
     async def _open(self, destination: Tuple[str, int], reader: asyncio.StreamReader,
                     writer: asyncio.StreamWriter) -> None:
         host, port = destination
+        counters = self.counters["out"]
+        counters.connections += 1
         if not self._permit.allows(host, port):
-            error = DialError(f"{host}:{port} is not permitted here (--permit {self._permit})", "rule")
-            log.warning("refused a connection to %s:%d: not permitted by --permit (%s)", host, port, self._permit)
-            await _refuse(writer, error)
+            counters.failed += 1
+            log.warning("refused a connection to %s:%d: not permitted (--permit %s)", host, port, self._permit)
+            await _refuse(writer, DialError(f"{host}:{port} is not permitted by fileforward serve "
+                                            f"(--permit {self._permit})", "rule"))
             return
         try:
             destination_streams = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT)
-        except asyncio.TimeoutError:
-            error = DialError(f"cannot connect to {host}:{port}: no answer within {CONNECT_TIMEOUT:g} s",
-                              "unreachable")
-            log.warning("%s", error)
+        except (OSError, asyncio.TimeoutError) as exc:
+            counters.failed += 1
+            error = dial_error(exc, host, port) if isinstance(exc, OSError) else DialError(
+                f"cannot connect to {host}:{port}: no answer within {CONNECT_TIMEOUT:g} s", "unreachable")
+            log.warning("a requesting process asked for %s", error)
             await _refuse(writer, error)
             return
-        except OSError as exc:
-            error = dial_error(exc, host, port)
-            log.warning("%s", error)
-            await _refuse(writer, error)
-            return
-        log.debug("connected to %s:%d for a requester", host, port)
+        log.debug("connected to %s:%d for a requesting process", host, port)
         await answer(writer)
-        await splice((reader, writer), destination_streams)
+        await counters.carry(f"to {host}:{port}", (reader, writer), destination_streams)
 
     async def _listen(self, spec: str, reader: asyncio.StreamReader, control: asyncio.StreamWriter) -> None:
         listen = parse_listen(spec)
         announcing = asyncio.Lock()
+        counters = ForwardCounters()
 
         async def accepted(app_reader: asyncio.StreamReader, app_writer: asyncio.StreamWriter) -> None:
+            counters.connections += 1
             token = secrets.token_hex(8)
             taken: "asyncio.Future[None]" = asyncio.get_running_loop().create_future()
-            self._incoming[token] = ((app_reader, app_writer), taken)
+            self._incoming[token] = _Incoming((app_reader, app_writer), taken, name, counters)
             try:
                 async with announcing:
                     await write_line(control, {"incoming": token})
-                await asyncio.wait_for(taken, TAKE_TIMEOUT)
+                await asyncio.wait_for(asyncio.shield(taken), TAKE_TIMEOUT)
             except (asyncio.TimeoutError, ConnectionError) as exc:
-                log.warning("-R %s: the requesting process did not take a connection (%s)",
-                            listen, exc or "timeout")
-                app_writer.transport.abort()
+                counters.failed += 1
+                log.warning("%s: the requesting process did not take a connection (%s)",
+                            name, exc or "no answer within %g s" % TAKE_TIMEOUT)
+                reset(app_writer)
             finally:
                 self._incoming.pop(token, None)
 
         try:
-            server = await start_listener(listen, accepted)
+            listen, sock = bind(listen)
         except OSError as exc:
-            log.warning("-R: %s", exc.strerror or exc)
+            log.warning("-R: a requesting process asked for a listener: %s", exc.strerror or exc)
             await _refuse(control, DialError(str(exc.strerror or exc)))
             return
-        log.info("-R: listening on %s for a requesting process", listen)
+        where = str(listen)
+        name = f"-R {where}"
+        self.counters[name] = counters
+        server = await start_listener(sock, accepted)
+        log.info("-R: listening on %s for a requesting process", where)
         try:
-            await answer(control)
+            await answer(control, on=where)
             with contextlib.suppress(ConnectionError):
                 while await reader.read(4096):  # nothing is expected: wait for the requester to leave
                     pass
         finally:
             stop_listener(listen, server)
-            log.info("-R: stopped listening on %s (its requesting process left)", listen)
+            self.counters.pop(name, None)
+            log.info("-R: stopped listening on %s (its requesting process left)", where)
 
     async def _take(self, message: dict, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         entry = self._incoming.pop(_checked(message, "take"), None)
         if entry is None:
             raise ValueError("take: no such incoming connection (it timed out?)")
-        (app_reader, app_writer), taken = entry
-        try:
-            if message.get("error"):
-                log.warning("-R: the requesting side could not connect: %s", message["error"])
-                app_writer.transport.abort()
-                writer.close()
-                return
-            await answer(writer)
-            await splice((app_reader, app_writer), (reader, writer))
-        finally:
-            if not taken.done():
-                taken.set_result(None)
+        entry.taken.set_result(None)
+        if message.get("error"):
+            entry.counters.failed += 1
+            log.warning("%s: the requesting process could not connect: %s", entry.name, message["error"])
+            reset(entry.app[1])
+            writer.close()
+            return
+        await answer(writer)
+        await entry.counters.carry(entry.name, entry.app, (reader, writer))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Incoming:
+    """A connection accepted by an -R listener, waiting for its requester's `take`."""
+
+    app: Streams
+    taken: "asyncio.Future[None]"
+    name: str
+    counters: ForwardCounters
 
 
 class Requester:
@@ -145,6 +203,7 @@ class Requester:
 
     def __init__(self, open_tunnel: OpenTunnel) -> None:
         self._open_tunnel = open_tunnel
+        self.counters: Dict[str, ForwardCounters] = {}  # one per forward, by its name ("-D 127.0.0.1:1080")
 
     async def open(self, host: str, port: int) -> Streams:
         """A tunnel connection that `serve` has connected to host:port (DialError if not)."""
@@ -152,50 +211,63 @@ class Requester:
         try:
             await request_open(reader, writer, host, port)
         except BaseException:
-            writer.transport.abort()
+            reset(writer)
             raise
         return reader, writer
 
     def handler(self, what: str, handshake: Handshake) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter],
                                                                    Awaitable[None]]:
-        """A listener callback: read what the application wants, then carry it."""
+        """A listener callback for the forward named `what`: read what the application
+        wants, then carry it."""
+        counters = self.counters.setdefault(what, ForwardCounters())
+
         async def handle(app_reader: asyncio.StreamReader, app_writer: asyncio.StreamWriter) -> None:
+            counters.connections += 1
             try:
                 target = await handshake(app_reader, app_writer)
             except (ProxyRequestError, asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
+                counters.failed += 1
                 log.warning("%s: %s", what, exc)
-                app_writer.transport.abort()
+                if isinstance(exc, ProxyRequestError):
+                    app_writer.close()  # answered: a clean close, so the answer is read before the end
+                else:
+                    reset(app_writer)
                 return
             try:
                 tunnel = await self.open(target.host, target.port)
             except DialError as exc:
+                counters.failed += 1
                 log.warning("%s: the serve side refused %s:%d: %s", what, target.host, target.port, exc)
                 await _answer_failure(target, exc.kind, app_writer)
                 return
             except (OSError, ValueError) as exc:
-                log.warning("%s: cannot reach the serve side: %s", what, exc)
+                counters.failed += 1
+                log.warning("%s: cannot reach the serve side for %s:%d: %s", what, target.host, target.port, exc)
                 await _answer_failure(target, "failed", app_writer)
                 return
             await target.succeed()
             if target.preamble:
                 tunnel[1].write(target.preamble)
-            await splice((app_reader, app_writer), tunnel)
+            await counters.carry(f"{what} to {target.host}:{target.port}", (app_reader, app_writer), tunnel)
         return handle
 
-    async def reverse(self, forward: Forward, listening: "asyncio.Future[None]") -> None:
+    async def reverse(self, forward: Forward, listening: "asyncio.Future[str]") -> None:
         """-R: ask `serve` to listen, then carry each connection it announces to
-        forward.host:forward.port from here. Sets `listening` (or its exception)."""
+        forward.host:forward.port from here, until the control connection ends.
+        Sets `listening` to where the serve side listens (or to the exception)."""
         reader, control = await self._open_tunnel()
+        tasks: Set[asyncio.Task] = set()
         try:
             await write_line(control, {"v": VERSION, "listen": str(forward.listen)})
             reply = await read_line(reader)
             if not reply.get("ok"):
-                raise DialError(f"-R {forward}: the serve side cannot listen: {reply.get('error')}")
-            listening.set_result(None)
-            tasks = set()
+                raise DialError(f"the serve side cannot listen on {forward.listen}: {reply.get('error')}")
+            where = str(reply.get("on") or forward.listen)
+            listening.set_result(where)
+            counters = self.counters.setdefault(f"-R {where}", ForwardCounters())
             while True:
                 announcement = await read_line(reader)
-                task = asyncio.ensure_future(self._take(forward, _checked(announcement, "incoming")))
+                task = asyncio.ensure_future(self._take(forward, _checked(announcement, "incoming"), counters))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
         except BaseException as exc:
@@ -203,28 +275,44 @@ class Requester:
                 listening.set_exception(exc)
             raise
         finally:
-            control.transport.abort()
+            for task in list(tasks):
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            reset(control)
 
-    async def _take(self, forward: Forward, token: str) -> None:
+    async def _take(self, forward: Forward, token: str, counters: ForwardCounters) -> None:
+        """One connection announced by an -R listener: connect here, then take it."""
+        counters.connections += 1
         error: Optional[str] = None
         try:
             local = await asyncio.wait_for(asyncio.open_connection(forward.host, forward.port), CONNECT_TIMEOUT)
         except (OSError, asyncio.TimeoutError) as exc:
+            counters.failed += 1
             error = str(dial_error(exc, forward.host, forward.port)) if isinstance(exc, OSError) else \
                 f"cannot connect to {forward.host}:{forward.port}: no answer within {CONNECT_TIMEOUT:g} s"
             log.warning("-R %s: %s", forward, error)
-        reader, writer = await self._open_tunnel()
+        try:
+            reader, writer = await self._open_tunnel()
+        except OSError as exc:
+            log.warning("-R %s: cannot reach the serve side to take a connection: %s", forward, exc)
+            if error is None:
+                reset(local[1])
+            return
         await write_line(writer, {"v": VERSION, "take": token, **({"error": error} if error else {})})
         if error is not None:
             writer.close()
             return
-        reply = await read_line(reader)
+        try:
+            reply = await read_line(reader)
+        except (ValueError, ConnectionError) as exc:
+            reply = {"error": str(exc)}
         if not reply.get("ok"):
+            counters.failed += 1
             log.warning("-R %s: the serve side dropped the connection: %s", forward, reply.get("error"))
-            local[1].transport.abort()
-            writer.transport.abort()
+            reset(local[1])
+            reset(writer)
             return
-        await splice(local, (reader, writer))
+        await counters.carry(f"-R {forward}", local, (reader, writer))
 
 
 def fixed_target(host: str, port: int) -> Handshake:
@@ -242,7 +330,7 @@ async def _answer_failure(target: Target, kind: str, app_writer: asyncio.StreamW
     """A proxy protocol says why (then closes cleanly, so the answer arrives);
     a plain -L connection can only be reset."""
     if target.fail is None:
-        app_writer.transport.abort()
+        reset(app_writer)
         return
     with contextlib.suppress(ConnectionError):
         await target.fail(kind)

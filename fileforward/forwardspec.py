@@ -1,6 +1,6 @@
 """The address specs of ssh-style forwarding: `-L`, `-R`, `-D`, `--http-proxy`, `--permit`.
 
-    [BIND:]PORT                    a TCP listener (BIND defaults to 127.0.0.1)
+    [BIND:]PORT                    a TCP listener (BIND defaults to 127.0.0.1; PORT 0: any free port)
     /path/to/socket                a Unix socket listener (any spec containing "/")
     [BIND:]PORT:HOST:HOSTPORT      -L / -R: listen there, connect to HOST:HOSTPORT
     HOST:PORT                      --permit: a destination `serve` may connect to;
@@ -46,9 +46,9 @@ def parse_listen(spec: str) -> Listen:
         return Listen(path=spec)
     parts = _split(spec)
     if len(parts) == 1:
-        return Listen(port=_port(parts[0], spec))
+        return Listen(port=_port(parts[0], spec, lowest=0))
     if len(parts) == 2 and parts[0]:
-        return Listen(host=parts[0], port=_port(parts[1], spec))
+        return Listen(host=parts[0], port=_port(parts[1], spec, lowest=0))
     raise ValueError(f"{spec!r} is not [BIND:]PORT or a socket path")
 
 
@@ -123,9 +123,9 @@ def _split(spec: str) -> List[str]:
     return parts
 
 
-def _port(text: str, spec: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise ValueError(f"bad port {text!r} in {spec!r} (1-65535)")
+def _port(text: str, spec: str, lowest: int = 1) -> int:
+    if not text.isdigit() or not lowest <= int(text) < 65536:
+        raise ValueError(f"bad port {text!r} in {spec!r} ({lowest}-65535)")
     return int(text)
 
 

@@ -6,6 +6,7 @@ readable by its owner only cannot be reached by anyone else.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import os
 import socket
@@ -52,15 +53,25 @@ def remove_socket(path: str) -> None:
         pass
 
 
-async def start_listener(listen: Listen, handler: Handler) -> asyncio.AbstractServer:
-    """Listen where `listen` says. OSError names the address on failure."""
+def bind(listen: Listen) -> "tuple[Listen, socket.socket]":
+    """A socket bound where `listen` says, and that address (port 0 replaced by the
+    port chosen). OSError names the address on failure."""
     try:
         if listen.path is not None:
-            return await asyncio.start_unix_server(handler, sock=bind_unix(listen.path))
-        return await asyncio.start_server(handler, listen.host, listen.port)
+            return listen, bind_unix(listen.path)
+        family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+        sock = socket.create_server((listen.host, listen.port), family=family)
     except OSError as exc:
         why = "already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
         raise OSError(exc.errno, f"cannot listen on {listen}: {why}") from None
+    return dataclasses.replace(listen, port=sock.getsockname()[1]), sock
+
+
+async def start_listener(sock: socket.socket, handler: Handler) -> asyncio.AbstractServer:
+    """Accept connections on a socket from bind(), handing each to `handler`."""
+    if sock.family == socket.AF_UNIX:
+        return await asyncio.start_unix_server(handler, sock=sock)
+    return await asyncio.start_server(handler, sock=sock)
 
 
 def stop_listener(listen: Listen, server: asyncio.AbstractServer) -> None:

@@ -18,9 +18,9 @@ WHEEL_VERSION = "1.0"
 
 _HTTPS_SERVER = """
 import http.server, ssl, sys, functools
-port, root, cert, key = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+port, root, cert, key, bind = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
 handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=root)
-server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+server = http.server.ThreadingHTTPServer((bind, port), handler)
 context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 context.load_cert_chain(cert, key)
 server.socket = context.wrap_socket(server.socket, server_side=True)
@@ -29,15 +29,17 @@ server.serve_forever()
 """
 
 
-def serve_directory(root: Path, prefix: Sequence[str] = (), https: bool = False) -> "tuple[Proc, int]":
-    """A static HTTP (or HTTPS, with root/cert.pem) server of `root` on 127.0.0.1."""
+def serve_directory(root: Path, prefix: Sequence[str] = (), https: bool = False,
+                    bind: str = "127.0.0.1") -> "tuple[Proc, int]":
+    """A static HTTP (or HTTPS, with root/cert.pem) server of `root` on `bind`
+    (e.g. 127.0.0.2: a loopback address that NO_PROXY=localhost,127.0.0.1 does not
+    exempt from a proxy)."""
     port = free_port()
     if https:
         cert, key = self_signed_certificate(root)
-        argv = [sys.executable, "-c", _HTTPS_SERVER, str(port), str(root), str(cert), str(key)]
+        argv = [sys.executable, "-c", _HTTPS_SERVER, str(port), str(root), str(cert), str(key), bind]
     else:
-        argv = [sys.executable, "-u", "-m", "http.server", str(port), "--bind", "127.0.0.1",
-                "--directory", str(root)]
+        argv = [sys.executable, "-u", "-m", "http.server", str(port), "--bind", bind, "--directory", str(root)]
     proc = Proc(argv, prefix)
     proc.wait_for(lambda line: line.startswith("ready" if https else "Serving HTTP"))
     return proc, port
