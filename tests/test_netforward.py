@@ -25,7 +25,7 @@ from typing import Dict, Iterator, List, Sequence
 
 import pytest
 
-from tests.extras import require_nfs_harness
+from tests.extras import require_net_clients, require_nfs_harness
 from tests.net_targets import WHEEL_NAME, git_repository, package_index, serve_directory
 from tests.slurm_cluster import poll
 from tests.tunnel_support import Proc, free_port, python, recv_exactly, start_service
@@ -154,6 +154,7 @@ class Net:
 
 @pytest.fixture(scope="module", params=["local", "nfs"])
 def net(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
+    require_net_clients()
     with contextlib.ExitStack() as stack:
         if request.param == "local":
             shared = tmp_path_factory.mktemp("shared")
@@ -340,3 +341,84 @@ def test_run_of_a_missing_command_is_127_and_env_without_proxy_is_1(tmp_path: Pa
     env = subprocess.run(python("-m", "fileforward", "env", "--tunnel-dir", str(tmp_path / "t")),
                          capture_output=True, text=True, timeout=60)
     assert env.returncode == 1 and "no proxy is running" in env.stderr and env.stdout == ""
+
+
+def readme_block(test_name: str) -> str:
+    """The README's bash block marked as covered by `test_name` of this file."""
+    marker = f"<!-- covered-by: tests/test_netforward.py::{test_name} -->"
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    return re.search(re.escape(marker) + r"\n```bash\n(.*?)```", text, flags=re.DOTALL).group(1)
+
+
+def with_local_internet(block: str, replacements: Dict[str, str]) -> str:
+    """The block with the internet's addresses replaced by the stand-ins (each must occur)."""
+    for old, new in replacements.items():
+        assert old in block, f"the README block no longer contains {old!r}:\n{block}"
+        block = block.replace(old, new)
+    return block
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> "tuple[Path, List[str]]":
+    """A fresh HOME (so the default tunnel directories are new), and an argv prefix
+    running a command with it and with this checkout's `fileforward` first on PATH."""
+    from tests.tunnel_support import checkout_commands
+    bin_dir = checkout_commands(tmp_path / "bin")
+    (tmp_path / "home").mkdir()
+    path = os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")])
+    return tmp_path / "home", ["env", f"HOME={tmp_path / 'home'}", f"PATH={path}"]
+
+
+def default_serve(home: "tuple[Path, List[str]]") -> Proc:
+    proc = Proc(["fileforward", "serve", "-v"], home[1])
+    proc.wait_for(lambda line: "INFO serving tunnel" in line)
+    assert str(home[0] / ".cache" / "fileforward" / "net") in proc.output
+    return proc
+
+
+@pytest.mark.parametrize("net", ["local"], indirect=True)
+def test_readme_internet_commands_with_the_default_directory(net: Net, home, tmp_path: Path) -> None:
+    """The README's two commands, as written but for the package (numpy -> the
+    stand-in index's wheel), meet in the default directory; serve's DEBUG lines
+    show it connected to the index for the job."""
+    serve_line, run_line = [line.split("#")[0].strip() for line in readme_block(
+        "test_readme_internet_commands_with_the_default_directory").splitlines()]
+    assert serve_line == "fileforward serve"
+    serve = default_serve(home)
+    try:
+        job = with_local_internet(run_line, {"pip install numpy": (
+            f"{sys.executable} -m pip install --no-cache-dir --disable-pip-version-check --target {tmp_path / 'site'} "
+            f"--index-url {net.url('simple')} {WHEEL_NAME}")})
+        done = subprocess.run([*home[1], "bash", "-c", job], capture_output=True, text=True, timeout=CLIENT_TIMEOUT,
+                              env=_without_proxy_variables())
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert (tmp_path / "site" / f"{WHEEL_NAME}.py").read_text() == "ANSWER = 42\n"
+        serve.wait_for(lambda line: f"connected to {INTERNET}:{net.http_port} for a requesting process" in line)
+    finally:
+        serve.kill()
+
+
+@pytest.mark.parametrize("net", ["local"], indirect=True)
+def test_readme_proxy_block_with_credentials(net: Net, home, tmp_path: Path) -> None:
+    """The README's long-running proxy block runs (free ports, and the stand-ins for
+    PyPI and GitHub): pip, git and curl get through, and `kill %1` stops the proxy."""
+    block = with_local_internet(readme_block("test_readme_proxy_block_with_credentials"), {
+        "3128": str(free_port()), "1080": str(free_port()),
+        "pip install --user requests": f"{sys.executable} -m pip install --user --no-cache-dir "
+                                       f"--disable-pip-version-check --index-url {net.url('simple')} {WHEEL_NAME}",
+        "https://github.com/psf/requests.git": net.url(net.repo),
+        "https://pypi.org/simple/": net.url("simple/")})
+    serve = default_serve(home)
+    try:
+        done = subprocess.run([*home[1], "bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=CLIENT_TIMEOUT, env=_without_proxy_variables())
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "200" in done.stdout.splitlines()
+        assert list(home[0].glob(f".local/lib/python*/site-packages/{WHEEL_NAME}.py")), done.stderr
+        assert (tmp_path / "repo" / "README").read_text() == "through the tunnel\n"
+        carried = serve.output.count(f"connected to {INTERNET}:{net.http_port} for a requesting process")
+        assert carried >= 4, serve.output  # pip's page and wheel, git's requests, curl's page
+        poll(lambda: not list((home[0] / ".cache" / "fileforward" / "net").glob("proxy-*.json")), 10,
+             "the proxy file to go with the proxy (kill %1)")
+    finally:
+        serve.kill()
