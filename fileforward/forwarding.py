@@ -22,8 +22,10 @@ import contextlib
 import dataclasses
 import logging
 import secrets
+from pathlib import Path
 from typing import Awaitable, Callable, Dict, List, Optional, Set, Tuple
 
+from .errors import NoServerError
 from .dialing import DialError, answer, dial_error, parse_open, read_line, request_open, write_line, VERSION
 from .forwardspec import Forward, Permit, parse_listen
 from .listeners import bind, start_listener, stop_listener
@@ -201,8 +203,9 @@ class _Incoming:
 class Requester:
     """The requesting side: local listeners whose connections leave from `serve`."""
 
-    def __init__(self, open_tunnel: OpenTunnel) -> None:
+    def __init__(self, open_tunnel: OpenTunnel, tunnel_dir: Path) -> None:
         self._open_tunnel = open_tunnel
+        self.tunnel_dir = tunnel_dir
         self.counters: Dict[str, ForwardCounters] = {}  # one per forward, by its name ("-D 127.0.0.1:1080")
 
     async def open(self, host: str, port: int) -> Streams:
@@ -242,7 +245,8 @@ class Requester:
                 return
             except (OSError, ValueError) as exc:
                 counters.failed += 1
-                log.warning("%s: cannot reach the serve side for %s:%d: %s", what, target.host, target.port, exc)
+                why = self.no_serve() if isinstance(exc, NoServerError) else f"cannot reach the serve side: {exc}"
+                log.warning("%s: %s:%d failed: %s", what, target.host, target.port, why)
                 await _answer_failure(target, "failed", app_writer)
                 return
             await target.succeed()
@@ -251,13 +255,19 @@ class Requester:
             await counters.carry(f"{what} to {target.host}:{target.port}", (app_reader, app_writer), tunnel)
         return handle
 
+    def no_serve(self) -> str:
+        """Why a tunnel connection failed when no `serve` answered, and the fix."""
+        return (f"no fileforward serve answers on tunnel {self.tunnel_dir} (start it on the login node: "
+                f"fileforward serve --tunnel-dir {self.tunnel_dir})")
+
     async def reverse(self, forward: Forward, listening: "asyncio.Future[str]") -> None:
         """-R: ask `serve` to listen, then carry each connection it announces to
         forward.host:forward.port from here, until the control connection ends.
         Sets `listening` to where the serve side listens (or to the exception)."""
-        reader, control = await self._open_tunnel()
         tasks: Set[asyncio.Task] = set()
+        control: Optional[asyncio.StreamWriter] = None
         try:
+            reader, control = await self._open_tunnel()
             await write_line(control, {"v": VERSION, "listen": str(forward.listen)})
             reply = await read_line(reader)
             if not reply.get("ok"):
@@ -278,7 +288,8 @@ class Requester:
             for task in list(tasks):
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            reset(control)
+            if control is not None:
+                reset(control)
 
     async def _take(self, forward: Forward, token: str, counters: ForwardCounters) -> None:
         """One connection announced by an -R listener: connect here, then take it."""

@@ -92,7 +92,7 @@ async def requesting(tunnel_dir: Optional[Path], requests: Requests, options: Op
     connections = Connections()
     path = tunneldir.absolute(tunnel_dir)
     connector = Connector(path, options, peer_name="fileforward serve")
-    requester = Requester(connector.open_connection)
+    requester = Requester(connector.open_connection, path)
     listeners: List["tuple[Listen, asyncio.AbstractServer]"] = []
     reversing: List[asyncio.Task] = []
     proxy_file: Optional[Path] = None
@@ -122,7 +122,7 @@ async def requesting(tunnel_dir: Optional[Path], requests: Requests, options: Op
                              "HTTP proxy (CONNECT and http:// URLs); connections leave from the serve side")
                 for where in requests.http]
         for forward in requests.remote:
-            reversing.append(asyncio.ensure_future(_keep_reverse(requester, forward, connector)))
+            reversing.append(asyncio.ensure_future(_keep_reverse(requester, forward)))
         urls = proxyfiles.ProxyURLs(
             next((proxyfiles.url("http", w, requests.credentials) for w in http if w.path is None), None),
             next((proxyfiles.url("socks5h", w, requests.credentials) for w in socks if w.path is None), None))
@@ -143,7 +143,7 @@ async def requesting(tunnel_dir: Optional[Path], requests: Requests, options: Op
         await connector.close()
 
 
-async def _keep_reverse(requester: Requester, forward: Forward, connector: Connector) -> None:
+async def _keep_reverse(requester: Requester, forward: Forward) -> None:
     """-R for as long as this process runs: asked again whenever the serve side
     is not there yet, or went away (a restarted `serve` gets it back)."""
     last_problem = ""
@@ -162,8 +162,7 @@ async def _keep_reverse(requester: Requester, forward: Forward, connector: Conne
             await asyncio.gather(run, return_exceptions=True)
             raise
         except NoServerError:
-            problem = (f"no fileforward serve answers on tunnel {connector.tunnel_dir} (start it on the "
-                       f"login node: fileforward serve --tunnel-dir {connector.tunnel_dir})")
+            problem = requester.no_serve()
         except (OSError, ValueError) as exc:
             problem = str(exc) or type(exc).__name__
         await asyncio.gather(run, return_exceptions=True)

@@ -324,6 +324,38 @@ def test_permit_refusal_is_an_error_for_the_application_and_logged_on_both_sides
 
 
 @pytest.mark.parametrize("net", ["local"], indirect=True)
+def test_a_requester_started_before_serve_gets_its_forwards_and_keeps_them_across_a_restart(net: Net) -> None:
+    """-D fails with a SOCKS error and a log line naming the fix while no serve
+    runs; -R is asked again until a serve listens, and again after a restart."""
+    echo = free_port()
+    service = start_service("echo", echo, net.job.prefix)
+    proc = requester(net.job, net.job_dir("order"), "--connect-timeout", "2", "-D", "0",
+                     "-R", f"0:127.0.0.1:{echo}")
+    serve = None
+    try:
+        socks = listening_on(proc, "-D")[0]
+        early = net.curl("-x", f"socks5h://{socks}", net.url("simple/"))
+        assert early.returncode == 97, early.stderr
+        proc.wait_for(lambda line: "WARNING -D" in line and "no fileforward serve answers" in line)
+        proc.wait_for(lambda line: "WARNING -R" in line and "fileforward serve --tunnel-dir" in line)
+        for attempt in range(2):  # the first serve, then its successor
+            serve = net.start_serve("order")
+            line = serve.wait_for(lambda line: "-R: listening on 127.0.0.1:" in line, timeout=30)
+            with socket.create_connection(("127.0.0.1", int(line.rsplit(":", 1)[1].split()[0])), timeout=30) as sock:
+                sock.sendall(b"ping %d" % attempt)
+                sock.shutdown(socket.SHUT_WR)
+                assert recv_exactly(sock, 6) == b"ping %d" % attempt
+            page = net.curl("-x", f"socks5h://{socks}", net.url("simple/"))
+            assert page.returncode == 0 and WHEEL_NAME in page.stdout, page.stderr
+            assert serve.stop() == 0
+    finally:
+        proc.kill()
+        service.kill()
+        if serve is not None:
+            serve.kill()
+
+
+@pytest.mark.parametrize("net", ["local"], indirect=True)
 @pytest.mark.parametrize("command, status", [("import sys; sys.exit(7)", 7),
                                              ("import os; print(os.environ['HTTPS_PROXY'])", 0)])
 def test_run_passes_the_exit_status_and_the_variables(net: Net, command: str, status: int) -> None:
