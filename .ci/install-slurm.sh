@@ -38,12 +38,5 @@ trap restore_policy EXIT
 printf '#!/bin/sh\n# installing packages: start no daemons\nexit 101\n' >"$policy"
 chmod 755 "$policy"
 
-export DEBIAN_FRONTEND=noninteractive
-log="$(mktemp)"
-if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${packages[@]}"; } >"$log" 2>&1; then
-  cat "$log" >&2
-  echo "install-slurm.sh: installing ${packages[*]} failed" >&2
-  rm -f "$log"
-  exit 1
-fi
-rm -f "$log"
+source "$(dirname "$0")/apt.sh"
+apt_install install-slurm.sh "${packages[@]}"

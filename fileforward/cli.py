@@ -17,14 +17,17 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Awaitable, List, Optional
+from typing import List, Optional
 
 from . import __version__, demo
 from .cliargs import Parser, add_job_option, add_logging_options, job_tunnel_dir, raise_descriptor_limit, \
     setup_logging
 from .errors import EndpointFailedError
-from .forward import Fatal, connecting, listening
-from .options import MiB, Options
+from .forward import Fatal, connecting, listening, serve_until_stopped, until_stopped
+from .options import Options
+from .netforward import ENV_NET_DIR
+from .netcli import add_commands, add_forward_options, add_transport_options, has_forwards, run_requester, \
+    transport_options
 from .tunneldir import ENV_TUNNEL_DIR, default_tunnel_dir
 
 log = logging.getLogger("fileforward")
@@ -36,6 +39,11 @@ node and a compute node that cannot connect to each other).
   on the login node:   fileforward --server --port 8888
   in the SLURM job:    fileforward --client --port 8888
   try it here first:   fileforward demo
+
+The internet (or any port) from a job, with ssh's habits (-L, -R, -D):
+
+  on the login node:   fileforward serve
+  in the SLURM job:    fileforward run -- pip install numpy
 
 --server listens on 127.0.0.1:PORT and carries every connection through the
 tunnel directory; --client, next to the service, connects each one to
@@ -100,7 +108,8 @@ def build_parser() -> Parser:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--tunnel-dir", metavar="DIR", type=Path,
                        help=f"shared directory the connections travel through (default: ${ENV_TUNNEL_DIR}, "
-                            f"else ~/.cache/fileforward/tunnel)")
+                            f"else ~/.cache/fileforward/tunnel; with -L/-R/-D/--http-proxy: "
+                            f"${ENV_NET_DIR}, else ~/.cache/fileforward/net, as for serve)")
     add_job_option(where, "tunnel directory")
     parser.add_argument("--bind", default="127.0.0.1",
                         help="--server: address to listen on (default: 127.0.0.1, so that other users of a "
@@ -109,14 +118,8 @@ def build_parser() -> Parser:
     parser.add_argument("--force", action="store_true",
                         help="--client: make a running --client on the same tunnel directory step down "
                              "(default: refuse to start)")
-    parser.add_argument("--connect-timeout", type=float, default=Options.connect_timeout, metavar="S",
-                        help="--server: give up on a connection if no --client answers within S seconds")
-    parser.add_argument("--liveness-timeout", type=float, default=Options.liveness_timeout, metavar="S",
-                        help="declare the other side dead after S seconds without a sign of life")
-    parser.add_argument("--poll-max", type=float, default=Options.poll_max, metavar="S",
-                        help="longest polling interval when idle, in seconds")
-    parser.add_argument("--window", type=float, default=Options.window / MiB, metavar="MIB",
-                        help="unread data allowed on disk per connection and direction, in MiB")
+    add_transport_options(parser)
+    add_forward_options(parser)
     add_logging_options(parser)
     parser.add_argument("--version", action="version", version=f"fileforward {__version__}")
     parser.set_defaults(run=_run_forward)
@@ -131,17 +134,8 @@ def build_parser() -> Parser:
                              "to measure it (default: the system's temporary directory)")
     add_logging_options(try_it, suppress_defaults=True)
     try_it.set_defaults(run=_run_demo)
+    add_commands(commands)
     return parser
-
-
-def _options(parser: Parser, args: argparse.Namespace) -> Options:
-    if args.window * MiB < Options.chunk:
-        parser.error(f"--window must be at least {Options.chunk / MiB:g} MiB, not {args.window:g}")
-    try:
-        return Options(connect_timeout=args.connect_timeout, liveness_timeout=args.liveness_timeout,
-                       poll_max=args.poll_max, window=int(args.window * MiB))
-    except ValueError as exc:
-        parser.error(str(exc))
 
 
 def _tunnel_dir(parser: Parser, args: argparse.Namespace) -> Optional[Path]:
@@ -153,22 +147,13 @@ def _tunnel_dir(parser: Parser, args: argparse.Namespace) -> Optional[Path]:
         parser.error(str(exc))
 
 
-async def _until_stopped(stop: StopRequest, ended: Awaitable[None]) -> None:
-    """Wait for a stop request, or for `ended` (the tunnel endpoint stopped: it failed,
-    or handed over to another side)."""
-    waiters = [asyncio.ensure_future(stop.event().wait()), asyncio.ensure_future(ended)]
-    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    for waiter in waiters:
-        waiter.cancel()
-
-
 async def _serve(args: argparse.Namespace, tunnel_dir: Optional[Path], options: Options, stop: StopRequest) -> None:
     """--server until a stop request, or until its tunnel endpoint fails."""
     async with listening(tunnel_dir, args.bind, args.port, options) as side:
         log.info("forwarding %s:%d -> tunnel %s (the other side, next to the service: "
                  "fileforward --client --port %d --tunnel-dir %s)",
                  side.bind, side.port, side.tunnel_dir, side.port, side.tunnel_dir)
-        await _until_stopped(stop, side.connector.wait_closed())
+        await until_stopped(stop.event(), side.connector.wait_closed())
     if side.connector.failure is not None:
         raise side.connector.failure
 
@@ -181,21 +166,22 @@ async def _client(args: argparse.Namespace, tunnel_dir: Optional[Path], options:
         log.info("forwarding tunnel %s -> %s:%d (the other side, on the login node: "
                  "fileforward --server --port %d --tunnel-dir %s)",
                  server.tunnel_dir, args.host, args.port, args.port, server.tunnel_dir)
-        await _until_stopped(stop, server.wait_closed())
-        if server.stepped_down_for:
-            log.warning("another fileforward --client (%s) took over %s with --force; exiting",
-                        server.stepped_down_for, server.tunnel_dir)
+        await serve_until_stopped(server, stop.event(), "fileforward --client")
 
 
 def _run_forward(parser: Parser, args: argparse.Namespace, stop: StopRequest) -> int:
-    """The classic form: `fileforward --server|--client --port P ...`."""
+    """The classic form: `fileforward --server|--client --port P ...`, or a
+    requesting process (`fileforward -L/-R/-D/--http-proxy ...`)."""
+    if has_forwards(args):
+        return run_requester(parser, args, stop)
     if not (args.server or args.client):
-        parser.error("give --server (login node) or --client (next to the service), or a command: demo")
+        parser.error("give --server (login node) or --client (next to the service), -L/-R/-D/--http-proxy "
+                     "(with fileforward serve on the other side), or a command: demo, serve, env, run")
     if args.port is None:
         parser.error("--port is required with --server and --client")
     if not 0 < args.port < 65536:
         parser.error(f"--port must be between 1 and 65535, not {args.port}")
-    tunnel_dir, options = _tunnel_dir(parser, args), _options(parser, args)
+    tunnel_dir, options = _tunnel_dir(parser, args), transport_options(parser, args)
     asyncio.run((_serve if args.server else _client)(args, tunnel_dir, options, stop))
     log.info("stopped")
     return 0

@@ -16,7 +16,7 @@ import errno
 import logging
 import os
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Optional, Set
+from typing import AsyncIterator, Awaitable, Callable, Optional, Set
 
 from . import tunneldir
 from .api import Connector, Server, start_server
@@ -134,7 +134,6 @@ async def connecting(tunnel_dir: Optional[Path], host: str, port: int, options: 
     """`--client`: serve the tunnel directory while the context is open, connecting
     each connection to host:port. The Server's wait_closed() returns if another
     `--client --force` took over."""
-    connections = Connections()
 
     async def accept(tunnel_reader: asyncio.StreamReader, tunnel_writer: asyncio.StreamWriter) -> None:
         name = f"{tunnel_writer.get_extra_info('connection_id')} to {host}:{port}"
@@ -150,10 +149,39 @@ async def connecting(tunnel_dir: Optional[Path], host: str, port: int, options: 
             return
         await _forward(name, (tunnel_reader, tunnel_writer), service)
 
-    server = await start_server(lambda r, w: connections.run(accept(r, w)), prepare_tunnel_dir(tunnel_dir),
-                                force=force, options=options, peer_name="fileforward --server")
+    async with serving_tunnel(accept, tunnel_dir, options, force, "fileforward --server") as server:
+        yield server
+
+
+@contextlib.asynccontextmanager
+async def serving_tunnel(handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+                         tunnel_dir: Optional[Path], options: Options, force: bool,
+                         peer_name: str) -> AsyncIterator[Server]:
+    """Serve the tunnel directory while the context is open, each connection to
+    `handle`; closing it ends them all. `peer_name` names the other side in logs."""
+    connections = Connections()
+    server = await start_server(lambda r, w: connections.run(handle(r, w)), prepare_tunnel_dir(tunnel_dir),
+                                force=force, options=options, peer_name=peer_name)
     try:
         yield server
     finally:
         await connections.cancel_all()
         await server.shutdown()
+
+
+async def until_stopped(stop: asyncio.Event, ended: Awaitable[None]) -> None:
+    """Wait for a stop request, or for `ended`: the tunnel endpoint stopped (it failed,
+    or, for a server, another side took the directory over with --force)."""
+    waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(ended)]
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    for waiter in waiters:
+        waiter.cancel()
+
+
+async def serve_until_stopped(server: Server, stop: asyncio.Event, role: str) -> None:
+    """A tunnel server (`--client`, `serve`) until a stop request, a failure (raised
+    when the server shuts down), or another `role --force` taking the directory over."""
+    await until_stopped(stop, server.wait_closed())
+    if server.stepped_down_for:
+        log.warning("another %s (%s) took over %s with --force; exiting", role, server.stepped_down_for,
+                    server.tunnel_dir)

@@ -15,7 +15,7 @@ import logging
 import socket
 import struct
 import time
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 from .transport import FileTransport
 
@@ -30,7 +30,7 @@ _LINGER_ZERO = struct.pack("ii", 1, 0)  # close() then sends RST instead of FIN
 class Spliced:
     """What a splice moved and how it ended, for the caller's per-connection log line."""
 
-    forward: int = 0    # bytes from the first stream pair to the second
+    forward: int = 0    # bytes from the first stream pair to the second (counted as they go)
     backward: int = 0   # bytes from the second to the first
     seconds: float = 0.0
     error: Optional[BaseException] = None  # why it was reset; None while open or after a clean end
@@ -61,15 +61,18 @@ def reset(writer: asyncio.StreamWriter, reason: str = "") -> None:
     writer.transport.abort()
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, moved: List[int], index: int) -> None:
-    """Copy until EOF, counting into moved[index], then half-close `writer` so the far
-    side sees the EOF too."""
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: Spliced, forward: bool) -> None:
+    """Copy until EOF, counting into stats as the bytes go (live, for status reports),
+    then half-close `writer` so the far side sees the EOF too."""
     while True:
         data = await reader.read(CHUNK)
         if not data:
             break
         writer.write(data)
-        moved[index] += len(data)
+        if forward:
+            stats.forward += len(data)
+        else:
+            stats.backward += len(data)
         await writer.drain()
     if writer.can_write_eof() and not writer.is_closing():
         writer.write_eof()
@@ -81,10 +84,9 @@ async def splice(a: Streams, b: Streams, stats: Optional[Spliced] = None) -> Spl
     cancelled) lets the caller report a connection however it ended."""
     stats = stats if stats is not None else Spliced()
     (a_reader, a_writer), (b_reader, b_writer) = a, b
-    moved = [0, 0]
     started = time.monotonic()
-    tasks = [asyncio.ensure_future(_pipe(a_reader, b_writer, moved, 0)),
-             asyncio.ensure_future(_pipe(b_reader, a_writer, moved, 1))]
+    tasks = [asyncio.ensure_future(_pipe(a_reader, b_writer, stats, True)),
+             asyncio.ensure_future(_pipe(b_reader, a_writer, stats, False))]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         failures = [t.exception() for t in done if t.exception() is not None]
@@ -105,6 +107,5 @@ async def splice(a: Streams, b: Streams, stats: Optional[Spliced] = None) -> Spl
         for writer in (a_writer, b_writer):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 2.0)
-        stats.forward, stats.backward = moved
         stats.seconds = time.monotonic() - started
     return stats

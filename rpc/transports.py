@@ -6,14 +6,16 @@ asyncio.StreamWriter)`` pair, whichever way it was opened.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import shlex
 import socket
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Dict, Optional, Sequence, Tuple, Union
+
+from fileforward.listeners import bind_unix, remove_socket
 
 from .errors import RPCError, ServerNotRunningError
 from .throttle import ThrottledLog
@@ -226,9 +228,14 @@ async def listen(ep: Endpoint, handler: Handler, *, force: bool = False,
         host, port = server.sockets[0].getsockname()[:2]
         return Listener(server, str(Endpoint("tcp", (host, port))))
     if ep.kind == "unix":
-        sock = _bind_unix(ep.address)
+        try:
+            sock = bind_unix(ep.address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise RPCError(f"a server is already listening on {ep.address}") from None
+            raise
         server = await asyncio.start_unix_server(handler, sock=sock, limit=STREAM_LIMIT)
-        return Listener(server, str(ep), lambda: _unlink(ep.address))
+        return Listener(server, str(ep), lambda: remove_socket(ep.address))
     raise ValueError(f"cannot listen on {ep}")
 
 
@@ -260,38 +267,6 @@ def _with_small_reads(handler: Handler) -> Handler:
         writer.transport.max_size = SOCKET_READ_SIZE  # type: ignore[attr-defined]
         await handler(reader, writer)
     return handle
-
-
-def _bind_unix(path: str) -> socket.socket:
-    """Bind a Unix socket readable by its owner only (chmod before listen: no window)."""
-    try:
-        if stat.S_ISSOCK(os.stat(path).st_mode):
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-            except OSError:
-                os.unlink(path)  # stale socket of a dead server
-            else:
-                raise RPCError(f"a server is already listening on {path}")
-            finally:
-                probe.close()
-    except FileNotFoundError:
-        pass
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(path)
-        os.chmod(path, 0o600)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 async def stdio_streams(in_fd: int, out_fd: int) -> Streams:

@@ -53,6 +53,12 @@ def require_nfs_harness(why_not: Optional[str] = None) -> None:
     require("two-node NFS harness", why_not or missing_requirements(), ".ci/install-nfs.sh")
 
 
+def require_net_clients() -> None:
+    """curl, git and openssl, which the proxy suite drives (tests/test_netforward.py)."""
+    missing = [cmd for cmd in ("curl", "git", "openssl") if shutil.which(cmd) is None]
+    require("proxy suite", f"{', '.join(missing)} not on PATH" if missing else None, ".ci/install-net.sh")
+
+
 def require_slurm() -> None:
     """A private SLURM cluster (tests/slurm_cluster.py) can run here."""
     from tests.slurm_cluster import missing_requirements
