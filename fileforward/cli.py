@@ -19,10 +19,10 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from . import __version__, demo
+from . import __version__, demo, doctor
 from .cliargs import Parser, add_job_option, add_logging_options, job_tunnel_dir, raise_descriptor_limit, \
     setup_logging
-from .forward import Fatal, connecting, listening
+from .forward import Fatal, connecting, listening, prepare_tunnel_dir
 from .options import MiB, Options
 from .tunneldir import ENV_TUNNEL_DIR, default_tunnel_dir
 
@@ -130,6 +130,7 @@ def build_parser() -> Parser:
                              "to measure it (default: the system's temporary directory)")
     add_logging_options(try_it, suppress_defaults=True)
     try_it.set_defaults(run=_run_demo)
+    doctor.add_command(commands, run=_run_doctor)
     return parser
 
 
@@ -214,6 +215,16 @@ def _run_demo(parser: Parser, args: argparse.Namespace, stop: StopRequest) -> in
         return 1
     print("\n".join(demo.report(measured, tunnel_dir)), flush=True)
     return 0
+
+
+def _run_doctor(parser: Parser, args: argparse.Namespace, stop: StopRequest) -> int:
+    """`fileforward doctor`: can the tunnel work in this directory? (fileforward/doctor.py)"""
+    if args.server or args.client or args.port is not None:
+        parser.error("doctor takes no --server, --client or --port")
+    if args.wait <= 0:
+        parser.error(f"--wait must be more than 0 seconds, not {args.wait:g}")
+    directory = prepare_tunnel_dir(_tunnel_dir(parser, args))
+    return doctor.run(directory, args.peer, args.wait, lambda: stop.requested)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -72,7 +72,7 @@ class SharedFile:
     def append(self, data: bytes) -> None:
         """Append whole records at the size seen under the lock (never O_APPEND)."""
         with self.locked() as fd:
-            _pwrite_all(fd, data, os.fstat(fd).st_size)
+            pwrite_all(fd, data, os.fstat(fd).st_size)
 
     def append_batch(self, build: Callable[[int], List[bytes]], limit: int, wait: bool = True) -> int:
         """Append the buffers `build(room)` returns, where room keeps the file within `limit`.
@@ -90,7 +90,7 @@ class SharedFile:
     def drain(self, wait: bool = True) -> bytes:
         """Read everything in the file and truncate it, atomically under the lock."""
         with self.locked(wait) as fd:
-            data = _pread_all(fd)
+            data = pread_all(fd)
             if data:
                 os.ftruncate(fd, 0)
             return data
@@ -98,13 +98,13 @@ class SharedFile:
     def read(self) -> bytes:
         """Read the whole file under the lock, leaving it as it is."""
         with self.locked() as fd:
-            return _pread_all(fd)
+            return pread_all(fd)
 
     def replace(self, data: bytes) -> None:
         """Replace the whole content under the lock."""
         with self.locked() as fd:
             os.ftruncate(fd, 0)
-            _pwrite_all(fd, data, 0)
+            pwrite_all(fd, data, 0)
 
     def try_hold_alive(self) -> bool:
         """Take the long-lived owner lock if free. False if another process holds it.
@@ -145,7 +145,7 @@ def _try_lock(shared: SharedFile, length: int, start: int) -> bool:
         raise
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+def pwrite_all(fd: int, data: bytes, offset: int) -> None:
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, offset)
@@ -156,14 +156,15 @@ def _pwritev_all(fd: int, parts: List[bytes], offset: int) -> int:
     total = sum(len(p) for p in parts)
     written = os.pwritev(fd, parts, offset)
     if written < total:  # rare: finish with the remainder as one buffer
-        _pwrite_all(fd, b"".join(parts)[written:], offset + written)
+        pwrite_all(fd, b"".join(parts)[written:], offset + written)
     return total
 
 
-def _pread_all(fd: int) -> bytes:
-    """The whole file; under the lock, a short read of a regular file is its end."""
+def pread_all(fd: int, offset: int = 0) -> bytes:
+    """The file from `offset` to its end; under the lock, a short read of a regular
+    file is its end."""
     chunks = []
-    offset, want = 0, READ_CHUNK
+    want = READ_CHUNK
     while True:
         chunk = os.pread(fd, want, offset)
         chunks.append(chunk)
