@@ -18,8 +18,8 @@ lock may not exclude the other node (that is what is being measured). So:
    "not written yet": it reads again), and from then on looks up only names it
    has never looked up before (``doctor-<id>/...``, created before the id was
    published), so no negative cache can hide them. It claims the session with an
-   exclusive create of ``second.claim`` (a third doctor is told the directory is
-   busy) and says hello.
+   exclusive create of ``second.claim`` (a third doctor waits until the pair has
+   started, then meets afresh) and says hello.
 3. **Messages** are JSON lines appended to a file with one writer each
    (``first.say``, ``second.say``): the writer opens, writes, fsyncs and closes;
    the reader opens afresh and reads past what it has consumed, polling with a
@@ -29,9 +29,10 @@ lock may not exclude the other node (that is what is being measured). So:
    measure that path.
 4. **Stale files.** After a hello, the first side removes the meeting file, so
    the next pair starts afresh. A meeting file left by a killed doctor is found
-   out by its silence: no session directory, no content, or no answer to the
-   hello within the answer timeout; the second side then removes it and that
-   session's directory, and tries again as a first side.
+   out by its silence: no session directory, no content, no answer to the hello
+   within the answer timeout, or a claimed session that no first side takes up
+   within it. The side that finds out removes the meeting file and that session's
+   directory, and tries again.
 5. **The end.** The first side removes the session directory when the exchange
    is over, or when it is interrupted (it tells the other side first, and so
    does an interrupted second side). Every wait is bounded: the meeting by
@@ -256,13 +257,14 @@ def meet(tunnel_dir: Path, hello: Dict[str, object], settings: Settings, stop: S
     is what this side says about itself. Raises NoAnswer if nobody came within
     settings.wait seconds."""
     deadline = time.monotonic() + settings.wait
+    busy: Dict[str, float] = {}
     meeting = None
     while meeting is None:
         if time.monotonic() >= deadline:
             raise _nobody_came(tunnel_dir, settings)
         meeting = _as_first(tunnel_dir, hello, deadline, settings, stop)
         if meeting is None:
-            meeting = _as_second(tunnel_dir, hello, settings, stop)
+            meeting = _as_second(tunnel_dir, hello, settings, stop, busy)
         if meeting is None:
             poll(lambda: None, 0.05, stop)  # a pause that a stop request ends
     try:
@@ -321,8 +323,10 @@ def _wait_for_hello(control: Channel, tunnel_dir: Path, deadline: float, setting
                      deadline - time.monotonic())
 
 
-def _as_second(tunnel_dir: Path, hello: Dict[str, object], settings: Settings, stop: Stop) -> Optional[Meeting]:
-    """Join the session the meeting file names; None to try again (not written yet, or stale)."""
+def _as_second(tunnel_dir: Path, hello: Dict[str, object], settings: Settings, stop: Stop,
+               busy: Dict[str, float]) -> Optional[Meeting]:
+    """Join the session the meeting file names; None to try again (not written yet,
+    stale, or taken by another pair: `busy` has when we first saw each such session)."""
     meet_path = tunnel_dir / MEET_FILE
     content = _read_meeting_file(meet_path, settings, stop)
     if content is None:
@@ -341,8 +345,7 @@ def _as_second(tunnel_dir: Path, hello: Dict[str, object], settings: Settings, s
         _remove_meeting_file(meet_path, content)
         return None
     except FileExistsError:
-        raise ProbeError(f"another doctor is already measuring {tunnel_dir} with the one on {who}: "
-                         f"run this one again when they are done") from None
+        return _wait_for_other_pair(meet_path, content, who, settings, busy)
     control = Channel(CloseToOpen(session / "second.say", session / "first.say"), stop)
     control.send("hello", **hello)
     log.info("found the other side waiting in %s: %s", tunnel_dir, who)
@@ -358,6 +361,25 @@ def _as_second(tunnel_dir: Path, hello: Dict[str, object], settings: Settings, s
         _say_abort(control, exc)
         raise
     return Meeting(first=False, session=session, control=control)
+
+
+def _wait_for_other_pair(meet_path: Path, content: dict, who: str, settings: Settings,
+                         busy: Dict[str, float]) -> None:
+    """Another doctor claimed the session: its first side removes the meeting file on
+    the hello, and we then meet as a new pair. A meeting file that outlives the answer
+    timeout was left by two interrupted doctors: removed, with their session."""
+    session = str(content["session"])
+    if session not in busy:
+        busy[session] = time.monotonic()
+        log.info("another doctor is measuring %s with the one on %s; waiting for it to start",
+                 meet_path.parent, who)
+    if time.monotonic() - busy[session] < settings.answer_timeout:
+        return None
+    log.warning("removing %s and its session: claimed by another doctor, but not taken up within %g s "
+                "(left by interrupted doctors; the first was on %s)", meet_path, settings.answer_timeout, who)
+    _remove_meeting_file(meet_path, content)
+    _remove_session(meet_path.parent / session)
+    return None
 
 
 def _read_meeting_file(meet_path: Path, settings: Settings, stop: Stop) -> Optional[dict]:

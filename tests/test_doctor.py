@@ -126,6 +126,21 @@ def test_a_meeting_file_left_by_a_killed_doctor_is_removed(tmp_path: Path) -> No
     assert_cleaned(directory)
 
 
+def test_a_doctor_killed_while_waiting_does_not_block_the_next(tmp_path: Path) -> None:
+    """SIGKILL leaves a meeting file and a session: the next pair (here --peer, whose
+    two sides both find it) finds it silent, removes it within the answer timeout
+    (10 s), meets afresh and measures; nothing is left."""
+    directory = tmp_path / "dir"
+    killed = Proc([*DOCTOR, "--tunnel-dir", str(directory)])
+    killed.wait_for(lambda line: "waiting up to" in line)
+    killed.kill()
+    assert len(os.listdir(directory)) == 2  # doctor.meet and doctor-<id>/
+    status, output = run_doctor("--tunnel-dir", str(directory), "--peer")
+    assert status == 0, output
+    assert lines_with(output, "mode: locks"), output
+    assert_cleaned(directory)
+
+
 def test_nfs_mount_options_give_the_fix(tmp_path: Path) -> None:
     """mountinfo parsing (blanks escaped, superblock options), and the NFS remedy
     naming the option that keeps locks node-local."""
