@@ -37,6 +37,10 @@ GLOBAL_LOCKS = ("a filesystem whose locks are global across nodes, e.g. NFS with
                 "default: no nolock, local_lock=none), GPFS, Lustre mounted with flock, or BeeGFS with "
                 "tuneUseGlobalFileLocks=true")
 PEER_EXIT_TIMEOUT = 5.0
+# Mount options (NFS, Lustre, CIFS...) that make locks node-local or absent, or change caching.
+COHERENCE_OPTIONS = {"local_lock", "nolock", "lock", "localflock", "flock", "noflock", "actimeo", "acregmin",
+                     "acregmax", "acdirmin", "acdirmax", "ac", "noac", "lookupcache", "cto", "nocto", "vers",
+                     "nfsvers", "sync", "cache"}
 
 
 def add_command(commands: argparse._SubParsersAction, run: Callable) -> None:
@@ -95,7 +99,16 @@ def local_report(local: Local) -> List[str]:
     else:
         lines += [f"  filesystem: {mount.fstype} ({mount.source}), mounted at {mount.mount_point}",
                   f"  mount options: {','.join(mount.options)}"]
-    state = "private, as the tunnel requires" if local.unsafe is None else "REFUSED by the tunnel (see below)"
+        notable = [option for option in mount.options if option.partition("=")[0] in COHERENCE_OPTIONS]
+        if notable:
+            lines.append(f"  options that decide locks and caching: {', '.join(notable)}")
+    if local.unsafe is not None:
+        state = "REFUSED by the tunnel (see below)"
+    elif local.mode & 0o077:
+        state = (f"accepted by the tunnel, but group or others can read what passes through it "
+                 f"(fix: chmod 700 {local.directory})")
+    else:
+        state = "private, as the tunnel requires"
     lines += [f"  directory: owner {_user(local.owner_uid)}, mode {local.mode:04o}: {state}",
               f"  free space: {_size(local.free_bytes)} of {_size(local.total_bytes)}, {local.free_inodes} "
               f"inodes free; quotas: not checked (no cheap portable way: try `quota -s`, or "
@@ -165,7 +178,7 @@ def fix(choice: Choice, mount: Optional[Mount]) -> str:
 
 def _mount_fix(cause: Optional[str], mount: Mount) -> Optional[str]:
     if mount.fstype.startswith("nfs") and cause == "locks local":
-        local = [o for o in ("nolock", "local_lock") if mount.option(o) not in (None, "none")]
+        local = [o for o in ("nolock", "local_lock") if mount.option(o) in ("", "posix", "all")]
         if local:
             return (f"mount with lock forwarding: without {' and '.join(local)} (here: "
                     f"{', '.join(f'{o}={mount.option(o)}'.rstrip('=') for o in local)}), i.e. local_lock=none")

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 from typing import List, Tuple
 
-from fileforward.doctor import fix
-from fileforward.probe import Choice, mount_of
+from fileforward.doctor import fix, local_report
+from fileforward.probe import Choice, Local, mount_of
 from tests.tunnel_support import REPO_ROOT, Proc
 
 DOCTOR = [sys.executable, "-m", "fileforward", "doctor"]
@@ -87,6 +87,17 @@ def test_bad_permissions_are_reported(tmp_path: Path) -> None:
     assert_cleaned(directory)
 
 
+def test_a_directory_readable_by_others_gets_a_warning(tmp_path: Path) -> None:
+    """Mode 0755: the tunnel accepts it (exit 0), the report says who can read it and the fix."""
+    directory = tmp_path / "dir"
+    directory.mkdir(mode=0o700)
+    directory.chmod(0o755)
+    status, output = run_doctor("--tunnel-dir", str(directory), "--peer")
+    assert status == 0, output
+    assert lines_with(output, "mode 0755: accepted by the tunnel, but group or others can read what passes "
+                              f"through it (fix: chmod 700 {directory})"), output
+
+
 def test_alone_it_says_it_waits_then_gives_up(tmp_path: Path) -> None:
     """Without another side: it says it is waiting, then fails in one line naming the
     directory and what to do, and removes its meeting file and session."""
@@ -150,6 +161,8 @@ def test_nfs_mount_options_give_the_fix(tmp_path: Path) -> None:
         "40 22 0:50 / /home/my\\040home rw,nosuid,relatime shared:7 - nfs4 srv:/export/home "
         "rw,vers=4.2,hard,proto=tcp,timeo=600,acregmin=3,local_lock=posix,addr=10.0.0.1\n")
     mount = mount_of(Path("/home/my home/you/t"), str(mountinfo))
+    assert "  options that decide locks and caching: vers=4.2, acregmin=3, local_lock=posix" in \
+        local_report(Local(Path("/home/my home/you/t"), mount, os.getuid(), 0o700, None, 0, 0, 0))
     assert (mount.fstype, mount.source, mount.mount_point) == ("nfs4", "srv:/export/home", "/home/my home")
     assert mount.option("local_lock") == "posix" and mount.option("hard") == "" and mount.option("nolock") is None
     assert mount.options[:3] == ("rw", "nosuid", "relatime") and mount.options.count("rw") == 1
