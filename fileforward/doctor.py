@@ -118,7 +118,7 @@ def local_report(local: Local) -> List[str]:
 
 def between_report(between: Between, peer: bool) -> List[str]:
     """What the two sides measured together."""
-    locks, holder, tester = between.locks, between.holder, between.tester
+    locks, holder, tester = between.locks, between.first_side, between.second_side
     where = ("started here by --peer: this checks only this machine's view of the directory"
              if peer else f"on {between.peer.mount}")
     lines = [f"  this side: {between.this}; the other side: {between.peer}, {where}"]
@@ -138,9 +138,9 @@ def between_report(between: Between, peer: bool) -> List[str]:
         lines.append(f"  lockf: a lock held on {holder} excluded {tester}: yes; after its release {tester} "
                      f"took it in {_ms(locks.retaken_after)}")
     lines.append("  writes made visible by fsync+close, read after a fresh open: "
-                 + _visibility(between.close_to_open))
-    lines.append("  writes made visible by lockf lock/unlock, read under the lock: "
-                 + _visibility(between.under_lock))
+                 + _visibility(between.close_to_open, "round trip (write, seen, answer, seen)"))
+    lines.append(f"  writes made under a lockf lock on {holder}, read under the lock on {tester}: "
+                 + _visibility(between.under_lock, "write, announce, read, confirm"))
     return lines
 
 
@@ -199,14 +199,15 @@ def _latency_line(label: str, side: SideFacts) -> str:
     return f"  latency on {label} (median): {', '.join(parts)}"
 
 
-def _visibility(found: Visibility) -> str:
+def _visibility(found: Visibility, round_trip: str) -> str:
     if found.skipped:
         return f"not measured ({found.skipped})"
     times = found.round_trips
-    if found.visible:
-        return (f"visible both ways; round trip (write, seen, answer, seen) median "
-                f"{_ms(statistics.median(times))} of {len(times)}")
-    return f"NOT visible within {found.not_seen_after:g} s (after {len(times)} round trips that worked)"
+    if found.late is not None:
+        return f"LATE: a first read under the lock missed a write, which was seen {found.late:.2f} s later"
+    if found.not_seen_after is not None:
+        return f"NOT visible within {found.not_seen_after:g} s (after {len(times)} that were)"
+    return f"visible; {round_trip} median {_ms(statistics.median(times))} of {len(times)}"
 
 
 def _ms(seconds: float) -> str:

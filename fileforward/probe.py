@@ -11,9 +11,12 @@ wait bounded), then measure together:
 - **visibility after fsync+close**: round trips of small messages written, fsynced
   and closed by one side, read after a fresh open by the other (close-to-open),
   timed on the first side's clock (clocks of two nodes are never compared);
-- **visibility under locks**: the same round trips, written under an exclusive
-  lock and read under a shared one, on descriptors kept open (only measured where
-  locks exclude: elsewhere a lock orders nothing);
+- **visibility under locks**: the first side writes under an exclusive lock and
+  says so over the close-to-open channel; the second side's *first* read under its
+  shared lock must see the write (NFS revalidates its cache when a lock is
+  granted; the transport's locks mode relies on it). A write seen only later is
+  timed until seen. Descriptors stay open, nothing is fsynced. Only measured where
+  locks exclude: elsewhere a lock orders nothing;
 - **per-operation latency** on each side: open, write+fsync, read, lockf, rename, stat.
 
 `local_facts` adds what one side can read alone: the mount (type and options from
@@ -192,15 +195,16 @@ class Visibility:
     """Round trips of writes between the sides, seconds on the first side's clock."""
 
     round_trips: List[float] = dataclasses.field(default_factory=list)
+    late: Optional[float] = None            # under locks: a write the first read missed, seen this much later
     not_seen_after: Optional[float] = None  # seconds a write stayed invisible before we gave up
     skipped: Optional[str] = None           # why it was not measured
 
     @property
     def visible(self) -> Optional[bool]:
-        """True if every write became visible, False if one did not, None if not measured."""
+        """True if every write was seen when expected, False if not, None if not measured."""
         if self.skipped:
             return None
-        return self.not_seen_after is None and bool(self.round_trips)
+        return self.late is None and self.not_seen_after is None and bool(self.round_trips)
 
 
 @dataclasses.dataclass
@@ -215,13 +219,13 @@ class Between:
     under_lock: Visibility
 
     @property
-    def holder(self) -> SideFacts:
-        """The side that held the lock in the lock test."""
+    def first_side(self) -> SideFacts:
+        """The side that created the session: it held the lock, and wrote under it."""
         return self.this if self.first else self.peer
 
     @property
-    def tester(self) -> SideFacts:
-        """The side that tried to take the held lock."""
+    def second_side(self) -> SideFacts:
+        """The side that joined: it tried the held lock, and read under it."""
         return self.peer if self.first else self.this
 
 
@@ -247,8 +251,7 @@ def measure_between(directory: Path, local: Local, settings: Settings = Settings
         control.send("facts", **dataclasses.asdict(this))
         peer = _fields(SideFacts, control.receive("facts", timeout))
         locks = _test_locks(meeting, settings, stop)
-        close_to_open = Visibility()
-        _round_trips(control, meeting.first, settings, close_to_open)  # the control channel: it must work
+        close_to_open = _round_trips(control, meeting.first, settings)  # the control channel: it must work
         if locks.refused:
             under_lock = Visibility(skipped="lockf is refused")
         elif locks.excluded and locks.retaken_after is not None:
@@ -312,9 +315,10 @@ def _try(fd: int) -> Tuple[bool, Optional[str]]:
         raise
 
 
-def _round_trips(channel: Channel, first: bool, settings: Settings, result: Visibility) -> None:
-    """settings.samples pings from the first side, each answered by the second side,
-    timed into `result`; NoAnswer if one does not arrive within the answer timeout."""
+def _round_trips(channel: Channel, first: bool, settings: Settings) -> Visibility:
+    """settings.samples pings from the first side, each answered by the second side;
+    NoAnswer if one does not arrive within the answer timeout."""
+    result = Visibility()
     for n in range(settings.samples):
         if first:
             started = time.monotonic()
@@ -324,19 +328,52 @@ def _round_trips(channel: Channel, first: bool, settings: Settings, result: Visi
         else:
             channel.receive("ping", settings.answer_timeout, PING_POLL_MAX)
             channel.send("pong", n=n)
+    return result
 
 
 def _under_lock(meeting: Meeting, settings: Settings, stop: Stop) -> Visibility:
-    """The round trips over locks; a write that stays invisible is a finding, not an error."""
+    """Writes under a lock, announced over the control channel, read under a lock
+    (see the module docstring); the first side's result counts. A write that is late
+    or never seen is a finding, not an error: the control channel carries on."""
+    control, timeout = meeting.control, settings.answer_timeout
     result = Visibility()
-    carrier = UnderLock(*meeting.files("locked"), settings.answer_timeout, stop)
+    carrier = UnderLock(*meeting.files("locked"), timeout, stop)
+    data = Channel(carrier, stop)
     try:
-        _round_trips(Channel(carrier, stop), meeting.first, settings, result)
-    except NoAnswer:
-        result.not_seen_after = settings.answer_timeout
+        for n in range(settings.samples):
+            if meeting.first:
+                started = time.monotonic()
+                data.send("token", n=n)
+                control.send("written", n=n)
+                seen = control.receive("read", timeout)
+                result.round_trips.append(time.monotonic() - started)
+                if seen["after"] is None:
+                    result.not_seen_after = timeout
+                elif not seen["at_once"]:
+                    result.late = seen["after"]
+                if not seen["at_once"]:
+                    break  # the mode is ruled out: no need to wait for more
+            else:
+                control.receive("written", timeout)
+                at_once, after = _read_once_then_wait(data, timeout)
+                control.send("read", at_once=at_once, after=after)
+                if not at_once:
+                    break
     finally:
         carrier.close()
     return result
+
+
+def _read_once_then_wait(data: Channel, timeout: float) -> Tuple[bool, Optional[float]]:
+    """(whether one read saw the token, seconds until it was seen or None if never)."""
+    started = time.monotonic()
+    for attempt_timeout in (0.0, timeout):
+        try:
+            data.receive("token", attempt_timeout)
+            return attempt_timeout == 0.0, time.monotonic() - started
+        except NoAnswer:
+            continue
+    return False, None
 
 
 def _fields(cls, message: dict):
@@ -359,7 +396,7 @@ def choose_mode(findings: Findings) -> Choice:
     first problem measured. (Writes visible after fsync+close and a fresh open are
     a precondition of the measurement itself: the two sides talk that way.)"""
     between = findings.between
-    locks, holder, tester = between.locks, between.holder, between.tester
+    locks, holder, tester = between.locks, between.first_side, between.second_side
     if locks.holder_refused or locks.tester_refused:
         where = holder if locks.holder_refused else tester
         return Choice(None, f"lockf locks are refused ({locks.refused} on {where})", "locks refused")
@@ -369,8 +406,12 @@ def choose_mode(findings: Findings) -> Choice:
     if locks.retaken_after is None:
         return Choice(None, f"after {holder} released its lockf lock, {tester} could not take it within "
                             f"{locks.retake_waited:g} s", "locks local")
-    if not between.under_lock.visible:
-        return Choice(None, f"a write made under a lockf lock on one side did not become visible to the "
-                            f"other under the lock within {between.under_lock.not_seen_after:g} s",
-                      "not visible")
+    under_lock = between.under_lock
+    if under_lock.late is not None:
+        return Choice(None, f"a write made under a lockf lock on {holder} was missed by the first read under "
+                            f"the lock on {tester} (seen {under_lock.late:.2f} s later): a granted lock does "
+                            f"not refresh the cache there", "not visible")
+    if not under_lock.visible:
+        return Choice(None, f"a write made under a lockf lock on {holder} did not become visible to {tester} "
+                            f"under the lock within {under_lock.not_seen_after:g} s", "not visible")
     return Choice(LOCKS)

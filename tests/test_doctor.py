@@ -59,8 +59,8 @@ def test_peer_on_a_local_directory_chooses_locks(tmp_path: Path) -> None:
                      "mode 0700: private", "  free space: ", "quotas: not checked",
                      "started here by --peer", "latency on this side (median): open ",
                      "latency on the other side (median): open ", "excluded host", ": yes; after its release",
-                     "fsync+close, read after a fresh open: visible both ways",
-                     "lockf lock/unlock, read under the lock: visible both ways",
+                     "fsync+close, read after a fresh open: visible; round trip",
+                     "read under the lock on host", ": visible; write, announce, read, confirm median",
                      "mode: locks", "OK: the tunnel can work in %s" % directory):
         assert lines_with(output, expected), "no line with %r in:\n%s" % (expected, output)
     for operation in ("open", "write+fsync", "read", "lockf", "rename", "stat"):
@@ -180,7 +180,8 @@ def test_two_nodes_whose_locks_exclude_choose_locks(make_two_nodes) -> None:
         assert status == 0, output
         assert lines_with(output, "  filesystem: fuse (nfs_harness)"), output
         assert lines_with(output, "lockf: a lock held on", ": yes; after its release"), output
-        assert lines_with(output, "read under the lock: visible both ways"), output
+        assert lines_with(output, "writes made under a lockf lock on host", ": visible; write, announce, read, "
+                                  "confirm median"), output
         assert lines_with(output, "mode: locks"), output
     assert_cleaned(pair.backing / "dir")
 
@@ -212,4 +213,19 @@ def test_two_nodes_refusing_locks_fail(make_two_nodes) -> None:
         assert lines_with(output, "latency on this side", "lockf refused"), output
         fails = lines_with(output, "FAIL: ")
         assert len(fails) == 1 and "lockf locks are refused (ENOLCK on host" in fails[0], output
+    assert_cleaned(pair.backing / "dir")
+
+
+def test_two_nodes_whose_locks_do_not_refresh_caches_fail(make_two_nodes) -> None:
+    """lock_invalidation=False (locks exclude, but a granted lock leaves the cache
+    stale): the first read under the lock misses the other node's write; both
+    doctors say so and exit 1."""
+    pair = make_two_nodes(lock_invalidation=False)
+    for status, output in run_on_both_nodes(pair):
+        assert status == 1, output
+        assert lines_with(output, "lockf: a lock held on", ": yes; after its release"), output
+        assert lines_with(output, "read under the lock on host", ": LATE: a first read under the lock missed a "
+                                  "write, which was seen"), output
+        fails = lines_with(output, "FAIL: ")
+        assert len(fails) == 1 and "was missed by the first read under the lock on host" in fails[0], output
     assert_cleaned(pair.backing / "dir")
