@@ -52,7 +52,7 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, TypeVar
+from typing import Callable, Dict, Iterator, List, Optional, TypeVar, Union
 
 from .files import pread_all, pwrite_all
 
@@ -185,7 +185,7 @@ class Channel:
     """JSON-line messages in strict turn: each side appends to its own file and reads
     the other's through a carrier (CloseToOpen or UnderLock)."""
 
-    def __init__(self, carrier, stop: Stop) -> None:
+    def __init__(self, carrier: Union[CloseToOpen, UnderLock], stop: Stop) -> None:
         self.carrier = carrier
         self._stop = stop
         self._written = 0
