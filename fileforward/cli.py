@@ -19,11 +19,11 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from . import __version__, demo
+from . import __version__, demo, doctor
 from .cliargs import Parser, add_job_option, add_logging_options, job_tunnel_dir, raise_descriptor_limit, \
     setup_logging
 from .errors import EndpointFailedError
-from .forward import Fatal, connecting, listening, serve_until_stopped, until_stopped
+from .forward import Fatal, connecting, listening, prepare_tunnel_dir, serve_until_stopped, until_stopped
 from .options import Options
 from .netforward import ENV_NET_DIR
 from .netcli import add_commands, add_forward_options, add_transport_options, has_forwards, run_requester, \
@@ -135,6 +135,7 @@ def build_parser() -> Parser:
     add_logging_options(try_it, suppress_defaults=True)
     try_it.set_defaults(run=_run_demo)
     add_commands(commands)
+    doctor.add_command(commands, run=_run_doctor)
     return parser
 
 
@@ -209,6 +210,16 @@ def _run_demo(parser: Parser, args: argparse.Namespace, stop: StopRequest) -> in
         return 1
     print("\n".join(demo.report(measured, tunnel_dir)), flush=True)
     return 0
+
+
+def _run_doctor(parser: Parser, args: argparse.Namespace, stop: StopRequest) -> int:
+    """`fileforward doctor`: can the tunnel work in this directory? (fileforward/doctor.py)"""
+    if args.server or args.client or args.port is not None:
+        parser.error("doctor takes no --server, --client or --port")
+    if args.wait <= 0:
+        parser.error(f"--wait must be more than 0 seconds, not {args.wait:g}")
+    directory = prepare_tunnel_dir(_tunnel_dir(parser, args))
+    return doctor.run(directory, args.peer, args.wait, lambda: stop.requested)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -317,7 +317,11 @@ class Endpoint:
     async def start(self) -> None:
         """Start the I/O thread; returns once our bell (and server pointer) exist."""
         self._thread.start()
-        await asyncio.wrap_future(self.started)
+        try:
+            await asyncio.shield(asyncio.wrap_future(self.started))
+        except asyncio.CancelledError:  # nobody will use it: let the thread clean up and exit
+            self.stop()
+            raise
         atexit.register(self._stop_at_exit)
         self.loop.call_later(1.0, self._check_stall)
 
@@ -346,8 +350,10 @@ class Endpoint:
         self._thread.join(5.0)
 
     async def wait_stopped(self) -> None:
-        """Wait until the I/O thread has cleaned up and exited."""
-        await asyncio.wrap_future(self.stopped)
+        """Wait until the I/O thread has cleaned up and exited. Cancelling the wait
+        leaves the endpoint alone (a bare wrap_future would cancel `stopped` itself,
+        which the I/O thread then fails to set)."""
+        await asyncio.shield(asyncio.wrap_future(self.stopped))
 
     def raise_failure(self) -> None:
         """Raise EndpointFailedError if the endpoint stopped because it could not go on."""
@@ -738,7 +744,10 @@ class Endpoint:
             return
         conn.peer = peer.eid
         peer.conns.add(conn.cid)
-        pending.future.set_result(conn.transport)
+        try:
+            pending.future.set_result(conn.transport)
+        except concurrent.futures.InvalidStateError:  # cancelled: the application stopped waiting
+            self._fail(conn, ConnectionAbortedError("the connecting side stopped waiting"), tell_peer=True, why="")
 
     def _abandon_connect(self, pending: PendingConnect, exc: BaseException) -> None:
         conn = pending.conn

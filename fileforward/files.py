@@ -75,7 +75,7 @@ class SharedFile:
     def append(self, data: bytes) -> None:
         """Append whole records at the size seen under the lock (never O_APPEND)."""
         with self.locked() as fd:
-            _pwrite_all(fd, data, os.fstat(fd).st_size)
+            pwrite_all(fd, data, os.fstat(fd).st_size)
 
     def append_batch(self, build: Callable[[int], List[bytes]], limit: int, wait: bool = True) -> int:
         """Append the buffers `build(room)` returns, where room keeps the file within `limit`.
@@ -93,7 +93,7 @@ class SharedFile:
     def drain(self, wait: bool = True) -> bytes:
         """Read everything in the file and truncate it, atomically under the lock."""
         with self.locked(wait) as fd:
-            data = _pread_all(fd)
+            data = pread_all(fd)
             if data:
                 os.ftruncate(fd, 0)
             return data
@@ -101,13 +101,13 @@ class SharedFile:
     def read(self) -> bytes:
         """Read the whole file under the lock, leaving it as it is."""
         with self.locked() as fd:
-            return _pread_all(fd)
+            return pread_all(fd)
 
     def replace(self, data: bytes) -> None:
         """Replace the whole content under the lock."""
         with self.locked() as fd:
             os.ftruncate(fd, 0)
-            _pwrite_all(fd, data, 0)
+            pwrite_all(fd, data, 0)
 
     def try_hold_alive(self) -> bool:
         """Take the long-lived owner lock if free. False if another process holds it.
@@ -148,7 +148,7 @@ def _try_lock(shared: SharedFile, length: int, start: int) -> bool:
         raise
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+def pwrite_all(fd: int, data: bytes, offset: int) -> None:
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, offset)
@@ -163,15 +163,16 @@ def _pwritev_all(fd: int, parts: Sequence[bytes], offset: int) -> int:
         size = sum(len(p) for p in group)
         written = os.pwritev(fd, group, offset)
         if written < size:  # rare: finish with the remainder as one buffer
-            _pwrite_all(fd, b"".join(group)[written:], offset + written)
+            pwrite_all(fd, b"".join(group)[written:], offset + written)
         offset, total = offset + size, total + size
     return total
 
 
-def _pread_all(fd: int) -> bytes:
-    """The whole file; under the lock, a short read of a regular file is its end."""
+def pread_all(fd: int, offset: int = 0) -> bytes:
+    """The file from `offset` to its end; under the lock, a short read of a regular
+    file is its end."""
     chunks = []
-    offset, want = 0, READ_CHUNK
+    want = READ_CHUNK
     while True:
         chunk = os.pread(fd, want, offset)
         chunks.append(chunk)
