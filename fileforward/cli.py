@@ -132,8 +132,8 @@ def build_parser() -> Parser:
     try_it.add_argument("--dir", type=Path, metavar="DIR",
                         help="create the temporary tunnel directory in DIR, e.g. on the shared filesystem "
                              "to measure it (default: the system's temporary directory)")
-    add_logging_options(try_it, suppress_defaults=True)
-    try_it.set_defaults(run=_run_demo)
+    add_logging_options(try_it, suppress_defaults=True, default_level="WARNING")
+    try_it.set_defaults(run=_run_demo, default_log_level="WARNING")  # its report says it all
     add_commands(commands)
     doctor.add_command(commands, run=_run_doctor)
     return parser
@@ -228,7 +228,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     raise_descriptor_limit()
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging("fileforward", args)
+    setup_logging("fileforward", args, getattr(args, "default_log_level", "INFO"))
     try:
         status = args.run(parser, args, stop)
     except EndpointFailedError:  # logged at ERROR, with its cause, where it happened

@@ -106,22 +106,23 @@ class Parser(argparse.ArgumentParser):
         return action
 
 
-def add_logging_options(parser: argparse.ArgumentParser, suppress_defaults: bool = False) -> None:
+def add_logging_options(parser: argparse.ArgumentParser, suppress_defaults: bool = False,
+                        default_level: str = "INFO") -> None:
     """-v/--verbose, --log-level and --log-file. With suppress_defaults, an option
     not given leaves no attribute (so a parent and a subcommand can both offer it)."""
     default = (lambda value: argparse.SUPPRESS) if suppress_defaults else (lambda value: value)
     parser.add_argument("-v", "--verbose", action="store_true", default=default(False),
                         help="log debug messages (same as --log-level DEBUG; default: off)")
-    parser.add_argument("--log-level", choices=LOG_LEVELS, default=default("INFO"),
-                        help="least severe messages to show (default: INFO)")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default=default(None),
+                        help=f"least severe messages to show (default: {default_level})")
     parser.add_argument("--log-file", metavar="FILE", default=default(None),
                         help="also append the log to FILE (default: stderr only)")
 
 
-def setup_logging(name: str, args: argparse.Namespace) -> None:
+def setup_logging(name: str, args: argparse.Namespace, default_level: str = "INFO") -> None:
     """Logs go to stderr (and to --log-file if given), one line each, naming the
     program and its pid: both sides of a tunnel often log into one terminal."""
-    level = "DEBUG" if getattr(args, "verbose", False) else getattr(args, "log_level", "INFO")
+    level = "DEBUG" if getattr(args, "verbose", False) else (getattr(args, "log_level", None) or default_level)
     handlers: List[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     log_file = getattr(args, "log_file", None)
     if log_file:
