@@ -13,12 +13,14 @@ import pytest
 from fileforward import status as statusreport, statusfile
 from tests.net_targets import serve_directory
 from tests.slurm_cluster import poll
-from tests.test_netforward import Side, listening_on, requester
+from tests import test_netforward
+from tests.test_netforward import Side, listening_on, readme_block, requester, with_local_internet
 from tests.tunnel_support import Proc, free_port, python, recv_exactly, start_service
 
 PAGE = 300_000  # bytes of the file fetched through -D
 ECHOED = 50_000  # bytes sent through -L and echoed back, on a connection left open
 HERE = Side(Path("/"), [])  # one machine plays both nodes
+home = test_netforward.home  # the fixture: a fresh HOME, this checkout's fileforward on PATH
 
 
 def status(tunnel_dir: Path, *args: str, prefix: List[str] = ()) -> subprocess.CompletedProcess:
@@ -146,3 +148,20 @@ def test_from_another_host_a_killed_requester_is_stale_and_a_live_serve_alive(se
     assert states["requester"]["state"] == "stale" and "did not change" in states["requester"]["judged_by"], states
     assert states["serve"]["state"] == "alive" and states["serve"]["last_sign_of_life_s"] is not None, states
     assert leftover.exists()  # another host's process is marked, not removed: its node may only be slow
+
+
+def test_readme_status_block(home, tmp_path: Path) -> None:
+    """The README's status example, on free ports, with the default directory: the
+    table shows both processes and the forward, which carried the one connection."""
+    web, local = free_port(), free_port()
+    block = with_local_internet(readme_block("test_readme_status_block", "test_status.py"),
+                                {"8000": str(web), "8080": str(local)})
+    done = subprocess.run([*home[1], "bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"tunnel {home[0] / '.cache' / 'fileforward' / 'net'}" in done.stdout
+    rows = {fields[0]: fields for fields in map(str.split, done.stdout.splitlines())
+            if len(fields) > 1 and fields[1].replace(":", "").replace(".", "").isdigit()}
+    assert rows["serve"][5] == rows["requester"][5] == "alive", done.stdout  # the date is two fields
+    forward_row = rows["-L"]
+    assert forward_row[1] == f"127.0.0.1:{local}" and forward_row[3:5] == ["1", "0"], done.stdout  # CONNS, FAILED
