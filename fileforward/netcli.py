@@ -17,11 +17,10 @@ import logging
 import os
 import signal
 import sys
-import textwrap
 from pathlib import Path
 from typing import Callable, List
 
-from . import proxyfiles, tunneldir
+from . import proxyfiles, statusfile, tunneldir
 from . import status as statusreport
 from .cliargs import Parser, add_job_option, add_logging_options, job_tunnel_dir
 from .forward import serve_until_stopped, until_stopped
@@ -141,7 +140,12 @@ def add_commands(commands: "argparse._SubParsersAction") -> None:
 
     status = commands.add_parser(
         "status", help="show the serve and requesting processes of a tunnel directory, and their forwards",
-        description=textwrap.dedent(statusreport.__doc__ or "").strip(),
+        description="Show the serve and requesting processes of a tunnel directory (pid, host, up since, state,\n"
+                    "last sign of life) and their forwards (open connections, bytes each way, rate), from the\n"
+                    "status files they publish. A process of this host is judged by its pid; one of another host\n"
+                    "by whether its file changes within --wait seconds (clocks differ between nodes; it rewrites\n"
+                    f"the file at least every {statusfile.HEARTBEAT:g} s). On NFS, a process started on the other node\n"
+                    "a moment ago may show up late: this command lists the directory.",
         epilog="Exit status 0 if a process runs (or is not judged yet), 1 if none does. The classic "
                "--server/--client processes publish nothing and are not shown.")
     status.add_argument("--json", action="store_true", help="print a JSON document for scripts")
