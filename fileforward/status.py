@@ -16,6 +16,7 @@ The file's mtime is not used: on NFS it is set by the server and cached for seco
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -104,9 +105,9 @@ def _judge_local(tunnel_dir: Path, process: Process) -> None:
     if not _pid_runs(pid, process.record.get("started")):
         process.state, process.how = DEAD, f"pid {pid} does not run on this host; its status file was removed"
         try:
-            os.unlink(tunnel_dir / process.name)
-        except FileNotFoundError:
-            pass
+            for name in (process.name, statusfile.temporary_name(process.name)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tunnel_dir / name)
         except OSError as exc:
             process.how = f"pid {pid} does not run on this host (cannot remove its status file: {exc.strerror})"
         return

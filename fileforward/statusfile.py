@@ -17,15 +17,16 @@ HUNG_WARNING seconds is logged: the filesystem stopped answering.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import json
 import logging
 import os
+import queue
 import socket
+import threading
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Dict, List, Optional
+from typing import Any, AsyncIterator, Callable, Dict, List, Optional
 
 from .forwarding import ForwardCounters
 
@@ -37,11 +38,17 @@ FORMAT = 1
 SAMPLE_INTERVAL = 1.0   # seconds between samples of the counters (and at least between writes)
 HEARTBEAT = 10.0        # seconds: the longest time without a write, so that liveness can be judged
 HUNG_WARNING = 30.0     # seconds a write may take before it is logged as a hung filesystem
+CLOSE_TIMEOUT = 5.0     # seconds the removal at exit may take
 
 
 def file_name(host: str, pid: int) -> str:
     """The status file of process `pid` on `host`."""
     return f"{PREFIX}{host}-{pid}{SUFFIX}"
+
+
+def temporary_name(name: str) -> str:
+    """Where the status file `name` is written before it replaces the old one."""
+    return f".{name}.tmp"
 
 
 def is_status_file(name: str) -> bool:
@@ -61,18 +68,17 @@ class Publisher:
     def __init__(self, tunnel_dir: Path, role: str, counters: Dict[str, ForwardCounters]) -> None:
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.path = tunnel_dir / file_name(self.host, self.pid)
-        self._temporary = tunnel_dir / f".{self.path.name}.tmp"
+        self._temporary = tunnel_dir / temporary_name(self.path.name)
         self._role = role
         self._counters = counters  # live: forwards come and go (-R on the serve side)
         self._started = time.time()
         self._seq = 0
         self._last_error = ""
-        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fileforward-status")
+        self._thread = _DaemonThread("fileforward-status")
 
     async def run(self) -> None:
         """Sample every SAMPLE_INTERVAL; write what changed (or the heartbeat) off the
         event loop, one write at a time; never returns (cancel it)."""
-        loop = asyncio.get_running_loop()
         written: Optional[List[Dict[str, Any]]] = None
         last_write = float("-inf")
         previous: Dict[str, Dict[str, Any]] = {}
@@ -94,7 +100,7 @@ class Publisher:
                 writing, warned = None, False
             if writing is None and (forwards != written or now - last_write >= HEARTBEAT):
                 self._seq += 1
-                writing, writing_since = loop.run_in_executor(self._thread, self._write, self._record(forwards)), now
+                writing, writing_since = self._thread.run(self._write, self._record(forwards)), now
                 written, last_write = forwards, now
             elif writing is not None and not warned and now - writing_since > HUNG_WARNING:
                 log.warning("status file %s: a write has not returned for %.0f s; the filesystem of the tunnel "
@@ -131,13 +137,62 @@ class Publisher:
                 os.unlink(path)
 
     async def close(self) -> None:
-        """Remove the file (after the write in progress, on the same thread)."""
+        """Remove the file (after the write in progress, on the same thread); a
+        filesystem that does not answer within CLOSE_TIMEOUT does not keep the
+        process from exiting (the file is left for `status` to judge)."""
         try:
-            await asyncio.get_running_loop().run_in_executor(self._thread, self._remove)
+            await asyncio.wait_for(self._thread.run(self._remove), CLOSE_TIMEOUT)
+        except asyncio.TimeoutError:
+            log.warning("status file %s: not removed, the filesystem did not answer within %g s",
+                        self.path, CLOSE_TIMEOUT)
         except OSError as exc:
             log.warning("cannot remove status file %s: %s", self.path, exc.strerror or exc)
         finally:
-            self._thread.shutdown(wait=False)
+            self._thread.stop()
+
+
+class _DaemonThread:
+    """Runs filesystem calls one at a time, off the event loop, on a daemon thread:
+    a call stuck on a hung mount never keeps the process from exiting (an executor's
+    threads are joined at exit)."""
+
+    def __init__(self, name: str) -> None:
+        self._calls: "queue.SimpleQueue[Optional[tuple]]" = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name=name, daemon=True).start()
+
+    def run(self, function: Callable[..., None], *args: Any) -> "asyncio.Future[None]":
+        """`function(*args)` on the thread, after the calls before it; its outcome as a future of the loop."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._calls.put((loop, future, function, args))
+        return future
+
+    def stop(self) -> None:
+        """The thread ends after the calls already asked for."""
+        self._calls.put(None)
+
+    def _serve(self) -> None:
+        while True:
+            call = self._calls.get()
+            if call is None:
+                return
+            loop, future, function, args = call
+            error: Optional[BaseException] = None
+            try:
+                function(*args)
+            except Exception as exc:  # handed to the loop, which logs it
+                error = exc
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+                loop.call_soon_threadsafe(_settle, future, error)
+
+
+def _settle(future: "asyncio.Future[None]", error: Optional[BaseException]) -> None:
+    if future.done():  # cancelled (a close that timed out)
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(None)
 
 
 @contextlib.asynccontextmanager
