@@ -245,7 +245,7 @@ def _run_status(parser: Parser, args: argparse.Namespace, stop) -> int:
     if args.wait < 0:
         parser.error(f"--wait must be 0 or more seconds, not {args.wait:g}")
     tunnel_dir = tunneldir.absolute(_net_dir(parser, args))
-    processes = statusreport.collect(tunnel_dir, args.wait)
+    processes = statusreport.collect(tunnel_dir, args.wait, lambda: stop.requested)
     print((statusreport.as_json if args.json else statusreport.as_table)(tunnel_dir, processes), flush=True)
     return 0 if any(p.running for p in processes) else 1
 

@@ -24,7 +24,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from . import statusfile
 
@@ -81,10 +81,11 @@ def read(tunnel_dir: Path, name: str) -> Optional[Dict[str, Any]]:
     return record
 
 
-def collect(tunnel_dir: Path, wait: float, this_host: Optional[str] = None) -> List[Process]:
+def collect(tunnel_dir: Path, wait: float, stopped: Callable[[], bool]) -> List[Process]:
     """Every process that published a status file in `tunnel_dir`, judged (see the
-    module's docstring); this host's crashed processes' files are removed."""
-    this_host = this_host or socket.gethostname()
+    module's docstring); this host's crashed processes' files are removed. Watching
+    ends early once `stopped()` (Ctrl-C)."""
+    this_host = socket.gethostname()
     try:
         names = sorted(n for n in os.listdir(tunnel_dir) if statusfile.is_status_file(n))
     except FileNotFoundError:
@@ -96,7 +97,7 @@ def collect(tunnel_dir: Path, wait: float, this_host: Optional[str] = None) -> L
             _judge_local(tunnel_dir, process)
         else:
             remote.append(process)
-    _watch_remote(tunnel_dir, remote, wait)
+    _watch_remote(tunnel_dir, remote, wait, stopped)
     return processes
 
 
@@ -117,12 +118,12 @@ def _judge_local(tunnel_dir: Path, process: Process) -> None:
         process.last_sign_of_life = max(0.0, time.time() - written)
 
 
-def _watch_remote(tunnel_dir: Path, processes: List[Process], wait: float) -> None:
+def _watch_remote(tunnel_dir: Path, processes: List[Process], wait: float, stopped: Callable[[], bool]) -> None:
     """Read other hosts' files again until each one's sequence number moved, or `wait` passed."""
     started = time.monotonic()
     waiting = {p.name: p for p in processes}
     seen: Dict[str, float] = {}  # our monotonic clock when each one's number moved
-    while waiting and time.monotonic() - started < wait:
+    while waiting and time.monotonic() - started < wait and not stopped():
         time.sleep(min(REREAD_INTERVAL, max(0.0, wait - (time.monotonic() - started))))
         for name, process in list(waiting.items()):
             record = read(tunnel_dir, name)
@@ -139,7 +140,9 @@ def _watch_remote(tunnel_dir: Path, processes: List[Process], wait: float) -> No
     for name, at in seen.items():
         next(p for p in processes if p.name == name).last_sign_of_life = now - at
     for process in waiting.values():
-        if wait > 0:
+        if stopped():
+            process.how = "on another host, not watched to the end (interrupted)"
+        elif wait > 0:
             process.state = STALE
             process.how = (f"its status file did not change in the {wait:g} s watched (it is rewritten at least "
                            f"every {statusfile.HEARTBEAT:g} s): crashed, or its node or filesystem is stuck")
