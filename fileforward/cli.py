@@ -44,6 +44,7 @@ The internet (or any port) from a job, with ssh's habits (-L, -R, -D):
 
   on the login node:   fileforward serve
   in the SLURM job:    fileforward run -- pip install numpy
+  what runs there:     fileforward status
 
 --server listens on 127.0.0.1:PORT and carries every connection through the
 tunnel directory; --client, next to the service, connects each one to
@@ -177,7 +178,7 @@ def _run_forward(parser: Parser, args: argparse.Namespace, stop: StopRequest) ->
         return run_requester(parser, args, stop)
     if not (args.server or args.client):
         parser.error("give --server (login node) or --client (next to the service), -L/-R/-D/--http-proxy "
-                     "(with fileforward serve on the other side), or a command: demo, serve, env, run")
+                     "(with fileforward serve on the other side), or a command: demo, serve, env, run, status")
     if args.port is None:
         parser.error("--port is required with --server and --client")
     if not 0 < args.port < 65536:

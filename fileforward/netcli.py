@@ -1,10 +1,11 @@
 """The ssh-style commands: `fileforward serve`, `fileforward -L/-R/-D/--http-proxy`,
-`fileforward env` and `fileforward run -- CMD`.
+`fileforward env`, `fileforward run -- CMD` and `fileforward status`.
 
     login node:  fileforward serve                       (carries out what requesters ask, like sshd)
     in the job:  fileforward run -- pip install numpy    (an HTTP proxy for one command)
                  fileforward --http-proxy 3128 -D 1080   (proxies until stopped)
                  eval "$(fileforward env)"               (their variables, in this shell)
+    anywhere:    fileforward status                      (who runs, their forwards, bytes, rates)
 
 Also the transport options every form of the command shares.
 """
@@ -19,7 +20,8 @@ import sys
 from pathlib import Path
 from typing import Callable, List
 
-from . import proxyfiles
+from . import proxyfiles, statusfile, tunneldir
+from . import status as statusreport
 from .cliargs import Parser, add_job_option, add_logging_options, job_tunnel_dir
 from .forward import serve_until_stopped, until_stopped
 from .forwardspec import Listen, Permit, parse_forward, parse_listen
@@ -97,7 +99,7 @@ def _add_net_dir_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_commands(commands: "argparse._SubParsersAction") -> None:
-    """The subcommands serve, env and run."""
+    """The subcommands serve, env, run and status."""
     serve = commands.add_parser(
         "serve", help="the far end of -L/-R/-D/--http-proxy (login node): connects where requesters ask",
         description="Serve the requests of any number of fileforward processes on the same tunnel directory\n"
@@ -135,6 +137,24 @@ def add_commands(commands: "argparse._SubParsersAction") -> None:
     add_logging_options(run, suppress_defaults=True)
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS", help="the command to run")
     run.set_defaults(run=_run_command)
+
+    status = commands.add_parser(
+        "status", help="show the serve and requesting processes of a tunnel directory, and their forwards",
+        description="Show the serve and requesting processes of a tunnel directory (pid, host, up since, state,\n"
+                    "last sign of life) and their forwards (open connections, bytes each way, rate), from the\n"
+                    "status files they publish. A process of this host is judged by its pid; one of another host\n"
+                    "by whether its file changes within --wait seconds (clocks differ between nodes; it rewrites\n"
+                    f"the file at least every {statusfile.HEARTBEAT:g} s). On NFS, a process started on the other node\n"
+                    "a moment ago may show up late: this command lists the directory.",
+        epilog="Exit status 0 if a process runs (or is not judged yet), 1 if none does. The classic "
+               "--server/--client processes publish nothing and are not shown.")
+    status.add_argument("--json", action="store_true", help="print a JSON document for scripts")
+    status.add_argument("--wait", type=float, default=statusreport.DEFAULT_WAIT, metavar="S",
+                        help="how long to watch another host's processes for a sign of life before calling "
+                             "them stale (0: do not watch)")
+    _add_net_dir_options(status)
+    add_logging_options(status, suppress_defaults=True)
+    status.set_defaults(run=_run_status)
 
 
 def has_forwards(args: argparse.Namespace) -> bool:
@@ -218,6 +238,16 @@ def _run_env(parser: Parser, args: argparse.Namespace, stop) -> int:
         return 1
     print("\n".join(urls.export_lines()), flush=True)
     return 0
+
+
+def _run_status(parser: Parser, args: argparse.Namespace, stop) -> int:
+    """`fileforward status`: 0 if something runs on the tunnel directory, 1 if nothing does."""
+    if args.wait < 0:
+        parser.error(f"--wait must be 0 or more seconds, not {args.wait:g}")
+    tunnel_dir = tunneldir.absolute(_net_dir(parser, args))
+    processes = statusreport.collect(tunnel_dir, args.wait, lambda: stop.requested)
+    print((statusreport.as_json if args.json else statusreport.as_table)(tunnel_dir, processes), flush=True)
+    return 0 if any(p.running for p in processes) else 1
 
 
 def _run_command(parser: Parser, args: argparse.Namespace, stop) -> int:

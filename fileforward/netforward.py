@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import AsyncIterator, Dict, List, Optional
 
 from . import proxyfiles, tunneldir
+from .statusfile import publishing
 from .api import Connector, Server
 from .errors import NoServerError
 from .forward import Connections, Fatal, prepare_tunnel_dir, serving_tunnel
@@ -85,7 +86,8 @@ async def serving(tunnel_dir: Optional[Path], permit: Permit, options: Options,
     """`fileforward serve` while the context is open."""
     side = ServeSide(permit)
     async with serving_tunnel(side.handle, tunnel_dir, options, force, "fileforward requester") as server:
-        yield Serving(server, side.counters)
+        async with publishing(server.tunnel_dir, "serve", side.counters):
+            yield Serving(server, side.counters)
 
 
 @contextlib.asynccontextmanager
@@ -132,7 +134,8 @@ async def requesting(tunnel_dir: Optional[Path], requests: Requests, options: Op
             proxy_file = proxyfiles.write(connector.tunnel_dir or path, urls)
         log.info("requests go through tunnel %s (the other side, on the login node: fileforward serve "
                  "--tunnel-dir %s)", connector.tunnel_dir, connector.tunnel_dir)
-        yield Requesting(connector.tunnel_dir or path, connector, urls, proxy_file, requester.counters)
+        async with publishing(connector.tunnel_dir or path, "requester", requester.counters):
+            yield Requesting(connector.tunnel_dir or path, connector, urls, proxy_file, requester.counters)
     finally:
         for where, server in listeners:
             stop_listener(where, server)

@@ -375,9 +375,9 @@ def test_run_of_a_missing_command_is_127_and_env_without_proxy_is_1(tmp_path: Pa
     assert env.returncode == 1 and "no proxy is running" in env.stderr and env.stdout == ""
 
 
-def readme_block(test_name: str) -> str:
-    """The README's bash block marked as covered by `test_name` of this file."""
-    marker = f"<!-- covered-by: tests/test_netforward.py::{test_name} -->"
+def readme_block(test_name: str, test_file: str = "test_netforward.py") -> str:
+    """The README's bash block marked as covered by `test_name` of `test_file` (default: this file)."""
+    marker = f"<!-- covered-by: tests/{test_file}::{test_name} -->"
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
     return re.search(re.escape(marker) + r"\n```bash\n(.*?)```", text, flags=re.DOTALL).group(1)
 
