@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from . import __version__, demo, doctor
-from .cliargs import Parser, add_job_option, add_logging_options, job_tunnel_dir, raise_descriptor_limit, \
+from .cliargs import Parser, add_job_option, add_logging_options, dir_option, job_tunnel_dir, raise_descriptor_limit, \
     setup_logging
 from .errors import EndpointFailedError
 from .forward import Fatal, connecting, listening, prepare_tunnel_dir, serve_until_stopped, until_stopped
@@ -153,8 +153,8 @@ async def _serve(args: argparse.Namespace, tunnel_dir: Optional[Path], options: 
     """--server until a stop request, or until its tunnel endpoint fails."""
     async with listening(tunnel_dir, args.bind, args.port, options) as side:
         log.info("forwarding %s:%d -> tunnel %s (the other side, next to the service: "
-                 "fileforward --client --port %d --tunnel-dir %s)",
-                 side.bind, side.port, side.tunnel_dir, side.port, side.tunnel_dir)
+                 "fileforward --client --port %d %s)",
+                 side.bind, side.port, side.tunnel_dir, side.port, dir_option(side.tunnel_dir, "tunnel"))
         await until_stopped(stop.event(), side.connector.wait_closed())
     if side.connector.failure is not None:
         raise side.connector.failure
@@ -166,8 +166,8 @@ async def _client(args: argparse.Namespace, tunnel_dir: Optional[Path], options:
     until its tunnel endpoint fails (then shutting down raises the failure)."""
     async with connecting(tunnel_dir, args.host, args.port, options, force=args.force) as server:
         log.info("forwarding tunnel %s -> %s:%d (the other side, on the login node: "
-                 "fileforward --server --port %d --tunnel-dir %s)",
-                 server.tunnel_dir, args.host, args.port, args.port, server.tunnel_dir)
+                 "fileforward --server --port %d %s)",
+                 server.tunnel_dir, args.host, args.port, args.port, dir_option(server.tunnel_dir, "tunnel"))
         await serve_until_stopped(server, stop.event(), "fileforward --client")
 
 

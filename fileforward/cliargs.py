@@ -11,9 +11,10 @@ import argparse
 import difflib
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, NoReturn, Optional, Sequence
 
 JOBS_DIR_ENV = "FILEFORWARD_JOBS_DIR"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -61,7 +62,7 @@ class Parser(argparse.ArgumentParser):
         self._argv = normalize_flags(sys.argv[1:] if args is None else args)
         return super().parse_args(self._argv, namespace)
 
-    def error(self, message: str) -> "NoReturn":  # type: ignore[name-defined]  # noqa: F821
+    def error(self, message: str) -> NoReturn:
         root = self._root()
         unknown = root._first_unknown_flag()
         if unknown is not None:
@@ -155,6 +156,15 @@ def job_tunnel_dir(job: str, kind: str) -> Path:
     if not job.replace("_", "").isalnum():
         raise ValueError(f"--job {job!r} is not a SLURM job id")
     return jobs_root() / job / kind
+
+
+def dir_option(tunnel_dir: Path, kind: str) -> str:
+    """How the other side should name `tunnel_dir` on its command line: `--job JOBID`
+    for a job's directory of this kind, else `--tunnel-dir PATH`."""
+    path = Path(tunnel_dir)
+    if path.name == kind and path.parent.parent == jobs_root():
+        return f"--job {path.parent.name}"
+    return f"--tunnel-dir {shlex.quote(str(path))}"
 
 
 def raise_descriptor_limit() -> None:

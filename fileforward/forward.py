@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable, Optional, Set
 
 from . import tunneldir
+from .cliargs import dir_option
 from .api import Connector, Server, start_server
 from .errors import NoServerError
 from .options import Options
@@ -103,7 +104,7 @@ async def listening(tunnel_dir: Optional[Path], bind: str, port: int,
             where = connector.tunnel_dir or requested
             if isinstance(exc, NoServerError):  # the transport's words say "server" for the user's --client
                 log.warning("no fileforward --client is serving tunnel %s (start it next to the service: "
-                            "fileforward --client --port %d --tunnel-dir %s)", where, port, where)
+                            "fileforward --client --port %d %s)", where, port, dir_option(where, "tunnel"))
             elif isinstance(exc, OSError):
                 log.warning("connection from %s: cannot open a connection through tunnel %s: %s", peer, where, exc)
             else:

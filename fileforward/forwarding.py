@@ -25,6 +25,7 @@ import secrets
 from pathlib import Path
 from typing import Awaitable, Callable, Dict, List, Optional, Set, Tuple
 
+from .cliargs import dir_option
 from .errors import NoServerError
 from .dialing import DialError, answer, dial_error, parse_open, read_line, request_open, write_line, VERSION
 from .forwardspec import Forward, Permit, parse_listen
@@ -258,7 +259,7 @@ class Requester:
     def no_serve(self) -> str:
         """Why a tunnel connection failed when no `serve` answered, and the fix."""
         return (f"no fileforward serve answers on tunnel {self.tunnel_dir} (start it on the login node: "
-                f"fileforward serve --tunnel-dir {self.tunnel_dir})")
+                f"fileforward serve {dir_option(self.tunnel_dir, 'net')})")
 
     async def reverse(self, forward: Forward, listening: "asyncio.Future[str]") -> None:
         """-R: ask `serve` to listen, then carry each connection it announces to

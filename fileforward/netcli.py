@@ -22,7 +22,7 @@ from typing import Callable, List
 
 from . import proxyfiles, statusfile, tunneldir
 from . import status as statusreport
-from .cliargs import Parser, add_job_option, add_logging_options, job_tunnel_dir
+from .cliargs import Parser, add_job_option, add_logging_options, dir_option, job_tunnel_dir
 from .forward import serve_until_stopped, until_stopped
 from .forwardspec import Listen, Permit, parse_forward, parse_listen
 from .netforward import ENV_NET_DIR, Requesting, Requests, default_net_dir, requesting, serving
@@ -204,7 +204,7 @@ def _print_exports(running: Requesting, with_credentials: bool) -> None:
         return
     secret = " (with its password)" if with_credentials else ""
     print(f"# proxy of this process{secret}; also in {running.proxy_file} until it stops, "
-          f"and from: fileforward env --tunnel-dir {running.tunnel_dir}", *lines, sep="\n", flush=True)
+          f"and from: fileforward env {dir_option(running.tunnel_dir, 'net')}", *lines, sep="\n", flush=True)
 
 
 def _run_serve(parser: Parser, args: argparse.Namespace, stop) -> int:
@@ -219,8 +219,8 @@ def _run_serve(parser: Parser, args: argparse.Namespace, stop) -> int:
         async with serving(tunnel_dir, permit, options, force=args.force) as running:
             server = running.server
             log.info("serving tunnel %s; connecting to %s for the requesting processes "
-                     "(fileforward -L/-R/-D/--http-proxy/run --tunnel-dir %s)",
-                     server.tunnel_dir, permit, server.tunnel_dir)
+                     "(fileforward -L/-R/-D/--http-proxy/run %s)",
+                     server.tunnel_dir, permit, dir_option(server.tunnel_dir, "net"))
             await serve_until_stopped(server, stop.event(), "fileforward serve")
 
     asyncio.run(main())
@@ -234,7 +234,7 @@ def _run_env(parser: Parser, args: argparse.Namespace, stop) -> int:
     urls = proxyfiles.newest_live(tunnel_dir)
     if urls is None:
         sys.stderr.write(f"fileforward env: no proxy is running on this host with tunnel directory {tunnel_dir} "
-                         f"(start one: fileforward --http-proxy 3128 --tunnel-dir {tunnel_dir} &)\n")
+                         f"(start one: fileforward --http-proxy 3128 {dir_option(tunnel_dir, 'net')} &)\n")
         return 1
     print("\n".join(urls.export_lines()), flush=True)
     return 0

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import AsyncIterator, Dict, List, Optional
 
+from .cliargs import dir_option
 from . import proxyfiles, tunneldir
 from .statusfile import publishing
 from .api import Connector, Server
@@ -132,8 +133,8 @@ async def requesting(tunnel_dir: Optional[Path], requests: Requests, options: Op
             next((proxyfiles.url("socks5h", w, requests.credentials) for w in socks if w.path is None), None))
         if urls.http or urls.socks:
             proxy_file = proxyfiles.write(connector.tunnel_dir or path, urls)
-        log.info("requests go through tunnel %s (the other side, on the login node: fileforward serve "
-                 "--tunnel-dir %s)", connector.tunnel_dir, connector.tunnel_dir)
+        log.info("requests go through tunnel %s (the other side, on the login node: fileforward serve %s)",
+                 connector.tunnel_dir, dir_option(connector.tunnel_dir, "net"))
         async with publishing(connector.tunnel_dir or path, "requester", requester.counters):
             yield Requesting(connector.tunnel_dir or path, connector, urls, proxy_file, requester.counters)
     finally:

@@ -147,8 +147,10 @@ def test_job_selects_the_jobs_tunnel_directory(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "4242")  # the job side takes its own job id
     job_side = fileforward("--client", "--port", str(service_port), "--job")
     try:
-        assert f"-> tunnel {expected} " in login_side.wait_for(lambda l: "forwarding" in l)
-        assert f"forwarding tunnel {expected} ->" in job_side.wait_for(lambda l: "forwarding" in l)
+        line = login_side.wait_for(lambda l: "forwarding" in l)
+        assert f"-> tunnel {expected} " in line and "fileforward --client --port %d --job 4242)" % port in line
+        line = job_side.wait_for(lambda l: "forwarding" in l)
+        assert f"forwarding tunnel {expected} ->" in line and "fileforward --server --port %d --job 4242)" % service_port in line
         with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
             sock.sendall(b"through the job's tunnel")
             assert recv_exactly(sock, 24) == b"through the job's tunnel"
