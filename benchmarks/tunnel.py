@@ -7,6 +7,11 @@ directory under DIR (default: a temporary directory on local disk), an echo serv
 behind it, and prints one table (medians over --runs):
 
 - bulk throughput (MB/s each way, echo) through the tunnel and directly, and their ratio;
+- the proxies (`fileforward serve` and a requester with `-D` and `--http-proxy`, on
+  a tunnel directory of their own): bulk throughput through the SOCKS5 and the HTTP
+  CONNECT proxy against the same echo service, their ratio to the plain tunnel's
+  in the same run, and the connection setup time (connect, proxy handshake, first
+  byte echoed; median of 100) through each, and through the plain tunnel;
 - 64-byte round trip median and p99, tunnel and direct, and the ratio;
 - idle filesystem syscalls per second per endpoint with 1 and 100 idle connections,
   counted by `strace -c -f` (install it with `apt-get install strace` if missing);
@@ -30,16 +35,19 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from tests.tunnel_support import free_port, recv_exactly, start_cli, start_service  # noqa: E402
+from tests.tunnel_support import Proc, free_port, python, recv_exactly, start_cli, start_service  # noqa: E402
 
 FS_SYSCALLS = ("openat,close,read,write,pread64,pwrite64,fcntl,fstat,newfstatat,statx,lseek,ftruncate,"
                "rename,renameat,renameat2,unlink,unlinkat,getdents64,mkdir,mkdirat,fsync,fdatasync,flock")
 IDLE_SETTLE_S = 3.0
 IDLE_MEASURE_S = 10.0
+SETUP_SAMPLES = 100
+
+Opener = Callable[[], socket.socket]
 
 
 # --- helpers ---------------------------------------------------------------------------
@@ -63,11 +71,38 @@ def connect(port: int) -> socket.socket:
     return sock
 
 
+def through_socks5(proxy_port: int, port: int) -> socket.socket:
+    """A connection to 127.0.0.1:port through the SOCKS5 proxy on proxy_port (no auth)."""
+    sock = connect(proxy_port)
+    sock.sendall(b"\x05\x01\x00")
+    if recv_exactly(sock, 2) != b"\x05\x00":
+        raise RuntimeError("SOCKS5 proxy refused the no-authentication method")
+    sock.sendall(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + port.to_bytes(2, "big"))
+    version, reply, _, kind = recv_exactly(sock, 4)
+    if (version, reply) != (5, 0):
+        raise RuntimeError(f"SOCKS5 proxy answered {reply} to CONNECT")
+    recv_exactly(sock, {1: 4, 4: 16}.get(kind) or recv_exactly(sock, 1)[0])  # the bound address
+    recv_exactly(sock, 2)  # and port
+    return sock
+
+
+def through_http_proxy(proxy_port: int, port: int) -> socket.socket:
+    """A connection to 127.0.0.1:port through the HTTP proxy on proxy_port (CONNECT)."""
+    sock = connect(proxy_port)
+    sock.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):  # byte by byte: nothing of the tunnel is read
+        head += recv_exactly(sock, 1)
+    if head.split(b" ", 2)[1] != b"200":
+        raise RuntimeError(f"HTTP proxy answered {head!r} to CONNECT")
+    return sock
+
+
 # --- measurements ------------------------------------------------------------------------
-def throughput(port: int, megabytes: int) -> float:
+def throughput(open_echo: Opener, megabytes: int) -> float:
     """MB/s of an echo transfer: send and receive `megabytes` concurrently; verified."""
     payload = os.urandom(1 << 20) * megabytes
-    with connect(port) as sock:
+    with open_echo() as sock:
         received: List[bytes] = []
         reader = threading.Thread(target=lambda: received.append(recv_exactly(sock, len(payload))))
         started = time.perf_counter()
@@ -78,6 +113,19 @@ def throughput(port: int, megabytes: int) -> float:
     if received != [payload]:
         raise RuntimeError("corrupted transfer")
     return megabytes * 1.048576 / elapsed
+
+
+def setup_times(open_echo: Opener, count: int = SETUP_SAMPLES) -> List[float]:
+    """Seconds from connecting (and the proxy handshake) to the first byte echoed."""
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        with open_echo() as sock:
+            sock.sendall(b"s")
+            if recv_exactly(sock, 1) != b"s":
+                raise RuntimeError("corrupted first byte")
+            times.append(time.perf_counter() - started)
+    return times
 
 
 def round_trips(port: int, count: int = 2000) -> List[float]:
@@ -141,11 +189,14 @@ class Target:
 
 
 class Setup:
-    """Echo services + the two CLI endpoints on a fresh tunnel directory."""
+    """Echo services + the two CLI endpoints on a fresh tunnel directory; with
+    `proxies`, also `fileforward serve` next to the job side's echo service and a
+    requester with -D and --http-proxy next to the login side, on a second one."""
 
-    def __init__(self, target: Target) -> None:
+    def __init__(self, target: Target, proxies: bool = False) -> None:
         login_dir, job_dir, job_prefix = target.dirs()
-        self.tunnel_dir = login_dir
+        self.tunnel_dirs = [login_dir]
+        self.proxies: List[Proc] = []
         self.reference_port, self.echo_port, self.port = free_port(), free_port(), free_port()
         quiet = ("--log-level", "WARNING")  # no log writes in the idle windows counted
         with contextlib.ExitStack() as started:  # a failed start stops the others
@@ -158,13 +209,35 @@ class Setup:
             started.callback(self.job_side.stop)
             self.login_side = start_cli("server", self.port, login_dir, *quiet, ready=False)
             started.callback(self.login_side.stop)
+            if proxies:
+                login_net, job_net, _ = target.dirs()
+                self.tunnel_dirs.append(login_net)
+                self.socks_port, self.http_port = free_port(), free_port()
+                self.proxies.append(Proc(python("-m", "fileforward", "serve", "--tunnel-dir", str(job_net), *quiet),
+                                         job_prefix))
+                started.callback(self.proxies[-1].stop)
+                self.proxies.append(Proc(python("-m", "fileforward", "--tunnel-dir", str(login_net), *quiet,
+                                                "-D", str(self.socks_port), "--http-proxy", str(self.http_port))))
+                started.callback(self.proxies[-1].stop)
+                wait_listening(self.socks_port)
+                wait_listening(self.http_port)
             wait_listening(self.port)
             started.pop_all()
 
+    def openers(self) -> Dict[str, Opener]:
+        """How to reach an echo service: directly ("tcp"), through the tunnel, and
+        (with proxies) through the tunnel's SOCKS5 and HTTP proxies."""
+        ways = {"tcp": lambda: connect(self.reference_port), "tunnel": lambda: connect(self.port)}
+        if self.proxies:
+            ways["socks"] = lambda: through_socks5(self.socks_port, self.echo_port)
+            ways["http"] = lambda: through_http_proxy(self.http_port, self.echo_port)
+        return ways
+
     def close(self) -> None:
-        for proc in (self.login_side, self.job_side, self.echo, self.reference):
+        for proc in (*reversed(self.proxies), self.login_side, self.job_side, self.echo, self.reference):
             proc.stop()
-        shutil.rmtree(self.tunnel_dir, ignore_errors=True)
+        for tunnel_dir in self.tunnel_dirs:
+            shutil.rmtree(tunnel_dir, ignore_errors=True)
 
 
 def idle_costs(target: Target, connections: int) -> Dict[str, float]:
@@ -199,10 +272,15 @@ def idle_costs(target: Target, connections: int) -> Dict[str, float]:
 
 def one_run(target: Target, megabytes: int) -> Dict[str, float]:
     result: Dict[str, float] = {}
-    setup = Setup(target)
+    setup = Setup(target, proxies=True)
     try:
-        result["tcp_mbs"] = throughput(setup.reference_port, megabytes)
-        result["tunnel_mbs"] = throughput(setup.port, megabytes)
+        for way, open_echo in setup.openers().items():
+            result[f"{way}_mbs"] = throughput(open_echo, megabytes)
+        for way in ("socks", "http"):  # a ratio within one run: the load of the machine varies between runs
+            result[f"{way}_ratio"] = result[f"{way}_mbs"] / result["tunnel_mbs"]
+        for way, open_echo in setup.openers().items():
+            if way != "tcp":
+                result[f"{way}_setup_med"] = statistics.median(setup_times(open_echo))
         direct, tunneled = round_trips(setup.reference_port), round_trips(setup.port, 500 if target.pair else 2000)
         result["tcp_rtt_med"], result["tcp_rtt_p99"] = statistics.median(direct), _p99(direct)
         result["tunnel_rtt_med"], result["tunnel_rtt_p99"] = statistics.median(tunneled), _p99(tunneled)
@@ -252,7 +330,14 @@ def main() -> None:
         ("64 B round trip p99, tunnel (ms)", f"{med['tunnel_rtt_p99'] * ms:.3f}"),
         ("64 B round trip median, direct TCP (ms)", f"{med['tcp_rtt_med'] * ms:.3f}"),
         ("round trip ratio tunnel/TCP (median)", f"{med['tunnel_rtt_med'] / med['tcp_rtt_med']:.1f}"),
+        ("connection setup + first byte median, tunnel (ms)", f"{med['tunnel_setup_med'] * ms:.2f}"),
     ]
+    for way, name in (("socks", "-D (SOCKS5)"), ("http", "--http-proxy (CONNECT)")):
+        rows += [
+            (f"bulk throughput, {name} (MB/s)", f"{med[f'{way}_mbs']:.1f}"),
+            (f"throughput ratio {name}/tunnel (target >= 0.9)", f"{med[f'{way}_ratio']:.3f}"),
+            (f"connection setup + first byte median, {name} (ms)", f"{med[f'{way}_setup_med'] * ms:.2f}"),
+        ]
     for n in (1, 100):
         rows.append((f"idle fs syscalls/s per endpoint, {n} conn(s)", f"{med[f'idle{n}_syscalls']:.1f}"))
         if f"idle{n}_requests" in med:

@@ -50,7 +50,7 @@ on_exit() {
 trap on_exit EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
-fileforward --server --port "$port" --tunnel_dir "$job_dir/tunnel" &
+fileforward --server --port "$port" --job "$job_id" &
 server=$!
 ff_wait_port "$port" "$server" 60
 

@@ -5,8 +5,11 @@
 #     ${FILEFORWARD_JOBS_DIR:-~/.cache/fileforward/jobs}/<job id>/
 #         tunnel/         fileforward's tunnel directory (web services, reverse.sbatch)
 #         rpc/            the RPC tunnel directory (RPC examples)
+#         net/            fileforward serve's directory (internet.sbatch)
 #         service.info    what the login side needs: service name, URL path with token
-# and removes it when it ends.
+# and removes it when it ends. The tunnel directories are made by the commands
+# that use them: `fileforward ... --job JOBID`, `python3 -m rpc ... --job JOBID`
+# (plain `--job` in the job itself).
 
 # How often the login-side scripts ask SLURM about a job (squeue), in seconds.
 FF_POLL_SECONDS=${FILEFORWARD_POLL_SECONDS:-5}

@@ -26,15 +26,14 @@ functions=${RPC_FUNCTIONS:-rpc_server:FUNCTIONS}
 llm_api_key=${LLM_API_KEY:-}
 unset LLM_API_KEY
 ff_submit_held "$@"
-ff_make_private "$ff_job_dir/rpc"
 
 LLM_API_KEY=$llm_api_key PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" \
-  python3 -m rpc serve "$functions" --tunnel_dir "$ff_job_dir/rpc" &
+  python3 -m rpc serve "$functions" --job "$ff_job_id" &
 ff_login_pid=$!
 
 # Readiness: release the job only once the server answers.
 deadline=$((SECONDS + 60))
-until python3 -m rpc status --tunnel_dir "$ff_job_dir/rpc" >/dev/null; do
+until python3 -m rpc status --job "$ff_job_id" >/dev/null; do
   if ! ff_running "$ff_login_pid" || [ "$SECONDS" -ge "$deadline" ]; then
     echo "the RPC server did not come up (see above)" >&2
     exit 1

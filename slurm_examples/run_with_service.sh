@@ -28,8 +28,7 @@ if ! ff_listening "$port"; then
 fi
 
 ff_submit_held "$@"
-ff_make_private "$ff_job_dir/tunnel"
-fileforward --client --port "$port" --tunnel_dir "$ff_job_dir/tunnel" &
+fileforward --client --port "$port" --job "$ff_job_id" &
 ff_login_pid=$!
 # No need to wait for it: the job's fileforward --server waits for it (--connect-timeout).
 ff_release_held "forwarding its connections to 127.0.0.1:$port"

@@ -30,7 +30,8 @@ import pytest
 from jupyter_api import JupyterClient
 from slurm_cluster import (Job, SlurmCluster, free_port, kill_quietly, poll, process_environ,
                            session_processes)
-from tests.extras import require_slurm
+from tests.extras import require_net_clients, require_slurm
+from tests.net_targets import WHEEL_NAME, git_repository, package_index, serve_directory
 from tests.tunnel_support import checkout_commands
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -111,18 +112,18 @@ class Workspace:
         self.env = dict(cluster.env, HOME=str(home), PYTHONDONTWRITEBYTECODE="1",
                         PATH=os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")]))
         self.jobs_dir = home / ".cache" / "fileforward" / "jobs"
-        self._login: List[LoginProcess] = []
+        self.logins: List[LoginProcess] = []
 
     def login(self, script: str, *args: str) -> LoginProcess:
         """Run ``examples/script args`` as on the login node."""
-        log = self.root / ("login-%d-%s.log" % (len(self._login), Path(script).stem))
-        self._login.append(LoginProcess([str(self.examples / script), *args], self.env, self.root,
+        log = self.root / ("login-%d-%s.log" % (len(self.logins), Path(script).stem))
+        self.logins.append(LoginProcess([str(self.examples / script), *args], self.env, self.root,
                                         log))
-        return self._login[-1]
+        return self.logins[-1]
 
     def close(self) -> None:
         """Kill what is left of the login-side commands."""
-        for proc in self._login:
+        for proc in self.logins:
             proc.kill()
 
 
@@ -520,6 +521,45 @@ def test_reverse_example_scancel_leaves_nothing(cluster: SlurmCluster, ws: Works
     assert_job_left_nothing(cluster, job_id, ws)
 
 
+INTERNET = "127.0.0.2"  # the stand-ins' address: not in the proxy variables' NO_PROXY
+
+
+@pytest.fixture
+def local_internet(ws: Workspace) -> Iterator[str]:
+    """A package index (one wheel) and a git repository served over http on 127.0.0.2,
+    standing in for PyPI and GitHub; the base URL."""
+    require_net_clients()
+    www = ws.root / "www"
+    www.mkdir()
+    package_index(www)
+    server, port = serve_directory(www, bind=INTERNET)
+    yield "http://%s:%d" % (INTERNET, port)
+    server.kill()
+
+
+def test_internet_example_installs_and_clones_through_the_login_node(
+        cluster: SlurmCluster, ws: Workspace, local_internet: str) -> None:
+    """run_with_internet.sh internet.sbatch CMD: the job's pip installs the index's
+    wheel and git clones the repository through `fileforward run --job` and the login
+    side's `fileforward serve --job JOBID` (whose log shows each connection it made
+    for the job); CMD then uses both. The job ends COMPLETED, nothing is left."""
+    repo = git_repository(ws.root / "www")
+    ws.env.update(PIP_INSTALL="--user --no-cache-dir --disable-pip-version-check --index-url %s/simple %s"
+                  % (local_internet, WHEEL_NAME), GIT_REPO="%s/%s" % (local_internet, repo))
+    work = ('python3 -c "import %s; print(\'ANSWER\', %s.ANSWER)" && cat "$CLONE_DIR/README"'
+            % (WHEEL_NAME, WHEEL_NAME))
+    job = run_to_completion(cluster, ws, "internet", "run_with_internet.sh",
+                            str(ws.examples / "internet.sbatch"), "bash", "-c", work)
+    clone_dir = ws.root / ("repo-%s" % job.job_id)
+    assert "cloned %s/%s into %s\n" % (local_internet, repo, clone_dir) in job.output, job.output
+    assert job.output.endswith("ANSWER 42\nthrough the tunnel\n"), job.output
+    assert (clone_dir / "README").read_text() == "through the tunnel\n"
+    login = ws.logins[-1].output()
+    carried = login.count("connected to %s for a requesting process" % local_internet[len("http://"):])
+    assert carried >= 3, login  # pip's project page and wheel, git's requests
+    assert_job_left_nothing(cluster, job.job_id, ws)
+
+
 @pytest.mark.timeout(180)
 def test_time_limit_leaves_nothing(cluster: SlurmCluster,
                                    time_limited_job: Tuple[Workspace, str, LoginProcess]) -> None:
@@ -591,6 +631,8 @@ def run_example(argv: Sequence[str], env: Optional[Mapping[str, str]] = None
     ("web_app.sbatch", "sbatch: sbatch web_app.sbatch COMMAND [ARGS...]"),
     ("reverse.sbatch",
      "run_with_service.sh: ./run_with_service.sh PORT reverse.sbatch COMMAND [ARGS...]"),
+    ("internet.sbatch",
+     "run_with_internet.sh: ./run_with_internet.sh internet.sbatch [COMMAND [ARGS...]]"),
 ])
 def test_batch_script_outside_slurm_says_how_to_run_it(script: str, how: str) -> None:
     """`bash jupyter.sbatch` on the login node: one line naming sbatch, exit 2 (not
@@ -607,6 +649,7 @@ def test_batch_script_outside_slurm_says_how_to_run_it(script: str, how: str) ->
     ("run_with_rpc.sh", [], "usage: run_with_rpc.sh [SBATCH OPTIONS] JOB_SCRIPT [SCRIPT ARGS]"),
     ("run_with_service.sh", ["reverse.sbatch"],
      "usage: run_with_service.sh PORT [SBATCH OPTIONS] JOB_SCRIPT [SCRIPT ARGS]"),
+    ("run_with_internet.sh", [], "usage: run_with_internet.sh [SBATCH OPTIONS] JOB_SCRIPT [SCRIPT ARGS]"),
 ])
 def test_login_script_usage(script: str, args: List[str], usage: str) -> None:
     """Wrong arguments to a login-side script: its usage, exit 2, nothing else."""
