@@ -5,12 +5,19 @@ start (`python -m fileforward`, `python -m rpc`), run this checkout's code wheth
 or not the project is installed.
 """
 import os
+import signal
 import sys
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# A test run started in the background of a non-interactive shell (`cmd &`) inherits
+# SIGINT ignored, and so would every process a test starts: Python then never raises
+# KeyboardInterrupt and bash cannot trap INT, so Ctrl-C tests would fail for the
+# launcher's sake. Catching it here gives every child the default disposition.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 os.environ["PYTHONPATH"] = os.pathsep.join(
