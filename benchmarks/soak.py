@@ -324,6 +324,7 @@ def soak(minutes: float, interval: float, settle_s: float, base: Path) -> int:
     setup = Setup(Target(base))
     try:
         sides = {"--server": setup.login_side, "--client": setup.job_side}
+        short(setup.port, Tally())  # both sides are up: a side still starting would pass for idle
         idle = idle_level(sides, setup.tunnel_dir)
         for side, sample in idle.items():
             print(f"[   idle] {side:9} {sample}", flush=True)
