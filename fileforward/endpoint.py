@@ -22,7 +22,9 @@ How the files are used (see tunneldir.py for names):
   each peer's bell every liveness_timeout/5. A new record from a peer proves it was
   alive after our previous look at that file (not when we happen to drain it: after
   a stall of our own, stale pings prove nothing). A side that gives up on a peer
-  tells it with a BYE carrying the reason, so that both sides end their connections.
+  tells it with a BYE carrying the reason, so that both sides end their connections,
+  and the counter of its last ping it saw, so that a BYE crossing the receiver's own
+  giving up does not end the connections made after the two met again.
   A client endpoint with no peer looks at the server pointer every POINTER_WATCH,
   so that both sides learn of each other before the first connection.
 - Cycle timing: right after activity the thread polls every poll_min; then it
@@ -242,12 +244,14 @@ class PendingConnect:
 class Peer:
     """Another endpoint we know, from its first record until it leaves or is declared dead."""
 
-    def __init__(self, eid: str, bell: SharedFile) -> None:
+    def __init__(self, eid: str, bell: SharedFile, met_after_ping: int) -> None:
         self.eid = eid
         self.bell = bell
         self.last_seen = time.monotonic()
         self.last_ping = float("-inf")
-        self.pings = 0  # the counter of our pings to it
+        # our ping counter when we (re)met it: a BYE from it that saw none of our later
+        # pings gave up on an earlier meeting, not on this one
+        self.met_after_ping = met_after_ping
         self.pings_seen = 0  # the highest counter of its pings to us
         self.who: Optional[str] = None  # "pid P on host H", from its pings
         self.conns: Set[str] = set()
@@ -295,6 +299,7 @@ class Endpoint:
         self._conns: Dict[str, Conn] = {}
         self._connects: Dict[str, PendingConnect] = {}
         self._peers: Dict[str, Peer] = {}
+        self._pings = 0  # the counter of our pings, to any peer: it rises across meetings with a peer
         self._commands: List[Callable[[], None]] = []
         self._commands_lock = threading.Lock()
         self._closed = False
@@ -893,8 +898,7 @@ class Endpoint:
             self._on_connect(sender, fields[1])
         elif kind is Kind.BYE:
             if peer is not None:
-                why = " ".join(fields[1:])
-                self._peer_lost(peer, f"it gave up on this side: {why}" if why else "")
+                self._on_bye(peer, fields[1:])
         elif kind is Kind.STEPDOWN:
             if self._pointer is not None:
                 description = " ".join(fields[1:])
@@ -904,6 +908,18 @@ class Endpoint:
                     self.to_loop(self._on_stepdown, description)
         else:
             raise ProtocolError(f"unexpected record {kind.name} in a bell file")
+
+    def _on_bye(self, peer: Peer, fields: List[str]) -> None:
+        """A peer left (no fields) or gave up on us ("<our last ping it saw> <why>"). A
+        give-up that saw none of our pings since we (re)met it crossed our own giving up
+        and is for the earlier meeting: the connections made since are not its business."""
+        if not fields:
+            self._peer_lost(peer, "")
+        elif int(fields[0]) <= peer.met_after_ping:
+            log.debug("tunnel directory %s: ignoring a BYE from %s meant for an earlier meeting",
+                      self.tunnel_dir, self._describe(peer))
+        else:
+            self._peer_lost(peer, f"it gave up on this side: {' '.join(fields[1:])}")
 
     def _on_ping(self, sender: str, fields: List[str], looked: float) -> None:
         """A peer's PING: life if its counter is new; a new peer is announced with its pid and host."""
@@ -1029,7 +1045,7 @@ class Endpoint:
         if peer is None:
             if not _EID_RE.match(eid):
                 raise ValueError(f"bad endpoint id {eid!r}")
-            peer = Peer(eid, TABLE.open(tunneldir.bell_path(self.tunnel_dir, eid)))
+            peer = Peer(eid, TABLE.open(tunneldir.bell_path(self.tunnel_dir, eid)), self._pings)
             self._peers[eid] = peer
         return peer
 
@@ -1062,9 +1078,9 @@ class Endpoint:
                                       f"was stopped, or the shared filesystem stopped answering)", tell=True)
             elif now - peer.last_ping >= self.opts.ping_interval:
                 peer.last_ping = now
-                peer.pings += 1
+                self._pings += 1
                 try:
-                    peer.bell.append(encode_text(Kind.PING, self.eid, peer.pings, self._identity))
+                    peer.bell.append(encode_text(Kind.PING, self.eid, self._pings, self._identity))
                 except OSError as exc:
                     self._peer_lost(peer, f"its bell file is gone ({exc.strerror})")
 
@@ -1083,9 +1099,10 @@ class Endpoint:
             log.log(level, "tunnel directory %s: %s is gone: %s", self.tunnel_dir, who, why)
             error = PeerLostError(f"{who} is gone (tunnel directory {self.tunnel_dir}): {why}")
         if tell:
-            _quietly(peer.bell.append, encode_text(
-                Kind.BYE, self.eid, f"it saw no sign of life from this side for {self.opts.liveness_timeout:g} s "
-                                    f"(was this process stopped, or its filesystem hung?)"))
+            _quietly(peer.bell.append, encode_text(  # with its last ping we saw: see _on_bye
+                Kind.BYE, self.eid, peer.pings_seen,
+                f"it saw no sign of life from this side for {self.opts.liveness_timeout:g} s "
+                f"(was this process stopped, or its filesystem hung?)"))
         for cid in list(peer.conns):
             conn = self._conns.get(cid)
             if conn is None:

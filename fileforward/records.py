@@ -35,8 +35,9 @@ class Kind(enum.IntEnum):
     CONNECT = 16  # payload: "<sender eid> <connection id>"
     WAKE = 17  # payload: "<sender eid> <connection id>": look at that chunk file
     PING = 18  # payload: "<sender eid> <counter> [<pid> <host>]": the sender is alive (a new counter)
-    BYE = 19  # payload: "<sender eid> [<why>]": every connection with the sender is gone; no <why>:
-    #           it shut down cleanly, else it gave up on the receiver (e.g. no sign of life)
+    BYE = 19  # payload: "<sender eid> [<counter> <why>]": every connection with the sender is gone;
+    #           alone: it shut down cleanly, else it gave up on the receiver (e.g. no sign of life)
+    #           after the receiver's PING <counter> (so a receiver that met it again since ignores it)
     STEPDOWN = 20  # payload: "<sender eid> <description>": a new server took over
 
 

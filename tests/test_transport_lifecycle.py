@@ -23,7 +23,7 @@ import pytest
 import fileforward
 from fileforward import tunneldir
 from fileforward.endpoint import Endpoint
-from fileforward.records import Kind, encode, encode_text
+from fileforward.records import Kind, decode_until_damage, encode, encode_text, text_fields
 from tests.rpc_helpers import wait_until
 from tests.test_transport import run, wait_for_condition
 from tests.tunnel_support import free_port, recv_exactly, start_cli, start_service, tunnel_files
@@ -173,6 +173,47 @@ def test_finding5_connections_end_on_both_sides_after_a_stall_longer_than_the_li
         for proc in (*sides.values(), service):
             proc.signal(signal.SIGCONT)
             proc.kill()
+
+
+def test_finding5_a_bye_for_an_earlier_meeting_leaves_the_connections_made_since(tunnel_dir, caplog):
+    """Both sides give up on each other after a stall and their BYEs cross: the one
+    arriving after the two sides met again (a BYE that saw none of the receiver's
+    pings since) must not end the new connections; a BYE that saw them does."""
+    caplog.set_level(logging.WARNING, logger="fileforward")
+
+    async def main():
+        server = await fileforward.start_server(lambda reader, writer: None, tunnel_dir)
+        first, _, _ = crafted_client(server.tunnel_dir)
+        eid = first.split("-")[0]
+        bell, conns = server_bell(server.tunnel_dir), server._endpoint._conns
+
+        def connect(cid):
+            # its bell too: the server removes the bell of a peer that left and holds no lock on it
+            for path in (tunneldir.bell_path(server.tunnel_dir, eid), *tunneldir.chunk_paths(server.tunnel_dir, cid)):
+                os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            append_locked(bell, encode_text(Kind.CONNECT, eid, cid))
+            return wait_for_condition(lambda: cid in conns, 5, f"connection {cid} to be accepted")
+
+        def server_pings():
+            """The counters of the server's pings to the crafted client (a torn last record aside)."""
+            records, _ = decode_until_damage(tunneldir.bell_path(server.tunnel_dir, eid).read_bytes())
+            return [int(text_fields(payload)[1]) for kind, payload in records if kind is Kind.PING] or [0]
+
+        await connect(first)
+        await wait_for_condition(lambda: server_pings()[-1], 5, "the server's first ping")
+        first_meeting = server_pings()[-1]
+        append_locked(bell, encode_text(Kind.BYE, eid))  # it left; it is met again below
+        await wait_for_condition(lambda: first not in conns, 5, "the first connection to end")
+        await connect(f"{eid}-2")
+        await wait_for_condition(lambda: server_pings()[-1] > first_meeting, 5, "a ping of the new meeting")
+        append_locked(bell, encode_text(Kind.BYE, eid, first_meeting, "no sign of life"))  # the stale one
+        await connect(f"{eid}-3")  # bell records are acted on in order: the BYE was read
+        assert f"{eid}-2" in conns and not [r for r in caplog.records if "gave up" in r.getMessage()]
+        append_locked(bell, encode_text(Kind.BYE, eid, server_pings()[-1], "no sign of life"))
+        await wait_for_condition(lambda: not conns, 5, "the new connections to end")
+        await server.shutdown()
+    run(main())
+    assert any("gave up on this side: no sign of life" in r.getMessage() for r in caplog.records)
 
 
 # --- finding 6: a damaged bell record ----------------------------------------------------
