@@ -436,8 +436,9 @@ def test_readme_proxy_block_with_credentials(net: Net, home, tmp_path: Path) -> 
     PyPI and GitHub): pip, git and curl get through, and `kill %1` stops the proxy."""
     block = with_local_internet(readme_block("test_readme_proxy_block_with_credentials"), {
         "3128": str(free_port()), "1080": str(free_port()),
-        "pip install --user requests": f"{sys.executable} -m pip install --user --no-cache-dir "
-                                       f"--disable-pip-version-check --index-url {net.url('simple')} {WHEEL_NAME}",
+        "pip install --user requests": f"{sys.executable} -m pip install --target {tmp_path / 'site'} "
+                                       f"--no-cache-dir --disable-pip-version-check "
+                                       f"--index-url {net.url('simple')} {WHEEL_NAME}",
         "https://github.com/psf/requests.git": net.url(net.repo),
         "https://pypi.org/simple/": net.url("simple/")})
     serve = default_serve(home)
@@ -446,7 +447,7 @@ def test_readme_proxy_block_with_credentials(net: Net, home, tmp_path: Path) -> 
                               text=True, timeout=CLIENT_TIMEOUT, env=_without_proxy_variables())
         assert done.returncode == 0, done.stdout + done.stderr
         assert "200" in done.stdout.splitlines()
-        assert list(home[0].glob(f".local/lib/python*/site-packages/{WHEEL_NAME}.py")), done.stderr
+        assert (tmp_path / "site" / f"{WHEEL_NAME}.py").exists(), done.stderr  # --target: works in a venv too
         assert (tmp_path / "repo" / "README").read_text() == "through the tunnel\n"
         carried = serve.output.count(f"connected to {INTERNET}:{net.http_port} for a requesting process")
         assert carried >= 4, serve.output  # pip's page and wheel, git's requests, curl's page

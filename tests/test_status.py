@@ -11,6 +11,7 @@ from typing import Any, Dict, Iterator, List
 import pytest
 
 from fileforward import statusfile
+from tests.extras import require_net_clients
 from tests.net_targets import serve_directory
 from tests.slurm_cluster import poll
 from tests import test_netforward
@@ -21,6 +22,12 @@ PAGE = 300_000  # bytes of the file fetched through -D
 ECHOED = 50_000  # bytes sent through -L and echoed back, on a connection left open
 HERE = Side(Path("/"), [])  # one machine plays both nodes
 home = test_netforward.home  # the fixture: a fresh HOME, this checkout's fileforward on PATH
+
+
+@pytest.fixture(autouse=True)
+def net_clients() -> None:
+    """curl carries the traffic these tests count (skips, or fails under CI, without it)."""
+    require_net_clients()
 
 
 def status(tunnel_dir: Path, *args: str, prefix: List[str] = ()) -> subprocess.CompletedProcess:
