@@ -503,9 +503,10 @@ class Endpoint:
         return activity
 
     # --- startup and shutdown -----------------------------------------------------------
-    def _open(self) -> None:
-        """Make (or make again) the directory, our bell, and the server pointer if we serve."""
-        self.tunnel_dir, self._dir_id = tunneldir.prepare(self.tunnel_dir)
+    def _open(self, again: bool = False) -> None:
+        """Make (or, `again`, make again) the directory, our bell, and the server pointer
+        if we serve."""
+        self.tunnel_dir, self._dir_id = tunneldir.prepare(self.tunnel_dir, parents=not again)
         self._next_dir_check = time.monotonic() + DIR_CHECK_INTERVAL
         while self._bell is None:
             eid = secrets.token_hex(8)
@@ -576,7 +577,7 @@ class Endpoint:
                 log.error("%s: %d connection(s) lost; making it again (mode 700)", exc, len(self._conns))
                 self._serve = self._pointer is not None
                 self._end_all(PeerLostError(str(exc)), tell_peers=False)
-        self._open()
+        self._open(again=True)
         log.warning("tunnel directory %s made again; connections work again", self.tunnel_dir)
 
     def _clear_stale_files(self) -> None:

@@ -41,15 +41,23 @@ def default_tunnel_dir() -> Path:
     return Path.home() / ".cache" / "fileforward" / "tunnel"
 
 
-def prepare(tunnel_dir: Union[str, Path, None]) -> Tuple[Path, DirIdentity]:
+def prepare(tunnel_dir: Union[str, Path, None], parents: bool = True) -> Tuple[Path, DirIdentity]:
     """Create the tunnel directory (0700) if needed, refuse an unsafe one.
 
     Whoever can write into the directory can inject bytes into every connection
     (and run code through RPC), so it must be ours and closed to group and others.
+    Without `parents` only the directory itself is made again: a directory deleted
+    with its parent (a finished job's directory) is not brought back.
     Returns the resolved path and the directory's identity, for `verify`.
     """
     path = absolute(tunnel_dir)
-    make_dirs(path)
+    if parents:
+        make_dirs(path)
+    elif not path.parent.is_dir():
+        raise TunnelDirLostError(f"tunnel directory {path} was deleted with its parent {path.parent}; "
+                                 f"not making them again")
+    else:
+        path.mkdir(mode=0o700, exist_ok=True)
     path = path.resolve()
     return path, _identity(check_safe(path))
 

@@ -404,3 +404,18 @@ def test_finding15_one_write_needing_more_than_iov_max_buffers(tunnel_dir):
                 return await round_trip(connector, payload)
 
     assert run(main()) == payload
+
+
+def test_finding13_a_directory_deleted_with_its_parent_is_not_made_again(tmp_path):
+    """A finished job removes its whole directory while a login-side process still
+    runs: the deleted tunnel directory is reported, but the tree is not brought back
+    (only a directory whose parent still exists is made again)."""
+    job_dir = tmp_path / "jobs" / "42"
+    proc = start_cli("client", free_port(), job_dir / "tunnel")
+    try:
+        shutil.rmtree(job_dir)
+        line = proc.wait_for(lambda l: "deleted with its parent" in l, timeout=DETECT + SLACK)
+        assert "not making them again" in line, line
+        assert not job_dir.exists(), "the finished job's directory was made again"
+    finally:
+        proc.kill()
