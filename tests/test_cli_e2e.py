@@ -397,3 +397,25 @@ def test_no_log_file_appears_unless_asked(tunnel, tmp_path):
     proc = start_cli("server", free_port(), tunnel.login.tunnel_dir, "--log-file", str(log_file))
     proc.stop()
     assert "forwarding" in log_file.read_text()
+
+
+def test_a_far_end_of_another_format_version_is_a_warning_naming_both(tmp_path):
+    """Finding 14: a tunnel directory served by another on-disk format version is a
+    WARNING on the login side naming both versions and the fix, and the user's
+    connection is reset (a record of another version in a chunk file takes the
+    damaged-record path: a WARNING too)."""
+    tunnel_dir = tmp_path / "tunnel"
+    tunnel_dir.mkdir(mode=0o700)
+    fd = os.open(tunnel_dir / "server", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, b'{"eid": "0123456789abcdef", "pid": 1, "host": "elsewhere", "format": 99}')
+    os.close(fd)
+    port = free_port()
+    login_side = start_cli("server", port, tunnel_dir, "--connect-timeout", "5")
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(b"hello")
+            assert read_until_reset(sock) == 0
+        line = login_side.wait_for(lambda l: "format 99" in l)
+        assert "WARNING" in line and "speaks format 1" in line and "same fileforward version" in line, line
+    finally:
+        login_side.kill()
