@@ -120,7 +120,7 @@ async def listening(tunnel_dir: Optional[Path], bind: str, port: int,
         raise Fatal(f"cannot listen on {bind}:{port}: {exc.strerror or exc}") from None
     port = server.sockets[0].getsockname()[1]  # the one chosen, if asked for port 0
     async with server:
-        prepare_tunnel_dir(requested)
+        await asyncio.to_thread(prepare_tunnel_dir, requested)  # filesystem calls stay off the event loop
         async with connector:
             try:
                 yield Listening(connector.tunnel_dir, bind, port, connector)
@@ -161,7 +161,8 @@ async def serving_tunnel(handle: Callable[[asyncio.StreamReader, asyncio.StreamW
     """Serve the tunnel directory while the context is open, each connection to
     `handle`; closing it ends them all. `peer_name` names the other side in logs."""
     connections = Connections()
-    server = await start_server(lambda r, w: connections.run(handle(r, w)), prepare_tunnel_dir(tunnel_dir),
+    path = await asyncio.to_thread(prepare_tunnel_dir, tunnel_dir)  # filesystem calls stay off the event loop
+    server = await start_server(lambda r, w: connections.run(handle(r, w)), path,
                                 force=force, options=options, peer_name=peer_name)
     try:
         yield server

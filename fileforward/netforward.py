@@ -113,7 +113,7 @@ async def requesting(tunnel_dir: Optional[Path], requests: Requests, options: Op
         return actual
 
     try:
-        prepare_tunnel_dir(path)
+        await asyncio.to_thread(prepare_tunnel_dir, path)  # filesystem calls stay off the event loop
         await connector.start()
         for forward in requests.local:
             await listen("-L", forward.listen, fixed_target(forward.host, forward.port),
@@ -132,7 +132,7 @@ async def requesting(tunnel_dir: Optional[Path], requests: Requests, options: Op
             next((proxyfiles.url("http", w, requests.credentials) for w in http if w.path is None), None),
             next((proxyfiles.url("socks5h", w, requests.credentials) for w in socks if w.path is None), None))
         if urls.http or urls.socks:
-            proxy_file = proxyfiles.write(connector.tunnel_dir or path, urls)
+            proxy_file = await asyncio.to_thread(proxyfiles.write, connector.tunnel_dir or path, urls)
         log.info("requests go through tunnel %s (the other side, on the login node: fileforward serve %s)",
                  connector.tunnel_dir, dir_option(connector.tunnel_dir, "net"))
         async with publishing(connector.tunnel_dir or path, "requester", requester.counters):
@@ -145,7 +145,7 @@ async def requesting(tunnel_dir: Optional[Path], requests: Requests, options: Op
         await asyncio.gather(*reversing, return_exceptions=True)
         await connections.cancel_all()
         if proxy_file is not None:
-            proxyfiles.remove(proxy_file)
+            await asyncio.to_thread(proxyfiles.remove, proxy_file)
         await connector.close()
 
 
