@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from .errors import UnsafeTunnelDirError
+from .coherence import Mount, mount_of
 from .meeting import Channel, Meeting, NoAnswer, Settings, Stop, UnderLock, identity, meet, poll, try_lock
 from .tunneldir import check_safe
 
@@ -47,53 +48,6 @@ REFUSING = {errno.ENOLCK: "ENOLCK", errno.ENOSYS: "ENOSYS", errno.EOPNOTSUPP: "E
 OPERATIONS = ("open", "write+fsync", "read", "lockf", "rename", "stat")
 BLOCK = 4096
 PING_POLL_MAX = 0.005
-MOUNTINFO = "/proc/self/mountinfo"
-_OCTAL = re.compile(r"\\([0-7]{3})")  # mountinfo escapes blanks as \040
-
-
-@dataclasses.dataclass(frozen=True)
-class Mount:
-    """One line of /proc/self/mountinfo: the mount a directory lives on."""
-
-    mount_point: str
-    fstype: str
-    source: str
-    options: Tuple[str, ...]  # the mount's options, then the superblock's (NFS: vers, local_lock, actimeo...)
-
-    def option(self, name: str) -> Optional[str]:
-        """The value of option `name` ("" for a flag), None if absent."""
-        for option in self.options:
-            key, eq, value = option.partition("=")
-            if key == name:
-                return value if eq else ""
-        return None
-
-    def __str__(self) -> str:
-        return f"{self.fstype} {self.source} at {self.mount_point} ({','.join(self.options)})"
-
-
-def mount_of(path: Path, mountinfo: str = MOUNTINFO) -> Optional[Mount]:
-    """The mount `path` is on (the last of the longest matching mount points), or
-    None where there is no mountinfo to read (not Linux)."""
-    target = os.path.realpath(path)
-    best: Optional[Mount] = None
-    try:
-        with open(mountinfo, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        head, _, tail = line.partition(" - ")
-        fields, rest = head.split(), tail.split()
-        if len(fields) < 6 or len(rest) < 2:
-            continue
-        point = _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), fields[4])
-        inside = target == point or target.startswith(point.rstrip("/") + "/")
-        if inside and (best is None or len(point) >= len(best.mount_point)):
-            options = fields[5].split(",")
-            options += [o for o in (rest[2].split(",") if len(rest) > 2 else []) if o not in options]
-            best = Mount(point, rest[0], rest[1], tuple(options))
-    return best
 
 
 @dataclasses.dataclass

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import List, Tuple
 
 from fileforward.doctor import fix, local_report
-from fileforward.probe import Choice, Local, mount_of
+from fileforward.coherence import mount_of
+from fileforward.probe import Choice, Local
 from tests.tunnel_support import REPO_ROOT, Proc
 
 DOCTOR = [sys.executable, "-m", "fileforward", "doctor"]
