@@ -123,7 +123,3 @@ class ReadBuffer:
         length = min(self.size, -(-(offset - start + limit) // BLOCK) * BLOCK)
         got = os.preadv(fd, [memoryview(self._map)[:length]], start)
         return memoryview(self._map)[offset - start:max(got, offset - start)][:limit]
-
-    def close(self) -> None:
-        """Release the buffer (after the I/O thread's last read)."""
-        self._map.close()

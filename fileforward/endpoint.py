@@ -4,32 +4,28 @@ Every filesystem call of the transport happens on this thread, never on the even
 loop: a hung NFS mount stalls this thread (and is reported by a watchdog on the
 loop), not the application.
 
-How the files are used (see tunneldir.py for names):
+What each part does (the files are described in tunneldir.py and ARCHITECTURE.md):
 
-- Writing: append records to the connection's out chunk file under its lock, at
-  most `window` bytes unread. When an append returns more than wake_after_idle
-  after the previous one began, the writer also appends a WAKE record to the
-  reader's bell, because the reader may have stopped looking (the proof that no
-  write is missed, whatever the timing, is in ARCHITECTURE.md).
-- Reading: a connection the reader has seen data on recently is "hot" and drained
-  directly every cycle; a cold one is only looked at when a WAKE for it arrives.
-  That keeps the idle cost at one bell poll per cycle, whatever the number of
-  connections, while active connections never wait for the bell.
-- Ending: a RESET is answered with a RESET, so both sides release a reset
-  connection's descriptors and files at once.
-- Peers: an endpoint knows each peer from its first record until the peer says BYE
-  or is declared dead. It appends a PING (a new counter, with its pid and host) to
-  each peer's bell every liveness_timeout/5. A new record from a peer proves it was
-  alive after our previous look at that file (not when we happen to drain it: after
-  a stall of our own, stale pings prove nothing). A side that gives up on a peer
-  tells it with a BYE carrying the reason, so that both sides end their connections,
-  and the counter of its last ping it saw, so that a BYE crossing the receiver's own
-  giving up does not end the connections made after the two met again.
-  A client endpoint with no peer looks at the server pointer every POINTER_WATCH,
-  so that both sides learn of each other before the first connection.
+- Connections (transport.py for their state, chunks.py for their files): a client
+  creates both chunk files of a new connection and raises the connection counter in
+  its slot of the server's bell; the server takes up every connection above the one
+  it saw last, answers ACCEPT in the server-to-client file and hands a transport to
+  the application. Records are appended by their one writer, read by their one
+  reader from its own position; the reader acknowledges what it read in the other
+  direction (ACK), which is the writer's window.
+- Wake-ups: a connection the reader has seen data on recently is "hot" and read
+  every cycle; a cold one is only looked at when its peer raises the ring counter
+  of its slot in our bell. A writer rings when an append returns more than
+  wake_after_idle after the previous one began (the proof that no write is missed,
+  whatever the timing, is in ARCHITECTURE.md). An idle endpoint reads one file per
+  look, its bell, whatever its number of connections and peers.
+- Peers and liveness: peers.py. A peer that gives up on us says so with a BYE
+  carrying the reason and the counter of our last ping it saw, so that a BYE that
+  crosses our own giving up does not end the connections made after we met again.
 - Cycle timing: right after activity the thread polls every poll_min; then it
-  waits half the time since the last activity, up to poll_max. While connections
-  are hot, the bell is drained at most every 10 ms: every request counts on NFS.
+  waits half the time since the last activity, up to poll_max; and never polls a
+  file again sooner than twice the time the last look at it took (on NFS every
+  request counts). While connections are hot, the bell is read at most every 10 ms.
 - Errors: one connection's filesystem error ends that connection. An error of the
   whole endpoint (bell, directory, pointer) is retried with backoff (trouble.py) and
   fails the endpoint after give_up_after. The directory is checked again every
@@ -44,217 +40,65 @@ import atexit
 import concurrent.futures
 import contextlib
 import errno
-import json
 import logging
 import os
 import re
 import secrets
-import socket
 import threading
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Set
 
-from . import tunneldir
+from . import pointer, tunneldir
+from .bell import SLOT_SIZE, Flag, OwnerSlot, PeerSlot, Reason, look_size, read_owner, read_peers
+from .chunks import InStream, OutStream, read_limit
+from .coherence import LOCKS, DataPath, ReadBuffer
 from .errors import (EndpointFailedError, NoServerError, PeerLostError, ProtocolError, ServerAlreadyRunningError,
                      TunnelDirLostError, TunnelError, UnsafeTunnelDirError)
-from .files import TABLE, Busy, SharedFile
+from .files import TABLE, SharedFile, close_file, open_file, write_at
 from .options import Options
-from .records import (FORMAT_VERSION, HEADER, MAGIC, Kind, decode, decode_until_damage, encode, encode_text,
-                      text_fields)
-from .transport import FileTransport
+from .peers import DEATH_CHECK, Peer, machine_identity, meet
+from .records import Kind, Record, decode_position, encode, encode_position
+from .transport import Conn, FileTransport
 from .trouble import Trouble
 
 log = logging.getLogger(__name__)
 
 _CID_RE = re.compile(r"^[0-9a-f]{16}-[0-9]{1,12}$")
-_EID_RE = re.compile(r"^[0-9a-f]{16}$")
 POINTER_RECHECK = 0.25
 STEPDOWN_WAIT = 10.0
-BELL_POLL_WHILE_HOT = 0.01  # hot connections are drained directly; the bell can wait a little
+BELL_POLL_WHILE_HOT = 0.01  # hot connections are read directly; the bell can wait a little
 POINTER_WATCH = 2.0  # how often a client endpoint with no peer looks for a server
 DIR_CHECK_INTERVAL = 5.0  # how often the directory's owner, mode and identity are checked again
 _GONE_ERRNOS = (errno.ENOENT, errno.ESTALE)
 
 
-class Conn:
-    """One connection's state, shared by the event loop (the application's side) and
-    the I/O thread. Fields the loop writes are guarded by `lock`."""
+class Link:
+    """A connection's files, as the I/O thread sees them: our direction and theirs."""
 
-    def __init__(self, endpoint: "Endpoint", cid: str, in_path: Path, out_path: Path,
-                 in_file: SharedFile, out_file: SharedFile) -> None:
-        self.endpoint = endpoint
-        self.cid = cid
-        self.in_path, self.out_path = in_path, out_path
-        self.in_file, self.out_file = in_file, out_file
-        self.peer: Optional[str] = None
-        self.transport = FileTransport(self, {
-            "peername": ("fileforward", cid), "sockname": ("fileforward", cid),
-            "tunnel_dir": str(endpoint.tunnel_dir), "connection_id": cid,
-        })
-        self.lock = threading.Lock()
-        self.out_buf = bytearray()
-        self.want_eof = False
-        self.want_close = False
-        self.app_closed = False
-        self.reset_reason: Optional[str] = None
-        self.eof_written = False
-        self.out_done = False
-        self.lost_after_write = False
-        self.writer_paused = False
-        self.resume_below = 0
-        self.resume_writer = False  # set by build_batch when the paused writer may go on
-        self.in_eof = False
-        self.in_done = False
-        self.reading = True
-        self.hot = True
-        self.last_seen = self.looked = time.monotonic()  # last fruitful drain / start of the last look
-        self.last_write = float("-inf")  # when the last append began
-        self.in_next = self.out_next = 0.0  # see _leave_free_since
+    def __init__(self, conn: Conn, out: OutStream, into: InStream) -> None:
+        self.conn = conn
+        self.out = out
+        self.into = into
+        self.ack_soon = False  # a segment of theirs ended: tell the writer promptly
 
-    # --- called on the loop --------------------------------------------------------------
-    def push(self, data: bytes, high: int, low: int) -> bool:
-        """Buffer data for the I/O thread. True if the writer must now pause: the
-        buffer passed `high`; the I/O thread resumes it once it is down to `low`."""
-        with self.lock:
-            if not self.out_done:
-                self.out_buf += data
-            pause = not self.writer_paused and len(self.out_buf) > high
-            if pause:
-                self.writer_paused, self.resume_below = True, low
-        self.endpoint.wake()
-        return pause
-
-    def buffered(self) -> int:
-        """Bytes written by the application and not yet on disk."""
-        with self.lock:
-            return len(self.out_buf)
-
-    def request_end(self, close: bool) -> bool:
-        """write_eof (close=False) or close (close=True), after the buffered data.
-
-        Returns True if our direction was already over (nothing left to do).
-        """
-        with self.lock:
-            if self.out_done:
-                return True
-            self.want_eof = True
-            if close:
-                self.want_close = self.app_closed = True
-        self.endpoint.wake()
-        return False
-
-    def request_reset(self, reason: str) -> None:
-        """Abort: drop buffered data and tell the peer (`reason` empty for a plain abort).
-
-        Reading goes on until the peer's answering RESET, which releases the connection.
-        """
-        with self.lock:
-            self.out_buf.clear()
-            self.app_closed = True
-            if self.reset_reason is None and not self.out_done:
-                self.reset_reason = reason
-        self.reading = self.hot = True
-        self.endpoint.wake()
-
-    def set_reading(self, reading: bool) -> None:
-        """Flow control from the StreamReader: stop or resume draining the in file."""
-        self.reading = reading
-        if reading:
-            self.hot = True
-            self.endpoint.wake()
-
-    # --- called on the I/O thread ------------------------------------------------------
-    def has_output(self) -> bool:
-        """Whether there is data or an end record waiting to be written."""
-        with self.lock:
-            return not self.out_done and (
-                bool(self.out_buf) or self.reset_reason is not None or self.want_close
-                or (self.want_eof and not self.eof_written))
-
-    def build_batch(self, room: int, chunk: int) -> List[bytes]:
-        """Record buffers for up to `room` bytes of buffered data, then any end record due.
-
-        Zero-copy when everything buffered fits: the buffer itself is handed over.
-        End records are tiny and may overshoot the window slightly; data never does.
-        """
-        parts: List[bytes] = []
-        with self.lock:
-            self._resume_writer_if_drained()  # also after a reset or the peer's CLOSE emptied it
-            if self.out_done:
-                return parts
-            if self.reset_reason is not None:
-                self.out_buf.clear()
-                self.out_done = True
-                return [encode(Kind.RESET, self.reset_reason.encode("utf-8", "replace"))]
-            budget = room - HEADER.size * (room // chunk + 1)
-            if self.out_buf and budget > 0:
-                if len(self.out_buf) <= budget:
-                    data, self.out_buf = self.out_buf, bytearray()
-                else:
-                    data = self.out_buf[:budget]
-                    del self.out_buf[:budget]
-                view = memoryview(data)
-                for offset in range(0, len(data), chunk):
-                    payload = view[offset:offset + chunk]
-                    parts += [HEADER.pack(MAGIC, FORMAT_VERSION, Kind.DATA, len(payload)), payload]
-            self._resume_writer_if_drained()
-            if not self.out_buf:
-                if self.want_close:
-                    parts.append(encode(Kind.CLOSE))
-                    self.eof_written = self.out_done = True
-                    self.lost_after_write = self.app_closed
-                elif self.want_eof and not self.eof_written:
-                    parts.append(encode(Kind.EOF))
-                    self.eof_written = True
-        return parts
-
-    def _resume_writer_if_drained(self) -> None:
-        if self.writer_paused and len(self.out_buf) <= self.resume_below:
-            self.writer_paused, self.resume_writer = False, True
-
-    def peer_closed(self) -> None:
-        """The peer reads no more: drop what we still have and close our direction."""
-        with self.lock:
-            if not self.out_done:
-                self.out_buf.clear()
-                self.want_eof = self.want_close = True
-
-    def end_output(self) -> bool:
-        """Mark our direction over without writing (peer gone). True if it was open."""
-        with self.lock:
-            was_open = not self.out_done
-            self.out_done = True
-            self.out_buf.clear()
-            return was_open
+    def close(self) -> None:
+        self.out.close()
+        self.into.close()
 
 
 class PendingConnect:
     """A client connection waiting for the server's ACCEPT."""
 
-    def __init__(self, conn: Conn, deadline: float) -> None:
-        self.conn = conn
+    def __init__(self, link: Link, deadline: float) -> None:
+        self.link = link
         self.deadline = deadline
         self.future: "concurrent.futures.Future[FileTransport]" = concurrent.futures.Future()
         self.sent_to: Optional[str] = None
+        self.offered = False  # announced to some server already: a new server gets a new connection id
         self.next_check = 0.0
         self.refusal = ""
-
-
-class Peer:
-    """Another endpoint we know, from its first record until it leaves or is declared dead."""
-
-    def __init__(self, eid: str, bell: SharedFile, met_after_ping: int) -> None:
-        self.eid = eid
-        self.bell = bell
-        self.last_seen = time.monotonic()
-        self.last_ping = float("-inf")
-        # our ping counter when we (re)met it: a BYE from it that saw none of our later
-        # pings gave up on an earlier meeting, not on this one
-        self.met_after_ping = met_after_ping
-        self.pings_seen = 0  # the highest counter of its pings to us
-        self.who: Optional[str] = None  # "pid P on host H", from its pings
-        self.conns: Set[str] = set()
+        self.silent_server = ""  # the server the pointer named, which has not answered
 
 
 def _describe_gone(exc: OSError, doing: str) -> Exception:
@@ -284,8 +128,7 @@ class Endpoint:
         self.eid = ""
         self.autostop = autostop
         self.peer_name = peer_name or ("tunnel client" if serve else "tunnel server")
-        host = socket.gethostname().encode("ascii", "replace").decode().replace(" ", "_") or "?"
-        self._identity = f"{os.getpid()} {host}"  # "<pid> <host>", ASCII fields of our PINGs
+        self._boot, self._host = machine_identity()
         self._serve = serve
         self._force = force
         self._on_accept = on_accept
@@ -294,12 +137,18 @@ class Endpoint:
         self._pointer: Optional[SharedFile] = None
         self._dir_id: Optional[tunneldir.DirIdentity] = None
         self._next_dir_check = 0.0
+        self._data = DataPath(direct=False, sync=False, mount=None)
+        self._buffer = ReadBuffer(read_limit(options.window, options.chunk))
         self.failure: Optional[EndpointFailedError] = None
         self.silent = False  # set when the directory was tampered with: write nothing more there
-        self._conns: Dict[str, Conn] = {}
+        self._links: Dict[str, Link] = {}
         self._connects: Dict[str, PendingConnect] = {}
         self._peers: Dict[str, Peer] = {}
+        self._slots: Dict[int, PeerSlot] = {}  # what each peer's slot in our bell said at our last look
+        self._gone: Set[str] = set()  # peers declared gone: not met again through a stale pointer
         self._pings = 0  # the counter of our pings, to any peer: it rises across meetings with a peer
+        self._lease = 0
+        self._next_lease = 0.0
         self._commands: List[Callable[[], None]] = []
         self._commands_lock = threading.Lock()
         self._closed = False
@@ -310,7 +159,8 @@ class Endpoint:
         self._last_refused = ""
         self._last_activity = time.monotonic()
         self._last_bell_poll = float("-inf")
-        self._bell_looked = time.monotonic()  # start of the last drain of our bell
+        self._bell_looked = time.monotonic()  # start of the last look at our bell
+        self._next_bell_look = 0.0
         self._next_watch = 0.0  # next look at the server pointer (client endpoints with no peer)
         self.busy_since: Optional[float] = None
         self.started: "concurrent.futures.Future[None]" = concurrent.futures.Future()
@@ -465,7 +315,7 @@ class Endpoint:
     def _should_stop(self) -> bool:
         if self._stop_requested:
             return True
-        return (self.autostop and self._had_work and not self._conns and not self._connects
+        return (self.autostop and self._had_work and not self._links and not self._connects
                 and self._pointer is None and not self._commands)
 
     def _interval(self) -> float:
@@ -482,24 +332,26 @@ class Endpoint:
 
     def _cycle(self, now: float) -> bool:
         activity = self._run_commands()
-        for conn in list(self._conns.values()):
-            if now >= conn.out_next and conn.has_output():
-                activity |= self._flush(conn)
-        hot = [c for c in self._conns.values() if c.hot and c.reading and not c.in_done and now >= c.in_next]
-        if not hot or now - self._last_bell_poll >= BELL_POLL_WHILE_HOT:
+        for link in list(self._links.values()):
+            if self._write_due(link):
+                activity |= self._flush(link)
+        hot = [link for link in self._links.values()
+               if link.conn.hot and link.conn.reading and not link.conn.in_done and now >= link.conn.in_next]
+        if (not hot or now - self._last_bell_poll >= BELL_POLL_WHILE_HOT) and now >= self._next_bell_look:
             self._last_bell_poll = now
             activity |= self._poll_bell()
-        for conn in hot:
-            if not conn.in_done and self._conns.get(conn.cid) is conn:  # not ended by the bell
-                activity |= self._poll_in(conn, now)
+        for link in hot:
+            if not link.conn.in_done and self._links.get(link.conn.cid) is link:  # not ended by the bell
+                activity |= self._poll_in(link, now)
         for pending in list(self._connects.values()):
             self._advance_connect(pending, now)
         if not self._serve and not self._peers and now >= self._next_watch:
             self._next_watch = now + POINTER_WATCH
             self._watch_server()
         self._keep_peers(now)
-        for conn in [c for c in self._conns.values() if c.in_done and c.out_done]:
-            self._forget(conn)
+        self._keep_lease(now)
+        for link in [k for k in self._links.values() if k.conn.in_done and k.conn.out_done]:
+            self._forget(link)
         return activity
 
     # --- startup and shutdown -----------------------------------------------------------
@@ -507,18 +359,28 @@ class Endpoint:
         """Make (or, `again`, make again) the directory, our bell, and the server pointer
         if we serve."""
         self.tunnel_dir, self._dir_id = tunneldir.prepare(self.tunnel_dir, parents=not again)
+        self._data = DataPath.for_directory(self.tunnel_dir)
         self._next_dir_check = time.monotonic() + DIR_CHECK_INTERVAL
+        self._slots.clear()
         while self._bell is None:
             eid = secrets.token_hex(8)
             final = tunneldir.bell_path(self.tunnel_dir, eid)
             bell = TABLE.open(final.with_name(final.name + tunneldir.NEW_SUFFIX), create=True, exclusive=True)
             bell.try_hold_alive()
             try:
+                write_at(bell.fd, [OwnerSlot(eid, os.getpid(), self._boot, self._host).encode()], 0,
+                         self._data.sync)
+                self._check_direct_reads(bell)
                 TABLE.rename(bell, final)
             except FileNotFoundError:  # a cleaner took it for a crashed endpoint's: retry
                 bell.drop_alive()
                 TABLE.release(bell)
                 continue
+            except BaseException:
+                TABLE.unlink(Path(bell.path))
+                bell.drop_alive()
+                TABLE.release(bell)
+                raise
             self.eid, self._bell = eid, bell
         try:
             if self._serve:
@@ -528,6 +390,19 @@ class Endpoint:
             _quietly(self._release_pointer, True)
             self._close_bell()
             raise
+
+    def _check_direct_reads(self, bell: SharedFile) -> None:
+        """On a shared filesystem we must read past this node's cache: if O_DIRECT is
+        refused, no mode can work here, and we say so before anyone waits."""
+        try:
+            bell.reading_fd(self._data.direct)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            raise TunnelError(
+                errno.EINVAL, f"tunnel directory {self.tunnel_dir} is on {self._data.describe()}, which refuses "
+                f"O_DIRECT reads; without them this node cannot see another node's writes: use a directory "
+                f"on NFS, Lustre, GPFS or BeeGFS, or on a local disk if both sides run on this machine") from None
 
     def _shutdown(self) -> None:
         self._run_commands(last=True)
@@ -540,16 +415,18 @@ class Endpoint:
         at once) and a plain RESET per connection (the BYE says why)."""
         if tell_peers:
             for peer in self._peers.values():
-                _quietly(peer.bell.append, encode_text(Kind.BYE, self.eid))
+                peer.slot.flags |= Flag.BYE
+                peer.slot.reason = Reason.CLEAN
+                _quietly(peer.tell, self._data.sync)
         for pending in list(self._connects.values()):
             self._abandon_connect(pending, lost)
-        for conn in list(self._conns.values()):
+        for link in list(self._links.values()):
             if tell_peers:
-                _reset_output(conn, "")
-            conn.end_output()
-            self._end_input(conn)
-            self.to_loop(conn.transport.deliver_lost, lost)
-            self._forget(conn)
+                self._reset_output(link, "")
+            link.conn.end_output()
+            self._end_input(link)
+            self.to_loop(link.conn.transport.deliver_lost, lost)
+            self._forget(link)
         for peer in list(self._peers.values()):
             self._drop_peer(peer)
         _quietly(self._release_pointer, tell_peers)
@@ -558,6 +435,8 @@ class Endpoint:
     def _close_bell(self) -> None:
         if self._bell is not None:
             TABLE.unlink(Path(self._bell.path))
+            for index in self._slots:
+                TABLE.unlink(tunneldir.slot_claim_path(self.tunnel_dir, self.eid, index))
             _quietly(self._bell.drop_alive)
             TABLE.release(self._bell)
             self._bell = None
@@ -565,23 +444,27 @@ class Endpoint:
     def _watch_dir(self, now: float) -> None:
         """Every DIR_CHECK_INTERVAL, check the directory again: UnsafeTunnelDirError if its
         owner or mode changed (the endpoint stops); if it was deleted, everything in it
-        is lost: end our connections and make it again (retried while that fails)."""
+        is lost: end our connections and make it again (retried while that fails).
+        A server also checks that the pointer still names it."""
         if self._bell is not None:
             if now < self._next_dir_check:
                 return
             self._next_dir_check = now + DIR_CHECK_INTERVAL
             try:
                 tunneldir.verify(self.tunnel_dir, self._dir_id)
+                self._check_pointer_ours()
                 return
             except TunnelDirLostError as exc:
-                log.error("%s: %d connection(s) lost; making it again (mode 700)", exc, len(self._conns))
+                log.error("%s: %d connection(s) lost; making it again (mode 700)", exc, len(self._links))
                 self._serve = self._pointer is not None
                 self._end_all(PeerLostError(str(exc)), tell_peers=False)
         self._open(again=True)
         log.warning("tunnel directory %s made again; connections work again", self.tunnel_dir)
 
     def _clear_stale_files(self) -> None:
-        """Remove what crashed endpoints left behind; a live owner holds its bell's lock."""
+        """Remove what crashed endpoints of this machine left behind. A free owner lock
+        proves death only where locks are known to exclude: on one machine (or with
+        coherence "locks"); another node's leftovers are not ours to judge."""
         owners: Dict[str, List[str]] = {}
         for name in os.listdir(self.tunnel_dir):
             owner = tunneldir.owner_of(name)
@@ -597,8 +480,9 @@ class Endpoint:
             for name in names:
                 TABLE.unlink(self.tunnel_dir / name)
 
-    @staticmethod
-    def _owner_dead(path: Path) -> bool:
+    def _owner_dead(self, path: Path) -> bool:
+        """Whether the owner of a bell is known dead: its owner lock is free, and its
+        lock would exclude ours (it ran on this machine, or coherence is "locks")."""
         if TABLE.local_alive_holder(path):
             return False
         try:
@@ -606,94 +490,166 @@ class Endpoint:
         except FileNotFoundError:
             return False
         try:
-            if not shared.try_hold_alive():
-                return False
-            shared.drop_alive()
-            return True
+            if self.opts.coherence != LOCKS:
+                owner = read_owner(self._buffer.read(shared.reading_fd(self._data.direct), 0, SLOT_SIZE))
+                if owner is not None and owner.boot != self._boot:
+                    return False
+            return shared.alive_elsewhere() is False
         finally:
             TABLE.release(shared)
 
-    # --- server pointer ---------------------------------------------------------------------
-    def _pointer_path(self) -> Path:
-        return self.tunnel_dir / tunneldir.SERVER_FILE
+    def _keep_lease(self, now: float) -> None:
+        """Raise the lease in our bell's slot 0 now and then: how a remote observer could
+        tell that we still run (not used for liveness between peers: pings are)."""
+        if now < self._next_lease or self._bell is None or self.silent:
+            return
+        self._next_lease = now + self.opts.liveness_timeout / 2
+        self._lease += 1
+        write_at(self._bell.fd, [OwnerSlot(self.eid, os.getpid(), self._boot, self._host, self._lease).encode()],
+                 0, self._data.sync)
 
+    # --- server pointer ---------------------------------------------------------------------
     def _claim_pointer(self) -> None:
-        pointer = TABLE.open(self._pointer_path(), create=True)
+        shared = TABLE.open(pointer.path_in(self.tunnel_dir), create=True)
         try:
-            if not pointer.try_hold_alive():
-                self._take_over(pointer)
-            pointer.replace(json.dumps({
-                "eid": self.eid, "pid": os.getpid(), "host": socket.gethostname(),
-                "format": FORMAT_VERSION, "started": time.time(),
-            }).encode())
+            if not shared.try_hold_alive():
+                self._take_over(shared)
+            else:
+                self._challenge_remote_server(shared)
+            pointer.write(shared, self.eid, self._boot, self._data.sync)
         except BaseException:
-            TABLE.release(pointer)
+            shared.drop_alive()
+            TABLE.release(shared)
             raise
-        self._pointer = pointer
+        self._pointer = shared
         self._had_work = True
 
-    def _take_over(self, pointer: SharedFile) -> None:
-        info = _parse_pointer(pointer.read()) or {}
-        who = f"pid {info.get('pid', '?')} on host {info.get('host', '?')}"
+    def _take_over(self, shared: SharedFile) -> None:
+        """The pointer's lock is held: its server runs. Step it down (force) or refuse."""
+        info = pointer.parse(shared.read()) or {}
+        who = pointer.describe(info)
         if not self._force:
             raise ServerAlreadyRunningError(
                 f"another process ({who}) already serves tunnel directory {self.tunnel_dir}: "
                 f"stop it, or pass --force (force=True) to make it step down")
         log.warning("tunnel directory %s: asking the running server (%s) to step down", self.tunnel_dir, who)
-        if _EID_RE.match(str(info.get("eid", ""))):
-            _quietly(self._append_to, tunneldir.bell_path(self.tunnel_dir, info["eid"]),
-                     encode_text(Kind.STEPDOWN, self.eid, f"pid {os.getpid()} on host {socket.gethostname()}"))
+        self._ask_to_step_down(info)
         deadline = time.monotonic() + STEPDOWN_WAIT
-        while not pointer.try_hold_alive():
+        while not shared.try_hold_alive():
             if time.monotonic() > deadline:
                 raise ServerAlreadyRunningError(
                     f"the running server ({who}) in {self.tunnel_dir} did not step down within {STEPDOWN_WAIT:g} s")
             time.sleep(0.05)
 
+    def _challenge_remote_server(self, shared: SharedFile) -> None:
+        """The pointer's lock was free. That proves its server dead only where its lock
+        excludes ours; elsewhere, knock on its bell and wait for an answer."""
+        info = pointer.parse(shared.read())
+        eid = pointer.server_eid(info)
+        if eid is None or eid == self.eid:
+            return
+        bell_path = tunneldir.bell_path(self.tunnel_dir, eid)
+        if not bell_path.exists() or self._owner_dead(bell_path):
+            return
+        try:
+            peer = self._peer(eid)
+        except FileNotFoundError:
+            return
+        who = pointer.describe(info)
+        log.info("tunnel directory %s: the server pointer names %s, whose lock is free, which here does not "
+                 "prove it exited: asking it (up to %g s)", self.tunnel_dir, who, self.opts.connect_timeout)
+        deadline = time.monotonic() + self.opts.connect_timeout
+        while time.monotonic() < deadline:
+            self._poll_bell()
+            if any(slot.eid == eid for slot in self._slots.values()):
+                break
+            time.sleep(0.05)
+        else:
+            log.info("tunnel directory %s: %s did not answer: taking over", self.tunnel_dir, who)
+            self._drop_peer(peer)
+            return
+        if not self._force:
+            raise ServerAlreadyRunningError(
+                f"another process ({who}) already serves tunnel directory {self.tunnel_dir}: "
+                f"stop it, or pass --force (force=True) to make it step down")
+        log.warning("tunnel directory %s: asking the running server (%s) to step down", self.tunnel_dir, who)
+        self._ask_to_step_down(info)
+
+    def _ask_to_step_down(self, info: dict) -> None:
+        eid = pointer.server_eid(info)
+        if eid is None:
+            return
+        try:
+            peer = self._peer(eid)
+        except FileNotFoundError:
+            return
+        peer.slot.flags |= Flag.STEPDOWN
+        _quietly(peer.tell, self._data.sync)
+
+    def _check_pointer_ours(self) -> None:
+        """A server whose pointer names another (taken over while we were stalled, or
+        on a filesystem whose locks do not exclude) steps down."""
+        if self._pointer is None:
+            return
+        try:
+            info = pointer.parse(self._pointer.read())
+        except OSError:
+            return
+        eid = pointer.server_eid(info)
+        if eid is not None and eid != self.eid:
+            self._step_down(pointer.describe(info))
+
+    def _step_down(self, description: str) -> None:
+        log.warning("tunnel directory %s: stepping down for a new server (%s)", self.tunnel_dir, description)
+        self._release_pointer(clear=False)
+        if self._on_stepdown is not None:
+            self.to_loop(self._on_stepdown, description)
+
     def _release_pointer(self, clear: bool) -> None:
         if self._pointer is None:
             return
         if clear and not self.silent:
-            _quietly(self._pointer.replace, b"")
+            info = pointer.parse(self._pointer.read())
+            if pointer.server_eid(info) == self.eid:
+                _quietly(self._pointer.replace, b"", self._data.sync)
         self._pointer.drop_alive()
         TABLE.release(self._pointer)
         self._pointer = None
-
-    def _read_pointer(self) -> Optional[dict]:
-        try:
-            pointer = TABLE.open(self._pointer_path())
-        except FileNotFoundError:
-            return None
-        try:
-            info = _parse_pointer(pointer.read())
-        finally:
-            TABLE.release(pointer)
-        if info is not None and info.get("format") != FORMAT_VERSION:
-            raise ProtocolError(
-                f"tunnel directory {self.tunnel_dir} is served with tunnel format {info.get('format')}, "
-                f"this fileforward speaks format {FORMAT_VERSION}: install the same fileforward version on both sides")
-        return info
 
     # --- connecting (client) ------------------------------------------------------------
     def _begin_connect(self) -> PendingConnect:
         self.raise_failure()
         self._verify_dir()
+        pending = PendingConnect(self._new_link(), time.monotonic() + self.opts.connect_timeout)
+        self._connects[pending.link.conn.cid] = pending
+        self._had_work = True
+        return pending
+
+    def _new_link(self, conn: Optional[Conn] = None) -> Link:
+        """A new connection's two files, created by us (the client) and empty; for `conn`
+        (which gets the new id) or a new one."""
         self._next_cid += 1
         cid = f"{self.eid}-{self._next_cid}"
         to_server, to_client = tunneldir.chunk_paths(self.tunnel_dir, cid)
-        out_file = TABLE.open(to_server, create=True, exclusive=True)
+        out_fd = open_file(to_server, "create")
         try:
-            in_file = TABLE.open(to_client, create=True, exclusive=True)
+            close_file(open_file(to_client, "create"), str(to_client))
+            in_fd = open_file(to_client, "read", self._data.direct)
         except BaseException:
+            close_file(out_fd, str(to_server))
             TABLE.unlink(to_server)
-            TABLE.release(out_file)
+            TABLE.unlink(to_client)
             raise
-        conn = Conn(self, cid, to_client, to_server, in_file, out_file)
-        pending = PendingConnect(conn, time.monotonic() + self.opts.connect_timeout)
-        self._conns[cid] = conn
-        self._connects[cid] = pending
-        self._had_work = True
-        return pending
+        return self._link(cid, OutStream(to_server, out_fd, self._data, self.opts.segment_bytes),
+                          InStream(to_client, in_fd, self._data), conn)
+
+    def _link(self, cid: str, out: OutStream, into: InStream, conn: Optional[Conn] = None) -> Link:
+        if conn is None:
+            conn = Conn(cid, self.wake, {"tunnel_dir": str(self.tunnel_dir)})
+        conn.name(cid)
+        link = Link(conn, out, into)
+        self._links[cid] = link
+        return link
 
     def _verify_dir(self) -> None:
         """Check the directory before a connection's files are opened in it; on a
@@ -706,27 +662,23 @@ class Endpoint:
 
     def _advance_connect(self, pending: PendingConnect, now: float) -> None:
         if now >= pending.deadline:
-            refusal = f" (last answer: {pending.refusal})" if pending.refusal else ""
-            self._abandon_connect(pending, NoServerError(
-                f"no {self.peer_name} answered in tunnel directory {self.tunnel_dir} within "
-                f"{self.opts.connect_timeout:g} s{refusal}. Start the far end first, e.g. "
-                f"`fileforward --client --port PORT --tunnel_dir {self.tunnel_dir}` on the node that runs "
-                f"the service (or `python -m rpc serve MODULE:FUNCTIONS --tunnel_dir {self.tunnel_dir}` for RPC)"))
+            self._abandon_connect(pending, self._no_server(pending))
             return
         if now < pending.next_check:
             return
         pending.next_check = now + POINTER_RECHECK
         try:
-            info = self._read_pointer()
+            info = pointer.read(self.tunnel_dir)
         except ProtocolError as exc:
             self._abandon_connect(pending, exc)
             return
-        eid = str(info.get("eid", "")) if info else ""
-        if not _EID_RE.match(eid) or eid == pending.sent_to:
+        eid = pointer.server_eid(info)
+        if eid is None or eid == pending.sent_to or eid == self.eid:
             return
+        if pending.offered:  # another server had it: it may answer too, so this one gets a new id
+            self._renew(pending)
         try:
-            self._append_to(tunneldir.bell_path(self.tunnel_dir, eid),
-                            encode_text(Kind.CONNECT, self.eid, pending.conn.cid))
+            peer = self._peer(eid)
         except FileNotFoundError:
             return
         except UnsafeTunnelDirError:
@@ -735,243 +687,292 @@ class Endpoint:
             self._abandon_connect(pending, TunnelError(
                 exc.errno, f"cannot ask the server in {self.tunnel_dir} for a connection: {exc.strerror or exc}"))
             return
-        pending.sent_to = eid
+        peer.slot.conns = max(peer.slot.conns, _number(pending.link.conn.cid))
+        try:
+            peer.tell(self._data.sync)
+        except OSError as exc:
+            self._abandon_connect(pending, TunnelError(
+                exc.errno, f"cannot ask the server in {self.tunnel_dir} for a connection: {exc.strerror or exc}"))
+            return
+        pending.sent_to, pending.offered = eid, True
+        pending.silent_server = pointer.describe(info)
+
+    def _no_server(self, pending: PendingConnect) -> NoServerError:
+        refusal = f" (last answer: {pending.refusal})" if pending.refusal else ""
+        silent = ""
+        if pending.silent_server and not pending.refusal:
+            silent = (f"; the server named in {pointer.path_in(self.tunnel_dir)} ({pending.silent_server}) did not "
+                      f"answer: it has exited, or its writes do not reach this node (run `fileforward doctor` "
+                      f"on both nodes)")
+        return NoServerError(
+            f"no {self.peer_name} answered in tunnel directory {self.tunnel_dir} within "
+            f"{self.opts.connect_timeout:g} s{refusal}{silent}. Start the far end first, e.g. "
+            f"`fileforward --client --port PORT --tunnel_dir {self.tunnel_dir}` on the node that runs "
+            f"the service (or `python -m rpc serve MODULE:FUNCTIONS --tunnel_dir {self.tunnel_dir}` for RPC)")
+
+    def _renew(self, pending: PendingConnect) -> None:
+        """Give a waiting connection a new id and new files (its old ones are removed)."""
+        old = pending.link
+        del self._connects[old.conn.cid]
+        self._discard(old)
+        link = self._new_link(old.conn)
+        pending.link = link
+        self._connects[link.conn.cid] = pending
 
     def _on_answer(self, pending: PendingConnect, kind: Kind, text: str) -> None:
         if kind is Kind.REFUSE:
             pending.refusal, pending.sent_to = text, None
             return
-        conn = pending.conn
-        del self._connects[conn.cid]
-        try:
-            peer = self._peer(text)
-        except (FileNotFoundError, ValueError) as exc:
-            self._abandon_connect(pending, PeerLostError(f"the server vanished while accepting: {exc}"))
+        link = pending.link
+        del self._connects[link.conn.cid]
+        peer = self._peers.get(text)
+        if peer is None:
+            self._abandon_connect(pending, PeerLostError("the server vanished while accepting"))
             return
-        conn.peer = peer.eid
-        peer.conns.add(conn.cid)
+        link.conn.peer = peer.eid
+        peer.conns.add(link.conn.cid)
         try:
-            pending.future.set_result(conn.transport)
+            pending.future.set_result(link.conn.transport)
         except concurrent.futures.InvalidStateError:  # cancelled: the application stopped waiting
-            self._fail(conn, ConnectionAbortedError("the connecting side stopped waiting"), tell_peer=True, why="")
+            self._fail(link, ConnectionAbortedError("the connecting side stopped waiting"), tell_peer=True, why="")
 
     def _abandon_connect(self, pending: PendingConnect, exc: BaseException) -> None:
-        conn = pending.conn
-        self._connects.pop(conn.cid, None)
-        _reset_output(conn, "")  # in case the server accepted just now
-        TABLE.unlink(conn.in_path)
-        TABLE.unlink(conn.out_path)
-        conn.in_done = True
-        self._forget(conn)
+        link = pending.link
+        self._connects.pop(link.conn.cid, None)
+        self._reset_output(link, "")  # in case the server accepted just now
+        self._discard(link)
         if not pending.future.done():
             pending.future.set_exception(exc)
 
+    def _discard(self, link: Link) -> None:
+        """Forget a connection no server took up, with its files."""
+        link.conn.in_done = True
+        link.conn.end_output()
+        self._forget(link)
+        TABLE.unlink(link.into.path)
+        TABLE.unlink(link.out.path)
+
     # --- accepting (server) -------------------------------------------------------------
     def _on_connect(self, sender: str, cid: str) -> None:
-        if not (_EID_RE.match(sender) and _CID_RE.match(cid) and cid.startswith(sender + "-")):
-            raise ProtocolError(f"bad connection id {cid!r} from {sender!r}")
-        if cid in self._conns:
+        if not (_CID_RE.match(cid) and cid.startswith(sender + "-")) or cid in self._links:
             return
         to_server, to_client = tunneldir.chunk_paths(self.tunnel_dir, cid)
         if self._pointer is None:
-            _quietly(self._append_to, to_client, encode(Kind.REFUSE, b"the server is not accepting connections"))
+            self._refuse(to_client, "the server is not accepting connections")
             return
         try:
             self._verify_dir()  # UnsafeTunnelDirError stops the endpoint before anything is opened
         except TunnelDirLostError:
             return
-        files: List[SharedFile] = []
+        fds: List[int] = []
         try:
-            for path in (to_server, to_client):
-                files.append(TABLE.open(path))
-            peer = self._peer(sender)
+            fds.append(open_file(to_server, "read", self._data.direct))
+            fds.append(open_file(to_client, "write"))
         except OSError as exc:
-            for shared in files:
-                TABLE.release(shared)
+            for fd in fds:
+                close_file(fd, cid)
             if isinstance(exc, UnsafeTunnelDirError):
                 raise
             if isinstance(exc, FileNotFoundError):
                 log.debug("ignoring connection %s: its files or its client are gone", cid)
                 return
-            if cid != self._last_refused:  # the client asks again until its timeout: one line
+            if cid != self._last_refused:
                 self._last_refused = cid
                 log.warning("tunnel directory %s: cannot accept connection %s: %s", self.tunnel_dir, cid, exc)
-            _quietly(self._append_to, to_client, encode(Kind.REFUSE, f"the server cannot accept it: {exc}".encode()))
+            self._refuse(to_client, f"the server cannot accept it: {exc}")
             return
-        in_file, out_file = files
-        conn = Conn(self, cid, to_server, to_client, in_file, out_file)
-        conn.peer = sender
-        peer.conns.add(cid)
-        self._conns[cid] = conn
-        conn.last_write = time.monotonic()
+        in_fd, out_fd = fds
+        link = self._link(cid, OutStream(to_client, out_fd, self._data, self.opts.segment_bytes),
+                          InStream(to_server, in_fd, self._data))
+        link.conn.peer = sender
+        self._peers[sender].conns.add(cid)
+        link.conn.last_write = time.monotonic()
         try:
-            out_file.append(encode(Kind.ACCEPT, self.eid.encode()))
+            link.out.write(link.out.frame(Kind.ACCEPT, self.eid.encode()))
         except OSError as exc:
-            self._fail_loudly(conn, _describe_gone(exc, "accepting"), tell_peer=False)
+            self._fail_loudly(link, _describe_gone(exc, "accepting"), tell_peer=False)
             return
-        self._ring(conn)
+        self._ring(link)
         if self._on_accept is not None:
-            self.to_loop(self._on_accept, conn.transport)
+            self.to_loop(self._on_accept, link.conn.transport)
+
+    def _refuse(self, to_client: Path, reason: str) -> None:
+        """Answer a connection we will not take (its client then waits for another server)."""
+        def write() -> None:
+            fd = open_file(to_client, "write")
+            try:
+                write_at(fd, [encode(Kind.REFUSE, reason.encode())], 0, self._data.sync)
+            finally:
+                close_file(fd, str(to_client))
+        _quietly(write)
 
     # --- writing ------------------------------------------------------------------------
-    def _flush(self, conn: Conn) -> bool:
-        eof_before = conn.eof_written
-        started = time.monotonic()
-        try:
-            written = conn.out_file.append_batch(lambda room: conn.build_batch(room, self.opts.chunk),
-                                                 self.opts.window)
-        except OSError as exc:
-            self._fail_loudly(conn, _describe_gone(exc, "writing"), tell_peer=False)
+    def _write_due(self, link: Link) -> bool:
+        """Whether a write is due: data or an end record, or telling the writer of the
+        other direction how far we have read (window/4 behind, or a segment finished)."""
+        conn = link.conn
+        if conn.out_done:
+            return False
+        if conn.has_output():
             return True
+        return not conn.in_done and link.into.pos > link.into.acked and (
+            link.ack_soon or link.into.ack_due(self.opts.window // 4))
+
+    def _flush(self, link: Link) -> bool:
+        conn, out = link.conn, link.out
+        eof_before = conn.eof_written
+        try:
+            out.rotate_if_full()
+        except OSError as exc:
+            self._fail_loudly(link, _describe_gone(exc, "writing"), tell_peer=False)
+            return True
+        parts: List[bytes] = []
+        if not conn.in_done and link.into.pos > link.into.acked:
+            parts += out.frame(Kind.ACK, encode_position(link.into.pos))
+            link.into.acked, link.ack_soon = link.into.pos, False
+        parts += conn.build_batch(max(0, self.opts.window - out.unacked()), self.opts.chunk, out.frame)
         if conn.resume_writer:  # only then wake the loop: not once per flush
             conn.resume_writer = False
             self.to_loop(conn.transport.writer_drained)
-        if not written:  # the window is full: let the reader at the file
-            conn.out_next = _leave_free_since(started)
+        if not parts:  # the window is full: the reader's ACK will come
             return False
+        started = time.monotonic()
+        try:
+            out.write(parts)
+        except OSError as exc:
+            self._fail_loudly(link, _describe_gone(exc, "writing"), tell_peer=False)
+            return True
         # Timed after the append returned, against when the previous one began: the
         # bounds the wake-up protocol needs (ARCHITECTURE.md), whatever delayed this append.
         if (conn.out_done or conn.eof_written != eof_before
                 or time.monotonic() - conn.last_write > self.opts.wake_after_idle):
-            self._ring(conn)
+            self._ring(link)
         conn.last_write = started
         if conn.lost_after_write:
             conn.lost_after_write = False
             self.to_loop(conn.transport.deliver_lost, None)
         return True
 
-    def _ring(self, conn: Conn) -> None:
-        peer = self._peers.get(conn.peer) if conn.peer else None
-        if peer is None:
+    def _ring(self, link: Link) -> None:
+        peer = self._peers.get(link.conn.peer) if link.conn.peer else None
+        if peer is None or self.silent:
             return
+        peer.slot.ring += 1
         try:
-            peer.bell.append(encode_text(Kind.WAKE, self.eid, conn.cid))
+            peer.tell(self._data.sync)
         except OSError as exc:
             self._peer_lost(peer, f"its bell file is gone ({exc.strerror})")
 
-    @staticmethod
-    def _append_to(path: Path, record: bytes) -> None:
-        """Append one record to a file we do not keep open (a bell, a refused connection)."""
-        shared = TABLE.open(path)
-        try:
-            shared.append(record)
-        finally:
-            TABLE.release(shared)
-
     # --- reading ------------------------------------------------------------------------
     def _poll_bell(self) -> bool:
-        """Drain our bell; True if it brought activity (not just pings)."""
+        """Read our bell; True if it brought activity (not just pings)."""
         assert self._bell is not None
         started = time.monotonic()
-        try:
-            data = self._bell.drain(wait=False)
-        except Busy:  # a peer is appending: come back in a moment
-            return True
+        raw = self._buffer.read(self._bell.reading_fd(self._data.direct), 0, look_size(self._slots))
+        self._next_bell_look = started + 2 * (time.monotonic() - started)
         looked, self._bell_looked = self._bell_looked, started
-        if not data:
-            return False
-        records, damage = decode_until_damage(data)
-        if damage is not None:  # what came before it is good: act on it
-            log.warning("tunnel directory %s: ignoring the damaged end of our bell file (%d bytes): %s",
-                        self.tunnel_dir, len(data), damage)
-        for kind, payload in records:
-            try:
-                self._on_bell_record(kind, text_fields(payload), looked)
-            except (ProtocolError, IndexError, ValueError) as exc:
-                log.warning("tunnel directory %s: ignoring a malformed %s record (%s)",
-                            self.tunnel_dir, kind.name, exc)
-        return any(kind is not Kind.PING for kind, _ in records)  # a ping is no reason to poll faster
+        activity = False
+        for index, slot in list(read_peers(raw)):
+            before = self._slots.get(index)
+            if slot == before or slot.eid == self.eid:
+                continue
+            self._slots[index] = slot
+            activity |= self._on_slot(index, slot, before if before is not None and before.eid == slot.eid else None,
+                                      looked)
+        return activity
 
-    def _on_bell_record(self, kind: Kind, fields: List[str], looked: float) -> None:
-        """Act on one bell record, appended after `looked` (our previous drain began)."""
-        sender = fields[0]
-        if kind is Kind.PING:
-            self._on_ping(sender, fields[1:], looked)
-            return
-        peer = self._peers.get(sender)
-        if peer is not None:
-            peer.last_seen = max(peer.last_seen, looked)
-        if kind is Kind.WAKE:
-            conn = self._conns.get(fields[1])
-            if conn is not None:
-                conn.hot, conn.last_seen = True, time.monotonic()
-        elif kind is Kind.CONNECT:
-            self._on_connect(sender, fields[1])
-        elif kind is Kind.BYE:
-            if peer is not None:
-                self._on_bye(peer, fields[1:])
-        elif kind is Kind.STEPDOWN:
+    def _on_slot(self, index: int, slot: PeerSlot, before: Optional[PeerSlot], looked: float) -> bool:
+        """Act on what a peer's slot says now (`before`: what it said at our last look),
+        written after `looked` (our previous look began). True if it is more than a ping."""
+        peer = self._peers.get(slot.eid)
+        if slot.flags & Flag.STEPDOWN and not (before and before.flags & Flag.STEPDOWN):
             if self._pointer is not None:
-                description = " ".join(fields[1:])
-                log.warning("tunnel directory %s: stepping down for a new server (%s)", self.tunnel_dir, description)
-                self._release_pointer(clear=False)
-                if self._on_stepdown is not None:
-                    self.to_loop(self._on_stepdown, description)
-        else:
-            raise ProtocolError(f"unexpected record {kind.name} in a bell file")
+                self._step_down(peer.who if peer is not None and peer.who else slot.eid)
+            return True
+        if slot.flags & Flag.BYE:
+            TABLE.unlink(tunneldir.slot_claim_path(self.tunnel_dir, self.eid, index))
+            if peer is not None and not (before and before.flags & Flag.BYE):
+                self._on_bye(peer, slot)
+            return True
+        if peer is None:
+            try:
+                peer = self._peer(slot.eid)
+            except (FileNotFoundError, ValueError):  # gone already
+                return False
+            peer.handled_conns = slot.base
+        if not peer.announced:  # its first sign of life
+            peer.announced = True
+            log.info("tunnel directory %s: %s appeared; coherence %s (%s); %s", self.tunnel_dir,
+                     self._describe(peer), peer.mode, peer.why_mode, self._data.describe())
+        if before is None or slot.ping > before.ping:
+            peer.pings_seen = max(peer.pings_seen, slot.ping)
+            peer.last_seen = max(peer.last_seen, looked)
+        if before is not None and slot.ring != before.ring:
+            now = time.monotonic()
+            for cid in peer.conns:
+                link = self._links.get(cid)
+                if link is not None:
+                    link.conn.hot, link.conn.last_seen = True, now
+        for number in range(max(peer.handled_conns, slot.base) + 1, slot.conns + 1):
+            self._on_connect(slot.eid, f"{slot.eid}-{number}")
+        peer.handled_conns = max(peer.handled_conns, slot.conns)
+        return before is None or (slot.ring, slot.conns) != (before.ring, before.conns)
 
-    def _on_bye(self, peer: Peer, fields: List[str]) -> None:
-        """A peer left (no fields) or gave up on us ("<our last ping it saw> <why>"). A
-        give-up that saw none of our pings since we (re)met it crossed our own giving up
-        and is for the earlier meeting: the connections made since are not its business."""
-        if not fields:
+    def _on_bye(self, peer: Peer, slot: PeerSlot) -> None:
+        """A peer left, or gave up on us after our ping `slot.bye_ping`. A give-up that
+        saw none of our pings since we (re)met it crossed our own giving up and is for
+        the earlier meeting: the connections made since are not its business."""
+        if slot.reason is Reason.CLEAN:
             self._peer_lost(peer, "")
-        elif int(fields[0]) <= peer.met_after_ping:
+        elif slot.bye_ping <= peer.met_after_ping:
             log.debug("tunnel directory %s: ignoring a BYE from %s meant for an earlier meeting",
                       self.tunnel_dir, self._describe(peer))
         else:
-            self._peer_lost(peer, f"it gave up on this side: {' '.join(fields[1:])}")
+            self._peer_lost(peer, "it gave up on this side: it saw no sign of life from this side for the "
+                                  "liveness timeout (was this process stopped, or its filesystem hung?)")
 
-    def _on_ping(self, sender: str, fields: List[str], looked: float) -> None:
-        """A peer's PING: life if its counter is new; a new peer is announced with its pid and host."""
-        peer = self._peers.get(sender)
-        if peer is None:
-            if sender == self.eid:
-                return
-            try:
-                peer = self._peer(sender)
-            except FileNotFoundError:  # gone already
-                return
-        counter = int(fields[0])
-        if counter > peer.pings_seen:
-            peer.pings_seen = counter
-            peer.last_seen = max(peer.last_seen, looked)
-        if peer.who is None and len(fields) >= 3:
-            peer.who = f"pid {fields[1]} on host {fields[2]}"
-            log.info("tunnel directory %s: %s appeared", self.tunnel_dir, self._describe(peer))
-
-    def _poll_in(self, conn: Conn, started: float) -> bool:
-        """Drain a connection's in file. `started`: when this cycle began, before the look."""
+    def _poll_in(self, link: Link, started: float) -> bool:
+        """Read a connection's in file. `started`: when this cycle began, before the look."""
+        conn = link.conn
         polled = time.monotonic()
         try:
-            data = conn.in_file.drain(wait=False)
-        except Busy:  # the writer is appending: come back in a moment
-            conn.in_next = _leave_free_since(polled)
+            records, moved = link.into.read(self._buffer, self._buffer.size)
+        except ProtocolError as exc:
+            self._fail_loudly(link, ProtocolError(f"damaged record: {exc}"), tell_peer=True)
             return True
         except OSError as exc:
-            self._fail_loudly(conn, _describe_gone(exc, "reading"), tell_peer=True)
+            self._fail_loudly(link, _describe_gone(exc, "reading"), tell_peer=True)
             return True
+        done = time.monotonic()
+        conn.in_next = done + (done - polled)  # leave the file server as long as the look took
         looked, conn.looked = conn.looked, polled
-        if not data:
-            conn.in_next = _leave_free_since(polled)
-            if started - conn.last_seen > self.opts.cool_after and conn.cid not in self._connects:
+        if not records:
+            if (started - conn.last_seen > self.opts.cool_after and conn.cid not in self._connects
+                    and not link.into.unsettled):
                 conn.hot = False
             return False
-        conn.last_seen = time.monotonic()
+        conn.last_seen = done
+        link.ack_soon |= moved
         peer = self._peers.get(conn.peer) if conn.peer else None
         if peer is not None:
             peer.last_seen = max(peer.last_seen, looked)
         try:
-            self._on_records(conn, decode(data))
+            self._on_records(link, records)
         except ProtocolError as exc:
-            self._fail_loudly(conn, ProtocolError(f"damaged record: {exc}"), tell_peer=True)
+            self._fail_loudly(link, ProtocolError(f"damaged record: {exc}"), tell_peer=True)
         return True
 
-    def _on_records(self, conn: Conn, records: list) -> None:
-        payloads: List[memoryview] = []
+    def _on_records(self, link: Link, records: List[Record]) -> None:
+        conn = link.conn
+        payloads: List[bytes] = []
         for kind, payload in records:
             if kind is Kind.DATA and not conn.in_eof:
-                payloads.append(payload)
+                payloads.append(bytes(payload))  # out of the read buffer, which the next read reuses
+                continue
+            if kind is Kind.ACK:
+                link.out.acked = max(link.out.acked, decode_position(payload))
+                continue
+            if kind is Kind.NEXT:
                 continue
             if payloads:
                 self.to_loop(conn.transport.deliver_data, payloads)
@@ -983,10 +984,10 @@ class Endpoint:
                 if not conn.in_eof:
                     conn.in_eof = True
                     self.to_loop(conn.transport.deliver_eof)
-                self._end_input(conn)
+                self._end_input(link)
                 conn.peer_closed()
             elif kind is Kind.RESET:
-                self._on_reset(conn, bytes(payload).decode("utf-8", "replace"))
+                self._on_reset(link, bytes(payload).decode("utf-8", "replace"))
                 return
             elif kind in (Kind.ACCEPT, Kind.REFUSE) and conn.cid in self._connects:
                 self._on_answer(self._connects[conn.cid], kind, bytes(payload).decode("utf-8", "replace"))
@@ -996,58 +997,73 @@ class Endpoint:
             self.to_loop(conn.transport.deliver_data, payloads)
 
     # --- ending connections -------------------------------------------------------------
-    def _on_reset(self, conn: Conn, why: str) -> None:
+    def _on_reset(self, link: Link, why: str) -> None:
         """The peer reset the connection: answer (unless we reset it first), so that
         it can release the connection too, and tell the application why."""
-        peer = self._peers.get(conn.peer) if conn.peer else None
+        peer = self._peers.get(link.conn.peer) if link.conn.peer else None
         by = self._describe(peer) if peer is not None else f"the {self.peer_name}"
         if why:  # a failure the peer explains (a plain abort has no reason)
-            log.warning("tunnel directory %s: %s reset connection %s: %s", self.tunnel_dir, by, conn.cid, why)
-        self._fail(conn, PeerLostError(f"connection reset by the other side ({by})" + (f": {why}" if why else "")),
+            log.warning("tunnel directory %s: %s reset connection %s: %s", self.tunnel_dir, by, link.conn.cid, why)
+        self._fail(link, PeerLostError(f"connection reset by the other side ({by})" + (f": {why}" if why else "")),
                    tell_peer=True, why="")
 
-    def _end_input(self, conn: Conn) -> None:
+    def _end_input(self, link: Link) -> None:
         """No more records will be read from the in file: remove it (its writer is done)."""
-        if not conn.in_done:
-            conn.in_done = True
-            TABLE.unlink(conn.in_path)
+        if not link.conn.in_done:
+            link.conn.in_done = True
+            link.into.close()
+            TABLE.unlink(link.into.path)
 
-    def _fail(self, conn: Conn, exc: BaseException, tell_peer: bool, why: Optional[str] = None) -> None:
+    def _fail(self, link: Link, exc: BaseException, tell_peer: bool, why: Optional[str] = None) -> None:
         """End a connection with an error for the application; with `tell_peer`, a
         RESET tells the peer `why` (default: the error)."""
-        if tell_peer and _reset_output(conn, str(exc) if why is None else why):
-            self._ring(conn)
-        conn.end_output()  # no more writes either way
-        self._end_input(conn)
-        pending = self._connects.get(conn.cid)
+        if tell_peer and self._reset_output(link, str(exc) if why is None else why):
+            self._ring(link)
+        link.conn.end_output()  # no more writes either way
+        self._end_input(link)
+        pending = self._connects.get(link.conn.cid)
         if pending is not None:
             self._abandon_connect(pending, exc)
         else:
-            self.to_loop(conn.transport.deliver_lost, exc)
+            self.to_loop(link.conn.transport.deliver_lost, exc)
 
-    def _fail_loudly(self, conn: Conn, exc: BaseException, tell_peer: bool) -> None:
+    def _fail_loudly(self, link: Link, exc: BaseException, tell_peer: bool) -> None:
         """_fail for a cause the user must hear of (a damaged file, a full disk...):
         logged at WARNING on this side, where the broken connection shows up."""
-        log.warning("tunnel directory %s: connection %s broken: %s", self.tunnel_dir, conn.cid, exc)
-        self._fail(conn, exc, tell_peer)
+        log.warning("tunnel directory %s: connection %s broken: %s", self.tunnel_dir, link.conn.cid, exc)
+        self._fail(link, exc, tell_peer)
 
-    def _forget(self, conn: Conn) -> None:
-        if self._conns.pop(conn.cid, None) is None:
+    def _reset_output(self, link: Link, reason: str) -> bool:
+        """End our direction with a RESET record for the peer; False if it was over already."""
+        if not link.conn.end_output() or self.silent:
+            return False
+        _quietly(link.out.write, link.out.frame(Kind.RESET, reason.encode("utf-8", "replace")))
+        return True
+
+    def _forget(self, link: Link) -> None:
+        if self._links.pop(link.conn.cid, None) is None:
             return
-        peer = self._peers.get(conn.peer) if conn.peer else None
+        peer = self._peers.get(link.conn.peer) if link.conn.peer else None
         if peer is not None:
-            peer.conns.discard(conn.cid)
-        TABLE.release(conn.in_file)
-        TABLE.release(conn.out_file)
+            peer.conns.discard(link.conn.cid)
+        link.close()
 
     # --- peers and liveness -------------------------------------------------------------
     def _peer(self, eid: str) -> Peer:
         peer = self._peers.get(eid)
         if peer is None:
-            if not _EID_RE.match(eid):
+            if not pointer.EID_RE.match(eid):
                 raise ValueError(f"bad endpoint id {eid!r}")
-            peer = Peer(eid, TABLE.open(tunneldir.bell_path(self.tunnel_dir, eid)), self._pings)
+            self._pings += 1
+            base = min((_number(cid) for cid, p in self._connects.items() if not p.offered),
+                       default=self._next_cid + 1) - 1  # it may take up our connections after this one
+            slot = PeerSlot(self.eid, base=base, conns=base, ping=self._pings)
+            peer = meet(self.tunnel_dir, eid, slot, self._pings, self._buffer, self._data.direct,
+                        self.opts.coherence, self._boot)
             self._peers[eid] = peer
+            self._gone.discard(eid)
+            peer.last_ping = time.monotonic()
+            peer.tell(self._data.sync)
         return peer
 
     def _describe(self, peer: Peer) -> str:
@@ -1061,14 +1077,14 @@ class Endpoint:
         """Meet the directory's live server before any connection, so that both
         sides can tell their users about each other."""
         try:
-            info = self._read_pointer()
+            info = pointer.read(self.tunnel_dir)
         except ProtocolError:  # a connection attempt reports it
             return
-        eid = str(info.get("eid", "")) if info else ""
-        if not _EID_RE.match(eid) or self._owner_dead(tunneldir.bell_path(self.tunnel_dir, eid)):
+        eid = pointer.server_eid(info)
+        if eid is None or eid in self._gone or self._owner_dead(tunneldir.bell_path(self.tunnel_dir, eid)):
             return
         try:
-            self._peer(eid)  # our first PING introduces us; its PING introduces it
+            self._peer(eid)  # our slot introduces us; its slot in our bell introduces it
         except FileNotFoundError:
             pass
 
@@ -1077,11 +1093,17 @@ class Endpoint:
             if now - peer.last_seen > self.opts.liveness_timeout:
                 self._peer_lost(peer, f"no sign of life for {self.opts.liveness_timeout:g} s (it crashed, "
                                       f"was stopped, or the shared filesystem stopped answering)", tell=True)
-            elif now - peer.last_ping >= self.opts.ping_interval:
+            elif peer.locks_trusted and now >= peer.next_death_check and (
+                    peer.conns or any(p.sent_to == peer.eid for p in self._connects.values())):
+                peer.next_death_check = now + DEATH_CHECK
+                if peer.bell.alive_elsewhere() is False:
+                    self._peer_lost(peer, "its process ended (it no longer holds its lock)")
+            if self._peers.get(peer.eid) is peer and now - peer.last_ping >= self.opts.ping_interval:
                 peer.last_ping = now
                 self._pings += 1
+                peer.slot.ping = self._pings
                 try:
-                    peer.bell.append(encode_text(Kind.PING, self.eid, self._pings, self._identity))
+                    peer.tell(self._data.sync)
                 except OSError as exc:
                     self._peer_lost(peer, f"its bell file is gone ({exc.strerror})")
 
@@ -1099,49 +1121,31 @@ class Endpoint:
             level = logging.WARNING if peer.who or peer.conns else logging.DEBUG
             log.log(level, "tunnel directory %s: %s is gone: %s", self.tunnel_dir, who, why)
             error = PeerLostError(f"{who} is gone (tunnel directory {self.tunnel_dir}): {why}")
-        if tell:
-            _quietly(peer.bell.append, encode_text(  # with its last ping we saw: see _on_bye
-                Kind.BYE, self.eid, peer.pings_seen,
-                f"it saw no sign of life from this side for {self.opts.liveness_timeout:g} s "
-                f"(was this process stopped, or its filesystem hung?)"))
+        if tell:  # with its last ping we saw: see _on_bye
+            peer.slot.flags |= Flag.BYE
+            peer.slot.reason, peer.slot.bye_ping = Reason.NO_LIFE, peer.pings_seen
+            _quietly(peer.tell, self._data.sync)
         for cid in list(peer.conns):
-            conn = self._conns.get(cid)
-            if conn is None:
+            link = self._links.get(cid)
+            if link is None:
                 continue
-            self._fail(conn, error, tell_peer=False)
-            TABLE.unlink(conn.out_path)
-            self._forget(conn)
+            self._fail(link, error, tell_peer=False)
+            for path in link.out.paths():
+                TABLE.unlink(path)
+            self._forget(link)
+        for index, slot in self._slots.items():
+            if slot.eid == peer.eid:
+                TABLE.unlink(tunneldir.slot_claim_path(self.tunnel_dir, self.eid, index))
+        self._gone.add(peer.eid)
         self._drop_peer(peer)
         bell = tunneldir.bell_path(self.tunnel_dir, peer.eid)
         if self._owner_dead(bell):
             TABLE.unlink(bell)
 
 
-def _leave_free_since(started: float) -> float:
-    """When to try a file again after a fruitless look at it: leave its lock free
-    for as long as we just held it, so that a polling reader cannot starve the
-    writer (nor a writer waiting for room the reader). Microseconds on a local disk,
-    milliseconds on NFS."""
-    now = time.monotonic()
-    return now + (now - started)
-
-
-def _parse_pointer(data: bytes) -> Optional[dict]:
-    try:
-        info = json.loads(data.decode("utf-8")) if data.strip() else None
-    except (UnicodeDecodeError, ValueError):
-        return None
-    return info if isinstance(info, dict) else None
-
-
-def _reset_output(conn: Conn, reason: str) -> bool:
-    """End our direction with a RESET record for the peer; False if it was over already."""
-    if not conn.end_output():
-        return False
-    if conn.endpoint.silent:
-        return False
-    _quietly(conn.out_file.append, encode(Kind.RESET, reason.encode("utf-8", "replace")))
-    return True
+def _number(cid: str) -> int:
+    """The connection number in a connection id."""
+    return int(cid.rsplit("-", 1)[1])
 
 
 def _quietly(function: Callable[..., object], *args: object) -> None:

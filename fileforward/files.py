@@ -1,39 +1,40 @@
-"""Process-wide table of tunnel files, and the locked operations on them.
+"""Tunnel files: opening them safely, writing and reading them, and the locks kept on some.
 
-POSIX record locks (`fcntl.lockf`) belong to the *process*: two threads of one
-process do not exclude each other, and closing *any* descriptor of a file drops
-every lock the process holds on it. A server and a client endpoint in one process
-(tests, notebooks) would therefore silently corrupt each other's files. As SQLite
-does, we keep one descriptor per file per process, shared and reference counted,
-with a thread mutex taken around every lockf critical section. This table is the
-only process-global state of the transport, forced on us by lockf's semantics.
+Connection files have one writer and one reader and are never locked: each side
+opens its own descriptor (`open_file`), and `write_at` / coherence.ReadBuffer move
+the bytes (coherence.py says when to fsync and when to read with O_DIRECT).
 
-Byte ranges: the data lock covers [0, ALIVE_OFFSET); an endpoint that owns a file
-holds an exclusive lock on the single byte at ALIVE_OFFSET for its lifetime, so that
-others can tell a crashed owner (lock free) from a live one.
+Bells and the server pointer carry an owner lock: an endpoint holds an exclusive
+lock on the single byte at ALIVE_OFFSET of its bell (and of the pointer, while it
+serves) for its lifetime, so that a peer whose locks exclude ours can tell a
+process that died (the kernel frees its locks) from a live one. POSIX record locks
+(`fcntl.lockf`) belong to the *process*: closing *any* descriptor of a file drops
+every lock the process holds on it, and a server and a client endpoint in one
+process (tests, notebooks) would drop each other's. As SQLite does, we keep one
+descriptor per such file per process, shared and reference counted (`FileTable`).
+This table is the only process-global state of the transport, forced on us by
+lockf's semantics.
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import logging
 import os
 import stat
+import struct
 import threading
-import time
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Sequence
+from typing import Dict, Optional, Sequence
 
-from .errors import TunnelError, UnsafeTunnelDirError
+from .errors import UnsafeTunnelDirError
 
 log = logging.getLogger(__name__)
 
-DATA_LENGTH = 1 << 40
 ALIVE_OFFSET = 1 << 40
 READ_CHUNK = 1 << 20
-LOCK_RETRY_MIN = 0.0005
-LOCK_RETRY_MAX = 0.01
+REFUSED_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)
+_FLOCK = "hhqqi4x"  # struct flock on Linux: l_type, l_whence, l_start, l_len, l_pid
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 FILE_MODE = 0o600
 
@@ -47,67 +48,26 @@ class SharedFile:
         self.refs = 1
         self.mutex = threading.Lock()
         self.alive_held = False
-
-    @contextlib.contextmanager
-    def locked(self, wait: bool = True) -> Iterator[int]:
-        """Hold the data lock: required for every read and write of tunnel data.
-
-        Without `wait`, raise Busy at once if another holds it. Waiting retries a
-        non-blocking lock every 0.5-10 ms instead of F_SETLKW, because an NFS client
-        retries a blocked lock with a backoff that grows to seconds.
-        """
-        if not self.mutex.acquire(blocking=wait):
-            raise Busy(self.path)
-        try:
-            delay = LOCK_RETRY_MIN
-            while not _try_lock(self, DATA_LENGTH, 0):
-                if not wait:
-                    raise Busy(self.path)
-                time.sleep(delay)
-                delay = min(delay * 2, LOCK_RETRY_MAX)
-            try:
-                yield self.fd
-            finally:
-                fcntl.lockf(self.fd, fcntl.LOCK_UN, DATA_LENGTH, 0, os.SEEK_SET)
-        finally:
-            self.mutex.release()
-
-    def append(self, data: bytes) -> None:
-        """Append whole records at the size seen under the lock (never O_APPEND)."""
-        with self.locked() as fd:
-            pwrite_all(fd, data, os.fstat(fd).st_size)
-
-    def append_batch(self, build: Callable[[int], List[bytes]], limit: int, wait: bool = True) -> int:
-        """Append the buffers `build(room)` returns, where room keeps the file within `limit`.
-
-        The writer's side of flow control: the file's size under the lock is the
-        data the reader has not drained yet. Returns the number of bytes written.
-        """
-        with self.locked(wait) as fd:
-            size = os.fstat(fd).st_size
-            if size >= limit:
-                return 0
-            parts = build(limit - size)
-            return _pwritev_all(fd, parts, size) if parts else 0
-
-    def drain(self, wait: bool = True) -> bytes:
-        """Read everything in the file and truncate it, atomically under the lock."""
-        with self.locked(wait) as fd:
-            data = pread_all(fd)
-            if data:
-                os.ftruncate(fd, 0)
-            return data
+        self.direct_fd = -1
 
     def read(self) -> bytes:
-        """Read the whole file under the lock, leaving it as it is."""
-        with self.locked() as fd:
-            return pread_all(fd)
+        """The whole file (a small one: the server pointer)."""
+        return pread_all(self.fd)
 
-    def replace(self, data: bytes) -> None:
-        """Replace the whole content under the lock."""
-        with self.locked() as fd:
-            os.ftruncate(fd, 0)
-            pwrite_all(fd, data, 0)
+    def replace(self, data: bytes, sync: bool) -> None:
+        """Replace the whole content (only its one writer does)."""
+        os.ftruncate(self.fd, 0)
+        write_at(self.fd, [data], 0, sync)
+
+    def reading_fd(self, direct: bool) -> int:
+        """A descriptor to read the file with, O_DIRECT if `direct`: a second one, kept
+        as long as the shared one (closing it would drop this process's locks)."""
+        if not direct:
+            return self.fd
+        with self.mutex:
+            if self.direct_fd < 0:
+                self.direct_fd = open_private(self.path, os.O_RDONLY | os.O_DIRECT)
+            return self.direct_fd
 
     def try_hold_alive(self) -> bool:
         """Take the long-lived owner lock if free. False if another process holds it.
@@ -121,6 +81,21 @@ class SharedFile:
             self.alive_held = True
             return True
 
+    def alive_elsewhere(self) -> Optional[bool]:
+        """Whether another process holds the owner lock (F_GETLK: one request, nothing
+        taken); None if the filesystem refuses locks. Only evidence where the two
+        processes' locks are known to exclude each other (coherence.py)."""
+        if TABLE.local_alive_holder(Path(self.path)):
+            return True
+        query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, ALIVE_OFFSET, 1, 0)
+        try:
+            answer = fcntl.fcntl(self.fd, fcntl.F_GETLK, query)
+        except OSError as exc:
+            if exc.errno in REFUSED_LOCKS:
+                return None
+            raise
+        return struct.unpack(_FLOCK, answer)[0] != fcntl.F_UNLCK
+
     def drop_alive(self) -> None:
         """Release the owner lock taken by try_hold_alive."""
         with self.mutex:
@@ -129,23 +104,27 @@ class SharedFile:
                 self.alive_held = False
 
 
-class Busy(Exception):
-    """The lock is held by another process and the caller chose not to wait."""
-
-
 def _try_lock(shared: SharedFile, length: int, start: int) -> bool:
+    """Take a lock if free. A filesystem that refuses locks grants it: the lock then
+    proves nothing, and the transport does not rely on it (coherence.py)."""
     try:
         fcntl.lockf(shared.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, length, start, os.SEEK_SET)
         return True
     except OSError as exc:
         if exc.errno in (errno.EACCES, errno.EAGAIN):
             return False
-        if exc.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
-            raise TunnelError(
-                f"the filesystem of {shared.path} refuses POSIX locks (lockf: {exc.strerror}), which keep "
-                f"the tunnel coherent between nodes (NFSv3 without its lock daemon? Lustre mounted "
-                f"without flock?): use a directory on a filesystem with working locks") from None
+        if exc.errno in REFUSED_LOCKS:
+            return True
         raise
+
+
+def write_at(fd: int, parts: Sequence[bytes], offset: int, sync: bool) -> int:
+    """Write `parts` at `offset`; with `sync`, fsync them so that another node's
+    O_DIRECT read sees them (coherence.py). Returns the bytes written."""
+    written = _pwritev_all(fd, parts, offset)
+    if sync:
+        os.fsync(fd)
+    return written
 
 
 def pwrite_all(fd: int, data: bytes, offset: int) -> None:
@@ -169,8 +148,7 @@ def _pwritev_all(fd: int, parts: Sequence[bytes], offset: int) -> int:
 
 
 def pread_all(fd: int, offset: int = 0) -> bytes:
-    """The file from `offset` to its end; under the lock, a short read of a regular
-    file is its end."""
+    """The file from `offset` to its end (a short read of a regular file is its end)."""
     chunks = []
     want = READ_CHUNK
     while True:
@@ -209,6 +187,22 @@ def open_private(path: str, flags: int) -> int:
     return fd
 
 
+def open_file(path: Path, how: str, direct: bool = False) -> int:
+    """Open a connection file (not shared, never locked): "create" it (exclusively),
+    open it to "write", or to "read" (with O_DIRECT if `direct`)."""
+    flags = {"create": os.O_RDWR | os.O_CREAT | os.O_EXCL, "write": os.O_WRONLY,
+             "read": os.O_RDONLY | (os.O_DIRECT if direct else 0)}[how]
+    return open_private(str(path), flags)
+
+
+def close_file(fd: int, path: str) -> None:
+    """Close a descriptor; NFS reports write-back errors here, and the descriptor is freed anyway."""
+    try:
+        os.close(fd)
+    except OSError as exc:
+        log.warning("closing %s: %s", path, exc)
+
+
 def _tampered(path: str, what: str) -> UnsafeTunnelDirError:
     directory = os.path.dirname(path)
     return UnsafeTunnelDirError(
@@ -224,7 +218,8 @@ class FileTable:
         self._files: Dict[str, SharedFile] = {}
 
     def open(self, path: Path, create: bool = False, exclusive: bool = False) -> SharedFile:
-        """Open (or share) `path`. Raises FileNotFoundError unless `create`."""
+        """Open (or share) a file this process may lock (a bell, the pointer).
+        Raises FileNotFoundError unless `create`."""
         key = str(path)
         with self._lock:
             shared = self._files.get(key)
@@ -248,11 +243,10 @@ class FileTable:
                 return
             if self._files.get(shared.path) is shared:
                 del self._files[shared.path]
-        fd, shared.fd = shared.fd, -1  # a late use fails with EBADF, never hits a reused descriptor
-        try:
-            os.close(fd)
-        except OSError as exc:  # NFS reports write-back errors here; the descriptor is freed anyway
-            log.warning("closing %s: %s", shared.path, exc)
+        fds, shared.fd, shared.direct_fd = (shared.fd, shared.direct_fd), -1, -1  # a late use fails with EBADF
+        for fd in fds:
+            if fd >= 0:
+                close_file(fd, shared.path)
 
     def rename(self, shared: SharedFile, new_path: Path) -> None:
         """Rename a file we hold, keeping its descriptor and locks."""

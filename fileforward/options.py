@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from .coherence import AUTO, COHERENCE_CHOICES
+
 MiB = 1024 * 1024
 
 
@@ -21,6 +23,9 @@ class Options:
     - slow_call_warning: a filesystem call outstanding this long is logged.
     - give_up_after: an endpoint-wide filesystem error (not one connection's) is
       retried with backoff for this long (seconds); then the endpoint fails.
+    - coherence: "auto" (the default) trusts a peer's locks for fast death detection
+      only where they were seen to exclude ours; "locks" always, "lock-free" never
+      (coherence.py). Data never depends on locks.
     """
 
     liveness_timeout: float = 15.0
@@ -31,6 +36,7 @@ class Options:
     chunk: int = 1 * MiB
     slow_call_warning: float = 5.0
     give_up_after: float = 60.0
+    coherence: str = AUTO
 
     def __post_init__(self) -> None:
         for name in ("liveness_timeout", "connect_timeout", "poll_min", "poll_max", "slow_call_warning",
@@ -43,8 +49,16 @@ class Options:
             raise ValueError(
                 f"liveness_timeout ({self.liveness_timeout} s) must be at least 4x poll_max ({self.poll_max} s)"
             )
+        if self.coherence not in COHERENCE_CHOICES:
+            raise ValueError(f"coherence must be one of {', '.join(COHERENCE_CHOICES)}, got {self.coherence!r}")
         if self.chunk < 1024 or self.window < self.chunk:
             raise ValueError(f"need 1 KiB <= chunk ({self.chunk}) <= window ({self.window})")
+
+    @property
+    def segment_bytes(self) -> int:
+        """A connection file this long goes on in a new segment (the reader removes
+        the finished one): at most about two segments per direction on disk."""
+        return 2 * self.window
 
     @property
     def ping_interval(self) -> float:

@@ -32,7 +32,6 @@ import dataclasses
 import errno
 import fcntl
 import os
-import re
 import statistics
 import time
 from pathlib import Path

@@ -1,110 +1,143 @@
-"""On-disk record framing shared by the chunk files and the bell files.
+"""On-disk record framing of the connection files (format 2).
 
 Every record is a fixed header followed by its payload::
 
-    magic b"FF" | format version (1 byte) | kind (1 byte) | payload length (4 bytes, big endian)
+    magic b"FF" | format version (1 byte) | kind (1 byte) | payload length (4 bytes)
+    | sequence number (4 bytes) | CRC-32 of the header's first 12 bytes and the payload (4 bytes)
 
-Records are appended only while holding the file's lock, so a reader holding the
-lock never sees a writer's partial record: a short or malformed tail means the file
-was damaged (or written by a different version) and is reported, never guessed at.
+all big endian. A connection file has one writer, which appends records numbered
+0, 1, 2, ... (the numbering goes on across the file's segments), and one reader,
+which never truncates or rewrites it. The reader may look while a write is still
+arriving, so what it sees past the last whole record can be incomplete, or even
+torn (on a shared filesystem, parts of one write can become visible out of order):
+`StreamDecoder` reports that as "not yet", and the caller gives up only when it
+does not heal. A record with a valid checksum but the wrong number (a gap, a
+duplicate, a stale copy) is damage at once, never delivered.
 """
 from __future__ import annotations
 
 import enum
 import struct
-from typing import List, Optional, Tuple
+import zlib
+from typing import List, NamedTuple, Optional, Tuple
 
 from .errors import ProtocolError
 
 MAGIC = b"FF"
-FORMAT_VERSION = 1
-HEADER = struct.Struct(">2sBBI")
+FORMAT_VERSION = 2
+_CHECKED = struct.Struct(">2sBBII")  # what the checksum covers, besides the payload
+_CRC = struct.Struct(">I")
+HEADER_SIZE = _CHECKED.size + _CRC.size
 MAX_PAYLOAD = 64 * 1024 * 1024
+_POSITION = struct.Struct(">Q")
 
 
 class Kind(enum.IntEnum):
-    """Record kinds. Chunk files carry 1-9, bell files carry 16 and up."""
+    """Record kinds of a connection file."""
 
     DATA = 1  # payload: stream bytes
-    EOF = 2  # the writer will send no more data (half-close)
-    CLOSE = 3  # EOF, and the writer will read no more either
-    RESET = 4  # payload: why (empty: a plain abort); the connection is aborted. Answered with a RESET
+    EOF = 2  # the writer will send no more data (half-close); ACKs may still follow
+    CLOSE = 3  # EOF, and the writer will read no more either: the file's last record
+    RESET = 4  # payload: why (empty: a plain abort); the file's last record. Answered with a RESET
     #            by the receiver, so that both sides release the connection at once
     ACCEPT = 5  # first record from the server: the connection is established
     REFUSE = 6  # payload: reason text; the server will not take the connection
-    CONNECT = 16  # payload: "<sender eid> <connection id>"
-    WAKE = 17  # payload: "<sender eid> <connection id>": look at that chunk file
-    PING = 18  # payload: "<sender eid> <counter> [<pid> <host>]": the sender is alive (a new counter)
-    BYE = 19  # payload: "<sender eid> [<counter> <why>]": every connection with the sender is gone;
-    #           alone: it shut down cleanly, else it gave up on the receiver (e.g. no sign of life)
-    #           after the receiver's PING <counter> (so a receiver that met it again since ignores it)
-    STEPDOWN = 20  # payload: "<sender eid> <description>": a new server took over
+    ACK = 7  # payload: u64 position: the writer has read the other direction up to there
+    NEXT = 8  # the file's last record: the stream goes on in the next segment file
 
 
-Record = Tuple[Kind, memoryview]
+class Record(NamedTuple):
+    """One decoded record; `payload` is a view into the buffer it was decoded from."""
+
+    kind: Kind
+    payload: memoryview
 
 
-def encode(kind: Kind, payload: bytes = b"") -> bytes:
-    """One framed record."""
-    return HEADER.pack(MAGIC, FORMAT_VERSION, kind, len(payload)) + payload
+def header(kind: Kind, payload: bytes, seq: int) -> bytes:
+    """The header of a record carrying `payload`: writers send it and the payload as
+    two buffers, so that a large payload is never copied."""
+    checked = _CHECKED.pack(MAGIC, FORMAT_VERSION, kind, len(payload), seq)
+    return checked + _CRC.pack(zlib.crc32(payload, zlib.crc32(checked)))
 
 
-def encode_text(kind: Kind, *fields: object) -> bytes:
-    """A record whose payload is space-separated ASCII fields (bell records)."""
-    return encode(kind, " ".join(str(f) for f in fields).encode("ascii"))
+def encode(kind: Kind, payload: bytes = b"", seq: int = 0) -> bytes:
+    """One whole record."""
+    return header(kind, payload, seq) + payload
+
+
+def encode_position(position: int) -> bytes:
+    """The payload of an ACK."""
+    return _POSITION.pack(position)
+
+
+def decode_position(payload: memoryview) -> int:
+    """The position an ACK carries."""
+    if len(payload) != _POSITION.size:
+        raise ProtocolError(f"ACK record of {len(payload)} bytes")
+    return _POSITION.unpack(payload)[0]
+
+
+class Problem(NamedTuple):
+    """Why decoding stopped before the end of the buffer: `fatal` damage, or bytes
+    that may still be arriving (they must heal soon, or the caller calls it damage)."""
+
+    error: ProtocolError
+    fatal: bool
+
+
+class StreamDecoder:
+    """Decodes one connection file's records, in order, checking every number."""
+
+    def __init__(self) -> None:
+        self.seq = 0  # the number of the next record
+
+    def decode(self, buf: memoryview) -> Tuple[List[Record], int, Optional[Problem]]:
+        """The whole, valid records at the start of `buf`, how many bytes they take,
+        and why decoding stopped early (None: at the end of `buf`, or at a record
+        whose bytes have not all arrived). Stops after a NEXT record: what follows
+        it belongs to no segment."""
+        records: List[Record] = []
+        pos, end = 0, len(buf)
+        while end - pos >= HEADER_SIZE:
+            magic, version, kind, length, seq = _CHECKED.unpack_from(buf, pos)
+            if magic != MAGIC:
+                return records, pos, Problem(ProtocolError(f"bad record magic {bytes(magic)!r}"), fatal=False)
+            if version != FORMAT_VERSION:
+                return records, pos, Problem(ProtocolError(
+                    f"record format version {version}; this fileforward speaks version {FORMAT_VERSION}: "
+                    f"run the same fileforward version on both sides"), fatal=True)
+            if length > MAX_PAYLOAD:
+                return records, pos, Problem(ProtocolError(f"record length {length} exceeds {MAX_PAYLOAD}"),
+                                             fatal=False)
+            start = pos + HEADER_SIZE
+            if start + length > end:
+                return records, pos, None
+            payload = buf[start:start + length]
+            (crc,) = _CRC.unpack_from(buf, pos + _CHECKED.size)
+            if zlib.crc32(payload, zlib.crc32(buf[pos:pos + _CHECKED.size])) != crc:
+                return records, pos, Problem(ProtocolError(f"record {self.seq}: bad checksum"), fatal=False)
+            if seq != self.seq:
+                what = "a gap" if seq > self.seq else "a duplicate or stale record"
+                return records, pos, Problem(ProtocolError(
+                    f"record number {seq} where {self.seq} was due ({what})"), fatal=True)
+            try:
+                kind = Kind(kind)
+            except ValueError:
+                return records, pos, Problem(ProtocolError(f"unknown record kind {kind}"), fatal=True)
+            records.append(Record(kind, payload))
+            self.seq += 1
+            pos = start + length
+            if kind is Kind.NEXT:
+                break
+        return records, pos, None
 
 
 def decode(buf: bytes) -> List[Record]:
-    """All records in `buf`, which must hold whole records only.
-
-    Payloads are zero-copy views into `buf`.
-
-    Raises ProtocolError for a bad magic, an unknown version or kind, an absurd
-    length or a truncated tail; the caller decides which connection that breaks.
-    """
-    records, damage = decode_until_damage(buf)
-    if damage is not None:
-        raise damage
+    """Every record of a whole stream in `buf` (tests and tools); ProtocolError for
+    anything but whole, valid, consecutive records."""
+    records, used, problem = StreamDecoder().decode(memoryview(buf))
+    if problem is not None:
+        raise problem.error
+    if used != len(buf):
+        raise ProtocolError(f"truncated record at offset {used}")
     return records
-
-
-def decode_until_damage(buf: bytes) -> Tuple[List[Record], Optional[ProtocolError]]:
-    """The whole records before any damage in `buf`, and the damage (None if there is none).
-
-    For files whose records are independent of each other (bells): what was
-    appended before a damaged record is still good.
-    """
-    records: List[Record] = []
-    view = memoryview(buf)
-    pos, end = 0, len(buf)
-    while pos < end:
-        if end - pos < HEADER.size:
-            return records, ProtocolError(f"truncated record header at offset {pos}")
-        magic, version, kind, length = HEADER.unpack_from(view, pos)
-        if magic != MAGIC:
-            return records, ProtocolError(f"bad record magic {bytes(magic)!r} at offset {pos}")
-        if version != FORMAT_VERSION:
-            return records, ProtocolError(
-                f"record format version {version} at offset {pos}; this fileforward "
-                f"speaks version {FORMAT_VERSION}: run the same fileforward version on both sides"
-            )
-        if length > MAX_PAYLOAD:
-            return records, ProtocolError(f"record length {length} at offset {pos} exceeds {MAX_PAYLOAD}")
-        try:
-            kind = Kind(kind)
-        except ValueError:
-            return records, ProtocolError(f"unknown record kind {kind} at offset {pos}")
-        start = pos + HEADER.size
-        if start + length > end:
-            return records, ProtocolError(f"truncated record at offset {pos}: {length} bytes announced")
-        records.append((kind, view[start : start + length]))
-        pos = start + length
-    return records, None
-
-
-def text_fields(payload: memoryview) -> List[str]:
-    """The fields of an encode_text payload."""
-    try:
-        return bytes(payload).decode("ascii").split(" ")
-    except UnicodeDecodeError:
-        raise ProtocolError("bell record payload is not ASCII") from None

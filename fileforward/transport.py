@@ -1,25 +1,189 @@
-"""An asyncio Transport over one tunneled connection.
+"""One tunneled connection: its state, and the asyncio Transport on top of it.
 
-The standard asyncio.StreamReader / StreamWriter sit on top of it (exactly as on a
-TCP socket), so read, readexactly, readuntil, drain, write_eof, wait_closed... all
-behave as code written for TCP expects. The transport lives on the event loop; the
-endpoint's I/O thread moves the bytes and reports back with call_soon_threadsafe.
+The standard asyncio.StreamReader / StreamWriter sit on the transport (exactly as
+on a TCP socket), so read, readexactly, readuntil, drain, write_eof, wait_closed...
+all behave as code written for TCP expects. The transport lives on the event loop;
+`Conn` is what the loop and the endpoint's I/O thread share (guarded by its lock):
+the bytes the application wrote and not yet on disk, and how each direction ends.
+The I/O thread moves the bytes (chunks.py) and reports back with
+call_soon_threadsafe.
 """
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
+import collections
+import threading
+import time
+from typing import Any, Callable, Deque, Dict, List, Optional
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .endpoint import Conn
+from .records import Kind
 
 DEFAULT_HIGH_WATER = 1024 * 1024
+Frame = Callable[[Kind, bytes], List[bytes]]  # a record as buffers: header, payload
+
+
+class Conn:
+    """One connection's state, shared by the event loop (the application's side) and
+    the I/O thread. Fields the loop writes are guarded by `lock`; `wake` tells the I/O
+    thread there is something to do."""
+
+    def __init__(self, cid: str, wake: Callable[[], None], extra: Dict[str, Any]) -> None:
+        self.cid = cid
+        self.wake = wake
+        self.peer: Optional[str] = None
+        self.transport = FileTransport(self, extra)
+        self.lock = threading.Lock()
+        self._out: Deque[memoryview] = collections.deque()  # written by the application, not yet on disk
+        self._out_size = 0
+        self.want_eof = False
+        self.want_close = False
+        self.app_closed = False
+        self.reset_reason: Optional[str] = None
+        self.eof_written = False
+        self.out_done = False
+        self.lost_after_write = False
+        self.writer_paused = False
+        self.resume_below = 0
+        self.resume_writer = False  # set by build_batch when the paused writer may go on
+        self.in_eof = False
+        self.in_done = False
+        self.reading = True
+        self.hot = True
+        self.last_seen = self.looked = time.monotonic()  # last fruitful read / start of the last look
+        self.last_write = float("-inf")  # when the last append began
+        self.in_next = 0.0  # no look at the in file before then (see Endpoint._poll_in)
+
+    def name(self, cid: str) -> None:
+        """Take connection id `cid` (a waiting connection offered to a new server gets a new one)."""
+        self.cid = cid
+        self.transport.name(cid)
+
+    # --- called on the loop --------------------------------------------------------------
+    def push(self, data: bytes, high: int, low: int) -> bool:
+        """Buffer data for the I/O thread. True if the writer must now pause: the
+        buffer passed `high`; the I/O thread resumes it once it is down to `low`."""
+        with self.lock:
+            if not self.out_done:
+                self._out.append(memoryview(bytes(data)))
+                self._out_size += len(data)
+            pause = not self.writer_paused and self._out_size > high
+            if pause:
+                self.writer_paused, self.resume_below = True, low
+        self.hot, self.last_seen = True, time.monotonic()  # an answer is likely: look without waiting for the bell
+        self.wake()
+        return pause
+
+    def buffered(self) -> int:
+        """Bytes written by the application and not yet on disk."""
+        with self.lock:
+            return self._out_size
+
+    def request_end(self, close: bool) -> bool:
+        """write_eof (close=False) or close (close=True), after the buffered data.
+
+        Returns True if our direction was already over (nothing left to do).
+        """
+        with self.lock:
+            if self.out_done:
+                return True
+            self.want_eof = True
+            if close:
+                self.want_close = self.app_closed = True
+        self.wake()
+        return False
+
+    def request_reset(self, reason: str) -> None:
+        """Abort: drop buffered data and tell the peer (`reason` empty for a plain abort).
+
+        Reading goes on until the peer's answering RESET, which releases the connection.
+        """
+        with self.lock:
+            self._drop_output()
+            self.app_closed = True
+            if self.reset_reason is None and not self.out_done:
+                self.reset_reason = reason
+        self.reading = self.hot = True
+        self.wake()
+
+    def set_reading(self, reading: bool) -> None:
+        """Flow control from the StreamReader: stop or resume reading the in file."""
+        self.reading = reading
+        if reading:
+            self.hot = True
+            self.wake()
+
+    # --- called on the I/O thread ------------------------------------------------------
+    def has_output(self) -> bool:
+        """Whether there is data or an end record waiting to be written."""
+        with self.lock:
+            return not self.out_done and (
+                bool(self._out) or self.reset_reason is not None or self.want_close
+                or (self.want_eof and not self.eof_written))
+
+    def build_batch(self, room: int, chunk: int, frame: Frame) -> List[bytes]:
+        """Records for up to `room` bytes of buffered data, then any end record due.
+
+        Payloads are views of the application's buffers: nothing is copied. End
+        records are tiny and may overshoot the window slightly; data never does.
+        """
+        parts: List[bytes] = []
+        with self.lock:
+            self._resume_writer_if_drained()  # also after a reset or the peer's CLOSE emptied it
+            if self.out_done:
+                return parts
+            if self.reset_reason is not None:
+                self._drop_output()
+                self.out_done = True
+                return frame(Kind.RESET, self.reset_reason.encode("utf-8", "replace"))
+            while self._out and room > 0:
+                head = self._out[0]
+                payload = head[:min(chunk, room)]
+                if len(payload) == len(head):
+                    self._out.popleft()
+                else:
+                    self._out[0] = head[len(payload):]
+                self._out_size -= len(payload)
+                room -= len(payload)
+                parts += frame(Kind.DATA, payload)
+            self._resume_writer_if_drained()
+            if not self._out:
+                if self.want_close:
+                    parts += frame(Kind.CLOSE, b"")
+                    self.eof_written = self.out_done = True
+                    self.lost_after_write = self.app_closed
+                elif self.want_eof and not self.eof_written:
+                    parts += frame(Kind.EOF, b"")
+                    self.eof_written = True
+        return parts
+
+    def _drop_output(self) -> None:
+        self._out.clear()
+        self._out_size = 0
+
+    def _resume_writer_if_drained(self) -> None:
+        if self.writer_paused and self._out_size <= self.resume_below:
+            self.writer_paused, self.resume_writer = False, True
+
+    def peer_closed(self) -> None:
+        """The peer reads no more: drop what we still have and close our direction."""
+        with self.lock:
+            if not self.out_done:
+                self._drop_output()
+                self.want_eof = self.want_close = True
+
+    def end_output(self) -> bool:
+        """Mark our direction over without writing (peer gone). True if it was open."""
+        with self.lock:
+            was_open = not self.out_done
+            self.out_done = True
+            self._drop_output()
+            return was_open
 
 
 class FileTransport(asyncio.Transport):
     """Loop-side half of a connection: buffers writes, delivers what the I/O thread read."""
 
-    def __init__(self, conn: "Conn", extra: Dict[str, Any]) -> None:
+    def __init__(self, conn: Conn, extra: Dict[str, Any]) -> None:
         super().__init__(extra)
         self._conn = conn
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -30,6 +194,10 @@ class FileTransport(asyncio.Transport):
         self._eof_written = False
         self._high = DEFAULT_HIGH_WATER
         self._low = DEFAULT_HIGH_WATER // 4
+
+    def name(self, cid: str) -> None:
+        """Show connection id `cid` in get_extra_info (peername, sockname, connection_id)."""
+        self._extra.update(peername=("fileforward", cid), sockname=("fileforward", cid), connection_id=cid)
 
     # --- wiring -------------------------------------------------------------------------
     def attach(self, loop: asyncio.AbstractEventLoop, protocol: asyncio.BaseProtocol) -> None:
@@ -48,7 +216,7 @@ class FileTransport(asyncio.Transport):
             event()
 
     # --- called on the loop by the I/O thread ----------------------------------------
-    def deliver_data(self, payloads: List[memoryview]) -> None:
+    def deliver_data(self, payloads: List[bytes]) -> None:
         """Data read from the tunnel."""
         def event() -> None:
             if self._closing:

@@ -4,15 +4,19 @@ Layout (all files 0600, the directory 0700):
 
 - ``server``: the live server's pointer (JSON: eid, pid, host, format version); the
   server holds its owner lock for as long as it serves;
-- ``<eid>.bell``: an endpoint's bell, which peers append small records to (new
-  connections, wake-ups, pings); the endpoint holds its owner lock;
+- ``<eid>.bell``: an endpoint's bell (bell.py): slot 0 says who owns it, each other
+  slot belongs to one peer (new connections, wake-ups, pings); the endpoint holds
+  its owner lock;
+- ``<eid>.slot-<i>``: created exclusively by the peer that owns slot i of that bell;
 - ``<client eid>-<n>.c2s`` / ``.s2c``: one chunk file per connection and direction,
   created by the client endpoint, named after it so that its files can be found
-  and cleared once it is known to be dead.
+  and cleared once it is known to be dead; a long stream goes on in segments
+  ``.c2s.1``, ``.c2s.2``... (the reader removes each one it has finished).
 """
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Optional, Tuple, Union
@@ -27,6 +31,9 @@ BELL_SUFFIX = ".bell"
 NEW_SUFFIX = ".new"
 TO_SERVER = ".c2s"
 TO_CLIENT = ".s2c"
+SLOT_CLAIM = ".slot-"
+_CHUNK = re.compile(r"^[0-9a-f]{16}-[0-9]+\.(c2s|s2c)(\.[0-9]+)?$")
+_CLAIM = re.compile(r"^[0-9a-f]{16}\.slot-[0-9]+$")
 
 
 def default_tunnel_dir() -> Path:
@@ -134,14 +141,26 @@ def bell_path(tunnel_dir: Path, eid: str) -> Path:
 
 
 def chunk_paths(tunnel_dir: Path, cid: str) -> "tuple[Path, Path]":
-    """(client-to-server, server-to-client) chunk files of connection `cid`."""
+    """(client-to-server, server-to-client) first chunk files of connection `cid`."""
     return tunnel_dir / (cid + TO_SERVER), tunnel_dir / (cid + TO_CLIENT)
+
+
+def segment_path(first: Path, number: int) -> Path:
+    """Segment `number` of the chunk file whose first segment is `first`."""
+    return first if number == 0 else first.with_name(f"{first.name}.{number}")
+
+
+def slot_claim_path(tunnel_dir: Path, owner: str, index: int) -> Path:
+    """The file whose exclusive creation gives its creator slot `index` of `owner`'s bell."""
+    return tunnel_dir / f"{owner}{SLOT_CLAIM}{index}"
 
 
 def owner_of(name: str) -> Optional[str]:
     """The endpoint id that owns a tunnel file name, or None for other names."""
     if name.endswith(BELL_SUFFIX) or name.endswith(BELL_SUFFIX + NEW_SUFFIX):
         return name.split(".", 1)[0]
-    if name.endswith(TO_SERVER) or name.endswith(TO_CLIENT):
+    if _CHUNK.match(name):
         return name.split("-", 1)[0]
+    if _CLAIM.match(name):
+        return name.split(".", 1)[0]
     return None
