@@ -112,19 +112,24 @@ def read_owner(raw: memoryview) -> Optional[OwnerSlot]:
     return OwnerSlot(eid.hex(), pid, boot.hex(), host.rstrip(b"\0").decode("ascii", "replace"), lease)
 
 
-def read_peers(raw: memoryview) -> Iterator[Tuple[int, PeerSlot]]:
-    """(slot index, slot) of every readable peer slot in a bell's bytes."""
+def read_peers(raw: memoryview) -> Iterator[Tuple[int, Optional[PeerSlot]]]:
+    """(slot index, slot) of every peer slot in use in a bell's bytes; the slot is
+    None where it cannot be read (being rewritten, or damaged)."""
     for index in range(1, len(raw) // SLOT_SIZE):
-        body = _unseal(raw[index * SLOT_SIZE:(index + 1) * SLOT_SIZE])
+        chunk = raw[index * SLOT_SIZE:(index + 1) * SLOT_SIZE]
+        if not any(chunk):
+            continue
+        body = _unseal(chunk)
         if body is None:
+            yield index, None
             continue
         magic, version, flags, eid, base, conns, ring, ping, bye_ping, reason = _PEER.unpack_from(body)
-        if magic != PEER_MAGIC or version != VERSION:
-            continue
         try:
+            if magic != PEER_MAGIC or version != VERSION:
+                raise ValueError(f"magic {magic!r}, version {version}")
             yield index, PeerSlot(eid.hex(), base, conns, ring, ping, Flag(flags), bye_ping, Reason(reason))
-        except ValueError:  # a flag or reason from a newer version: not ours to guess
-            continue
+        except ValueError:  # another version's, or a flag or reason we do not know: not ours to guess
+            yield index, None
 
 
 def look_size(slots: Dict[int, PeerSlot]) -> int:

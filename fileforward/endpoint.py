@@ -51,7 +51,7 @@ from typing import Callable, Dict, List, Optional, Set
 
 from . import pointer, tunneldir
 from .bell import SLOT_SIZE, Flag, OwnerSlot, PeerSlot, Reason, look_size, read_owner, read_peers
-from .chunks import InStream, OutStream, read_limit
+from .chunks import DAMAGE_GRACE, InStream, OutStream, read_limit
 from .coherence import LOCKS, DataPath, ReadBuffer
 from .errors import (EndpointFailedError, NoServerError, PeerLostError, ProtocolError, ServerAlreadyRunningError,
                      TunnelDirLostError, TunnelError, UnsafeTunnelDirError)
@@ -145,6 +145,7 @@ class Endpoint:
         self._connects: Dict[str, PendingConnect] = {}
         self._peers: Dict[str, Peer] = {}
         self._slots: Dict[int, PeerSlot] = {}  # what each peer's slot in our bell said at our last look
+        self._damaged_slots: Dict[int, Optional[float]] = {}  # since when unreadable (None: reported)
         self._gone: Set[str] = set()  # peers declared gone: not met again through a stale pointer
         self._pings = 0  # the counter of our pings, to any peer: it rises across meetings with a peer
         self._lease = 0
@@ -873,6 +874,10 @@ class Endpoint:
         looked, self._bell_looked = self._bell_looked, started
         activity = False
         for index, slot in list(read_peers(raw)):
+            if slot is None:
+                self._unreadable_slot(index, started)
+                continue
+            self._damaged_slots.pop(index, None)
             before = self._slots.get(index)
             if slot == before or slot.eid == self.eid:
                 continue
@@ -880,6 +885,15 @@ class Endpoint:
             activity |= self._on_slot(index, slot, before if before is not None and before.eid == slot.eid else None,
                                       looked)
         return activity
+
+    def _unreadable_slot(self, index: int, now: float) -> None:
+        """A slot being rewritten is read again at the next look; one that stays
+        unreadable is damage: logged once, and ignored (the other slots are not)."""
+        since = self._damaged_slots.setdefault(index, now)
+        if since is not None and now - since > DAMAGE_GRACE:
+            self._damaged_slots[index] = None
+            log.warning("tunnel directory %s: ignoring slot %d of our bell file, damaged for %g s "
+                        "(the other slots are read as usual)", self.tunnel_dir, index, DAMAGE_GRACE)
 
     def _on_slot(self, index: int, slot: PeerSlot, before: Optional[PeerSlot], looked: float) -> bool:
         """Act on what a peer's slot says now (`before`: what it said at our last look),

@@ -23,8 +23,9 @@ from typing import Iterator, List
 import pytest
 
 import fileforward
-from fileforward import records, tunneldir
-from tests.tunnel_support import Proc, free_port, python, recv_exactly, start_cli, start_service
+from fileforward import tunneldir
+from tests.tunnel_support import (CraftedPeer, Proc, free_port, python, recv_exactly, server_eid, start_cli,
+                                   start_service)
 
 FAST = dict(liveness_timeout=2.0, connect_timeout=3.0, poll_max=0.1)
 IOV_MAX = os.sysconf("SC_IOV_MAX")
@@ -208,16 +209,10 @@ def test_finding2_connect_right_after_chmod_777_is_not_accepted(tmp_path):
     tunnel_dir = tmp_path / "tunnel"
     server = start_cli("client", free_port(), tunnel_dir)
     try:
-        pointer = (tunnel_dir / tunneldir.SERVER_FILE).read_text()
-        server_eid = json.loads(pointer)["eid"]
-        intruder = "f" * 16
-        cid = f"{intruder}-1"
-        to_server, to_client = tunneldir.chunk_paths(tunnel_dir, cid)
-        for path in (tunneldir.bell_path(tunnel_dir, intruder), to_server, to_client):
-            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        intruder = CraftedPeer(tunnel_dir, "f" * 16)
+        _, _, to_client = intruder.connection(1)
         os.chmod(tunnel_dir, 0o777)
-        with open(tunneldir.bell_path(tunnel_dir, server_eid), "ab") as bell:
-            bell.write(records.encode_text(records.Kind.CONNECT, intruder, cid))
+        intruder.say(server_eid(tunnel_dir), conns=1)
         line = server.wait_for(lambda line: " ERROR " in line, timeout=DETECT + SLACK)
         assert f"chmod 700 {tunnel_dir}" in line, line
         assert server.popen.wait(SLACK) != 0, server.output

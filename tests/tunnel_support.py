@@ -2,6 +2,7 @@
 and the `fileforward` CLI run as a real subprocess."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -10,7 +11,11 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
+
+from fileforward import tunneldir
+from fileforward.bell import SLOT_SIZE, OwnerSlot, PeerSlot, read_peers
+from fileforward.peers import claim_slot, machine_identity
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -140,3 +145,53 @@ def tunnel_files(tunnel_dir: Path) -> List[str]:
     """What is left in a tunnel directory, the (empty) server pointer excepted."""
     names = sorted(os.listdir(tunnel_dir)) if tunnel_dir.exists() else []
     return [n for n in names if not (n == "server" and (tunnel_dir / n).stat().st_size == 0)]
+
+
+class CraftedPeer:
+    """An endpoint made by hand, to say exactly what a test needs to another
+    endpoint's bell (a connection, a BYE...) and see what that endpoint says back."""
+
+    def __init__(self, tunnel_dir: Path, eid: str = "c0ffee00" * 2) -> None:
+        self.tunnel_dir = tunnel_dir
+        self.eid = eid
+        boot, host = machine_identity()
+        self.bell = tunneldir.bell_path(tunnel_dir, eid)
+        self._write(self.bell, OwnerSlot(eid, os.getpid(), boot, host).encode(), 0, create=True)
+        self._slots: Dict[str, "tuple[int, PeerSlot]"] = {}
+
+    def connection(self, number: int) -> "tuple[str, Path, Path]":
+        """Create the files of our connection `number`: (cid, to server, to client)."""
+        cid = f"{self.eid}-{number}"
+        to_server, to_client = tunneldir.chunk_paths(self.tunnel_dir, cid)
+        for path in (to_server, to_client):
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+        return cid, to_server, to_client
+
+    def say(self, owner: str, tail: bytes = b"", **fields: object) -> PeerSlot:
+        """Change our slot in `owner`'s bell (claimed on first use), e.g. conns=1,
+        ring=..., flags=Flag.BYE; `tail` is written right after the slot."""
+        if owner not in self._slots:
+            self._slots[owner] = (claim_slot(self.tunnel_dir, owner), PeerSlot(self.eid))
+        index, slot = self._slots[owner]
+        for name, value in fields.items():
+            setattr(slot, name, value)
+        self._write(tunneldir.bell_path(self.tunnel_dir, owner), slot.encode() + tail, index * SLOT_SIZE)
+        return slot
+
+    def heard_from(self, owner: str) -> Optional[PeerSlot]:
+        """What `owner` says in its slot of our bell (None: nothing yet)."""
+        raw = memoryview(self.bell.read_bytes())
+        return next((slot for _, slot in read_peers(raw) if slot is not None and slot.eid == owner), None)
+
+    @staticmethod
+    def _write(path: Path, data: bytes, offset: int, create: bool = False) -> None:
+        fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
+        try:
+            os.pwrite(fd, data, offset)
+        finally:
+            os.close(fd)
+
+
+def server_eid(tunnel_dir: Path) -> str:
+    """The endpoint id the server pointer names."""
+    return json.loads((tunnel_dir / tunneldir.SERVER_FILE).read_text())["eid"]
