@@ -6,6 +6,7 @@ seen, O_DIRECT refused), which the harness cannot produce, are decided by
 `choose_mode` from constructed findings."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -296,16 +297,40 @@ def test_both_sides_agree_on_a_write_never_seen(tmp_path: Path, monkeypatch, los
             real_write(carrier, offset, data)
 
     monkeypatch.setattr(KeptOpen, "write", losing_write)
-    directory = tmp_path / "dir"
+    for between in measure_on_two_threads(tmp_path / "dir", Settings(wait=RUN_TIMEOUT, answer_timeout=1.0,
+                                                                     samples=3)):
+        assert (between.data.unseen_from, between.data.not_seen_after, between.data.round_trips) == \
+            (unseen_from, 1.0, []), between.data
+        choice = choose_mode(Findings(local_facts(tmp_path / "dir"), between))
+        assert (choice.mode, choice.cause) == (None, NOT_VISIBLE), choice
+    assert_cleaned(tmp_path / "dir")
+
+
+def test_both_sides_agree_on_o_direct_refused(tmp_path: Path, monkeypatch) -> None:
+    """The second side's O_DIRECT open of the first side's data file fails with EINVAL
+    (as on a filesystem that refuses O_DIRECT; here, on local disk, it cannot):
+    both sides report it on the second side, and no mode is chosen."""
+    real_open_reader = DataPath.open_reader
+
+    def refusing(data_path: DataPath, path: Path) -> int:
+        if path.name == "first.data":
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open_reader(data_path, path)
+
+    monkeypatch.setattr(DataPath, "open_reader", refusing)
+    for between in measure_on_two_threads(tmp_path / "dir", Settings(wait=RUN_TIMEOUT, answer_timeout=5.0)):
+        assert between.data == Visibility(refused_by=SECOND), between.data
+        choice = choose_mode(Findings(local_facts(tmp_path / "dir"), between))
+        assert (choice.mode, choice.cause) == (None, DIRECT_REFUSED), choice
+    assert_cleaned(tmp_path / "dir")
+
+
+def measure_on_two_threads(directory: Path, settings: Settings) -> List[Between]:
+    """measure_between by two threads of this process on a new `directory`: both
+    sides' results, the first side's first."""
     directory.mkdir(mode=0o700)
     local = local_facts(directory)
-    settings = Settings(wait=RUN_TIMEOUT, answer_timeout=1.0, samples=3)
     with ThreadPoolExecutor(2) as pool:
         sides = list(pool.map(lambda _: measure_between(directory, local, settings), range(2)))
     assert sorted(between.first for between in sides) == [False, True]
-    for between in sides:
-        assert (between.data.unseen_from, between.data.not_seen_after, between.data.round_trips) == \
-            (unseen_from, 1.0, []), between.data
-        choice = choose_mode(Findings(local, between))
-        assert (choice.mode, choice.cause) == (None, NOT_VISIBLE), choice
-    assert_cleaned(directory)
+    return sorted(sides, key=lambda between: not between.first)
