@@ -4,10 +4,11 @@ Run it on the two nodes at once, on the same shared directory (each waits for th
 other), or with --peer on one node (it starts the other side itself, on this
 machine: that checks only this machine's view of the filesystem). It prints the
 mount, the directory's owner and mode, free space, per-operation latency, whether
-a lockf lock held on one side excludes the other, and how fast writes become
-visible to the other side (see fileforward/probe.py); then the coherence mode the
-tunnel will use, or one line per problem naming the directory, what was measured
-and the fix.
+a lockf lock held on one side excludes the other, and how fast a write becomes
+visible to the other side the way the tunnel writes and reads (see
+fileforward/probe.py); then the coherence mode `--coherence auto` picks there
+(locks, or lock-free), or one line per problem naming the directory, what was
+measured and the fix.
 """
 from __future__ import annotations
 
@@ -21,18 +22,21 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 from .cliargs import add_job_option, add_logging_options
+from .coherence import LOCKS, Mount
 from .meeting import Interrupted, ProbeError, Settings
-from .probe import Between, Choice, Findings, Local, Mount, SideFacts, Visibility, choose_mode, local_facts, \
-    measure_between
+from .probe import DIRECT_REFUSED, LOCKS_LOCAL, LOCKS_REFUSED, NOT_VISIBLE, Between, Choice, Findings, Local, \
+    SideFacts, choose_mode, local_facts, measure_between
 from .tunneldir import ENV_TUNNEL_DIR
 
 log = logging.getLogger(__name__)
 
 EPILOG = """\
-Exit status: 0 if the tunnel can work in the directory, 1 if not (or if the two
-sides could not finish measuring), 130 if interrupted. The two sides meet through
-DIR/doctor.meet and work in a private DIR/doctor-<id>/ (0700), removed at the end.
+Exit status: 0 if the tunnel can work in the directory (mode locks or lock-free),
+1 if not (or if the two sides could not finish measuring), 130 if interrupted.
+The two sides meet through DIR/doctor.meet and work in a private DIR/doctor-<id>/
+(0700), removed at the end.
 """
+COHERENT = "a filesystem that is coherent between nodes (NFS, GPFS, Lustre, BeeGFS)"
 GLOBAL_LOCKS = ("a filesystem whose locks are global across nodes, e.g. NFS with lock forwarding (the "
                 "default: no nolock, local_lock=none), GPFS, Lustre mounted with flock, or BeeGFS with "
                 "tuneUseGlobalFileLocks=true")
@@ -102,6 +106,8 @@ def local_report(local: Local) -> List[str]:
         notable = [option for option in mount.options if option.partition("=")[0] in COHERENCE_OPTIONS]
         if notable:
             lines.append(f"  options that decide locks and caching: {', '.join(notable)}")
+    lines.append("  data path: O_DIRECT reads, fsynced writes (a shared filesystem)" if local.data_path.direct
+                 else "  data path: plain reads and writes (a local filesystem: one page cache)")
     if local.unsafe is not None:
         state = "REFUSED by the tunnel (see below)"
     elif local.mode & 0o077:
@@ -137,10 +143,8 @@ def between_report(between: Between, peer: bool) -> List[str]:
     else:
         lines.append(f"  lockf: a lock held on {holder} excluded {tester}: yes; after its release {tester} "
                      f"took it in {_ms(locks.retaken_after)}")
-    lines.append("  writes made visible by fsync+close, read after a fresh open: "
-                 + _visibility(between.close_to_open, "round trip (write, seen, answer, seen)"))
-    lines.append(f"  writes made under a lockf lock on {holder}, read under the lock on {tester}: "
-                 + _visibility(between.under_lock, "write, announce, read, confirm"))
+    lines.append(f"  write to visible ({holder.writes} on {holder}, {tester.reads} on {tester}, and back): "
+                 + _visibility(between))
     return lines
 
 
@@ -150,15 +154,21 @@ def verdict(findings: Findings, choice: Choice) -> List[str]:
     if findings.local.unsafe:
         problems.append(f"FAIL: {findings.local.unsafe}")
     if choice.mode is None:
-        problems.append(f"FAIL: the tunnel cannot work in {findings.local.directory}: {choice.problem}. "
+        problems.append(f"FAIL: the tunnel cannot work in {findings.local.directory}: {choice.measured}. "
                         f"Fix: {fix(choice, findings.local.mount)}")
     return problems
 
 
 def ok_lines(findings: Findings, choice: Choice, peer: bool) -> List[str]:
-    """The verdict when the tunnel can work."""
-    lines = [f"mode: {choice.mode} (lockf locks exclude across the two sides, and writes become visible)",
-             f"OK: the tunnel can work in {findings.local.directory}"]
+    """The verdict when the tunnel can work: the mode and why, a way to mode locks."""
+    if choice.mode == LOCKS:
+        lines = [f"mode: locks ({choice.measured}: a peer whose process dies is noticed within about a "
+                 f"second, by its freed lock)"]
+    else:
+        lines = [f"mode: lock-free ({choice.measured}: a peer that dies is noticed by its missing heartbeats, "
+                 f"within the liveness timeout)",
+                 f"  for mode locks (a dead peer noticed within a second): {fix(choice, findings.local.mount)}"]
+    lines.append(f"OK: the tunnel can work in {findings.local.directory}")
     if peer:
         lines.append(f"  (checked on this machine only: run `fileforward doctor --tunnel-dir "
                      f"{findings.local.directory}` on both nodes at once to check between them)")
@@ -166,48 +176,48 @@ def ok_lines(findings: Findings, choice: Choice, peer: bool) -> List[str]:
 
 
 def fix(choice: Choice, mount: Optional[Mount]) -> str:
-    """What to change so that a mode works: the mount's own remedy if we know one, and
-    the general one."""
-    if choice.cause == "not visible":
-        general = "use a directory on a filesystem that is coherent between nodes (NFS, GPFS, Lustre)"
-    else:
-        general = f"use a directory on {GLOBAL_LOCKS}"
+    """What to change: for no mode, so that one works; for lock-free, so that locks
+    exclude across nodes. The mount's own remedy if we know one, and the general one."""
+    general = {NOT_VISIBLE: f"use a directory on {COHERENT}",
+               DIRECT_REFUSED: f"use a directory on a filesystem that accepts O_DIRECT reads, e.g. {COHERENT}"
+               }.get(choice.cause, f"use a directory on {GLOBAL_LOCKS}")
     specific = _mount_fix(choice.cause, mount) if mount is not None else None
     return f"{specific}; or {general}" if specific else general
 
 
 def _mount_fix(cause: Optional[str], mount: Mount) -> Optional[str]:
-    if mount.fstype.startswith("nfs") and cause == "locks local":
+    if mount.fstype.startswith("nfs") and cause == LOCKS_LOCAL:
         local = [o for o in ("nolock", "local_lock") if mount.option(o) in ("", "posix", "all")]
         if local:
             return (f"mount with lock forwarding: without {' and '.join(local)} (here: "
                     f"{', '.join(f'{o}={mount.option(o)}'.rstrip('=') for o in local)}), i.e. local_lock=none")
         return "mount with lock forwarding (no nolock, local_lock=none)"
-    if mount.fstype.startswith("nfs") and cause == "locks refused":
+    if mount.fstype.startswith("nfs") and cause == LOCKS_REFUSED:
         return ("NFSv3 needs its lock service (rpc.statd and lockd, on the client and the server), or "
                 "mount with NFSv4; nolock would only make the locks node-local")
-    if mount.fstype == "lustre" and cause in ("locks local", "locks refused"):
+    if mount.fstype == "lustre" and cause in (LOCKS_LOCAL, LOCKS_REFUSED):
         return "mount the Lustre client with flock (not localflock or noflock)"
-    if mount.fstype.startswith("beegfs") and cause in ("locks local", "locks refused"):
+    if mount.fstype.startswith("beegfs") and cause in (LOCKS_LOCAL, LOCKS_REFUSED):
         return "BeeGFS: tuneUseGlobalFileLocks=true in the client configuration (beegfs-client.conf)"
     return None
 
 
 def _latency_line(label: str, side: SideFacts) -> str:
-    parts = [f"{op} {'refused' if seconds is None else _ms(seconds)}"
+    parts = [f"{side.reads if op == 'read' else op} {'refused' if seconds is None else _ms(seconds)}"
              for op, seconds in side.latency.items()]
     return f"  latency on {label} (median): {', '.join(parts)}"
 
 
-def _visibility(found: Visibility, round_trip: str) -> str:
-    if found.skipped:
-        return f"not measured ({found.skipped})"
+def _visibility(between: Between) -> str:
+    found = between.data
+    if found.refused_by is not None:
+        return f"O_DIRECT REFUSED on {between.side(found.refused_by)} (EINVAL at open)"
     times = found.round_trips
-    if found.late is not None:
-        return f"LATE: a first read under the lock missed a write, which was seen {found.late:.2f} s later"
-    if found.not_seen_after is not None:
-        return f"NOT visible within {found.not_seen_after:g} s (after {len(times)} that were)"
-    return f"visible; {round_trip} median {_ms(statistics.median(times))} of {len(times)}"
+    if found.unseen_from is not None:
+        return (f"a write on {between.side(found.unseen_from)} was NOT visible to {between.other(found.unseen_from)} "
+                f"within {found.not_seen_after:g} s (after {len(times)} round trips that were)")
+    median = statistics.median(times)
+    return f"round trip median {_ms(median)} of {len(times)}, about {_ms(median / 2)} one way"
 
 
 def _ms(seconds: float) -> str:

@@ -25,8 +25,9 @@ lock may not exclude the other node (that is what is being measured). So:
    the reader opens afresh and reads past what it has consumed, polling with a
    short backoff. This is NFS close-to-open consistency, the weakest promise a
    shared filesystem makes, so the control channel works before anything is known
-   about locks. The same channel can run over locks instead (`UnderLock`) to
-   measure that path.
+   about locks or O_DIRECT. The same channel can run over the transport's own
+   data path instead (`KeptOpen`: descriptors kept open, fsynced writes, O_DIRECT
+   reads on a shared filesystem) to measure that path.
 4. **Stale files.** After a hello, the first side removes the meeting file, so
    the next pair starts afresh. A meeting file left by a killed doctor is found
    out by its silence: no session directory, no content, no answer to the hello
@@ -54,17 +55,19 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, TypeVar, Union
 
+from .coherence import DataPath, ReadBuffer
 from .files import pread_all, pwrite_all
 
 log = logging.getLogger(__name__)
 
-PROTOCOL = 1
+PROTOCOL = 2  # 2: the data path round trips (first.data, second.data) replace the measure under locks
 MEET_FILE = "doctor.meet"
 SESSION_PREFIX = "doctor-"
 CLAIM_FILE = "second.claim"
 POLL_MIN = 0.0005
 POLL_MAX = 0.02
 STILL_WAITING_EVERY = 10.0
+DIRECT_READ_SIZE = 16384
 T = TypeVar("T")
 
 
@@ -132,48 +135,47 @@ class CloseToOpen:
         """Nothing is kept open."""
 
 
-class UnderLock:
-    """Bytes carried by locks: write under an exclusive lockf lock, read under a shared
-    one, on descriptors kept open (no fsync, no reopen): NFS flushes on unlock and
-    revalidates when a lock is granted, where locks are forwarded to the server."""
+class KeptOpen:
+    """Bytes carried as the transport carries them (coherence.DataPath): descriptors
+    kept open, no lock, no reopen; each write a pwrite, fsynced on a shared
+    filesystem; each read a pread, O_DIRECT through an aligned buffer there.
+    OSError EINVAL if the filesystem refuses O_DIRECT."""
 
-    def __init__(self, mine: Path, theirs: Path, timeout: float, stop: Stop) -> None:
-        self._timeout, self._stop = timeout, stop
-        self._mine = os.open(mine, os.O_RDWR)
+    def __init__(self, mine: Path, theirs: Path, path: DataPath) -> None:
+        self._sync = path.sync
+        self._mine = os.open(mine, os.O_WRONLY)
         try:
-            self._theirs = os.open(theirs, os.O_RDONLY)
+            self._theirs = path.open_reader(theirs)
         except OSError:
             os.close(self._mine)
             raise
+        self._buffer = ReadBuffer(DIRECT_READ_SIZE) if path.direct else None
 
     def write(self, offset: int, data: bytes) -> None:
-        self._lock(self._mine, fcntl.LOCK_EX)
-        try:
-            pwrite_all(self._mine, data, offset)
-        finally:
-            fcntl.lockf(self._mine, fcntl.LOCK_UN)
+        pwrite_all(self._mine, data, offset)
+        if self._sync:
+            os.fsync(self._mine)
 
     def read(self, offset: int) -> bytes:
-        self._lock(self._theirs, fcntl.LOCK_SH)
-        try:
+        """What the other side wrote from `offset` (up to DIRECT_READ_SIZE bytes with
+        O_DIRECT: the channel reads on)."""
+        if self._buffer is None:
             return pread_all(self._theirs, offset)
-        finally:
-            fcntl.lockf(self._theirs, fcntl.LOCK_UN)
+        return bytes(self._buffer.read(self._theirs, offset, DIRECT_READ_SIZE))
 
     def close(self) -> None:
         os.close(self._mine)
         os.close(self._theirs)
-
-    def _lock(self, fd: int, kind: int) -> None:
-        if poll(lambda: try_lock(fd, kind), self._timeout, self._stop) is None:
-            raise NoAnswer(f"could not take a lock within {self._timeout:g} s")
+        if self._buffer is not None:
+            self._buffer.close()
 
 
-def try_lock(fd: int, kind: int = fcntl.LOCK_EX) -> Optional[bool]:
-    """A non-blocking lockf on the whole file: True if granted, None if another holds
-    it; OSError if the filesystem refuses locks (ENOLCK, ENOSYS, EOPNOTSUPP)."""
+def try_lock(fd: int) -> Optional[bool]:
+    """A non-blocking exclusive lockf on the whole file: True if granted, None if
+    another holds it; OSError if the filesystem refuses locks (ENOLCK, ENOSYS,
+    EOPNOTSUPP)."""
     try:
-        fcntl.lockf(fd, kind | fcntl.LOCK_NB)
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
     except OSError as exc:
         if exc.errno in (errno.EAGAIN, errno.EACCES):
@@ -183,9 +185,9 @@ def try_lock(fd: int, kind: int = fcntl.LOCK_EX) -> Optional[bool]:
 
 class Channel:
     """JSON-line messages in strict turn: each side appends to its own file and reads
-    the other's through a carrier (CloseToOpen or UnderLock)."""
+    the other's through a carrier (CloseToOpen or KeptOpen)."""
 
-    def __init__(self, carrier: Union[CloseToOpen, UnderLock], stop: Stop) -> None:
+    def __init__(self, carrier: Union[CloseToOpen, KeptOpen], stop: Stop) -> None:
         self.carrier = carrier
         self._stop = stop
         self._written = 0
@@ -241,7 +243,7 @@ class Meeting:
         return self.session / f"{mine}.{name}", self.session / f"{theirs}.{name}"
 
 
-PAIRED_FILES = ("say", "locked")  # first.say, second.say, first.locked, second.locked
+PAIRED_FILES = ("say", "data")  # first.say, second.say, first.data, second.data
 SHARED_FILES = ("lock",)
 
 

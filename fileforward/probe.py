@@ -8,23 +8,23 @@ wait bounded), then measure together:
 - **locks**: the first side takes a lockf lock on a shared file; the second side's
   non-blocking try must fail; after the release it must succeed. A filesystem may
   also refuse locks (ENOLCK, ENOSYS, EOPNOTSUPP);
-- **visibility after fsync+close**: round trips of small messages written, fsynced
-  and closed by one side, read after a fresh open by the other (close-to-open),
-  timed on the first side's clock (clocks of two nodes are never compared);
-- **visibility under locks**: the first side writes under an exclusive lock and
-  says so over the close-to-open channel; the second side's *first* read under its
-  shared lock must see the write (NFS revalidates its cache when a lock is
-  granted; the transport's locks mode relies on it). A write seen only later is
-  timed until seen. Descriptors stay open, nothing is fsynced. Only measured where
-  locks exclude: elsewhere a lock orders nothing;
-- **per-operation latency** on each side: open, write+fsync, read, lockf, rename, stat.
+- **the data path** (coherence.DataPath, as the transport uses it): round trips of
+  small messages, each written with pwrite (and fsync, on a shared filesystem) on
+  a descriptor kept open, and read by the other side through a descriptor of its
+  own (O_DIRECT, aligned, on a shared filesystem), timed on the first side's clock
+  (clocks of two nodes are never compared). A filesystem may refuse O_DIRECT
+  (EINVAL at open); a write never seen within the answer timeout is a finding;
+- **per-operation latency** on each side: open, write+fsync, read (O_DIRECT where
+  the transport reads so), lockf, rename, stat.
 
 `local_facts` adds what one side can read alone: the mount (type and options from
 /proc/self/mountinfo), the directory's owner and mode, free space. `choose_mode`
-turns the findings into the mode the transport can use, or the one measured
-reason why none can. Today there is one mode, "locks": lockf locks for exclusion
-and NFS cache coherence, correct only where a lock held on one node excludes the
-other node.
+turns the findings into the coherence mode the transport picks with
+`--coherence auto`, or the one measured reason why no mode can work: data
+coherence never depends on locks, so only the data path can rule the tunnel out.
+Locks decide between the modes: "locks" where a lock held on one side excludes
+the other (a dead peer's freed lock is then proof of its death), "lock-free"
+(heartbeats only) where locks are node-local or refused.
 """
 from __future__ import annotations
 
@@ -38,15 +38,18 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from .errors import UnsafeTunnelDirError
-from .coherence import Mount, mount_of
-from .meeting import Channel, Meeting, NoAnswer, Settings, Stop, UnderLock, identity, meet, poll, try_lock
+from .coherence import LOCK_FREE, LOCKS, DataPath, Mount
+from .meeting import Channel, KeptOpen, Meeting, NoAnswer, Settings, Stop, identity, meet, poll, try_lock
 from .tunneldir import check_safe
 
-LOCKS = "locks"
 REFUSING = {errno.ENOLCK: "ENOLCK", errno.ENOSYS: "ENOSYS", errno.EOPNOTSUPP: "EOPNOTSUPP"}
 OPERATIONS = ("open", "write+fsync", "read", "lockf", "rename", "stat")
 BLOCK = 4096
 PING_POLL_MAX = 0.005
+# The causes a Choice names, for the fix.
+LOCKS_REFUSED, LOCKS_LOCAL, NOT_VISIBLE, DIRECT_REFUSED = \
+    "locks refused", "locks local", "not visible", "O_DIRECT refused"
+FIRST, SECOND = "first", "second"  # the two sides' roles in the measurements
 
 
 @dataclasses.dataclass
@@ -54,7 +57,7 @@ class Local:
     """What one side reads about the directory on its own."""
 
     directory: Path
-    mount: Optional[Mount]
+    data_path: DataPath
     owner_uid: int
     mode: int
     unsafe: Optional[str]  # why the transport would refuse the directory, with the fix; None if fine
@@ -62,9 +65,14 @@ class Local:
     total_bytes: int
     free_inodes: int
 
+    @property
+    def mount(self) -> Optional[Mount]:
+        """The mount the directory is on, None where unknown."""
+        return self.data_path.mount
+
 
 def local_facts(directory: Path) -> Local:
-    """The mount, owner, mode and free space of an existing directory."""
+    """The mount, data path, owner, mode and free space of an existing directory."""
     info = os.stat(directory)
     try:
         check_safe(directory)
@@ -72,14 +80,15 @@ def local_facts(directory: Path) -> Local:
     except UnsafeTunnelDirError as exc:
         unsafe = str(exc)
     space = os.statvfs(directory)
-    return Local(directory=directory, mount=mount_of(directory), owner_uid=info.st_uid,
+    return Local(directory=directory, data_path=DataPath.for_directory(directory), owner_uid=info.st_uid,
                  mode=info.st_mode & 0o7777, unsafe=unsafe, free_bytes=space.f_bavail * space.f_frsize,
                  total_bytes=space.f_blocks * space.f_frsize, free_inodes=space.f_favail)
 
 
-def time_operations(directory: Path, name: str, samples: int) -> Dict[str, Optional[float]]:
+def time_operations(directory: Path, name: str, samples: int, data_path: DataPath) -> Dict[str, Optional[float]]:
     """Median seconds of each of OPERATIONS on a file `name` of our own in `directory`
-    (removed after); None for lockf where the filesystem refuses locks."""
+    (removed after), "read" as the transport reads (`data_path`); None for lockf
+    where the filesystem refuses locks, for read where it refuses O_DIRECT."""
     path, renamed = directory / name, directory / (name + ".renamed")
     block = os.urandom(BLOCK)
     times: Dict[str, List[float]] = {op: [] for op in OPERATIONS}
@@ -94,24 +103,42 @@ def time_operations(directory: Path, name: str, samples: int) -> Dict[str, Optio
         os.pwrite(fd, block, 0)
         os.fsync(fd)
 
-    for _ in range(samples):
-        fd = timed("open", lambda: os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-        try:
-            timed("write+fsync", lambda: write_and_fsync(fd))
-            timed("read", lambda: os.pread(fd, BLOCK, 0))
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    reader = _kept_open(path, path, data_path)
+    try:
+        for _ in range(samples):
+            fd = timed("open", lambda: os.open(path, os.O_RDWR))
             try:
-                timed("lockf", lambda: fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB))
-                fcntl.lockf(fd, fcntl.LOCK_UN)
-            except OSError as exc:
-                if exc.errno not in REFUSING:
-                    raise
-        finally:
-            os.close(fd)
-        timed("rename", lambda: os.rename(path, renamed))
-        os.rename(renamed, path)
-        timed("stat", lambda: os.stat(path))
-    os.unlink(path)
+                timed("write+fsync", lambda: write_and_fsync(fd))
+                if reader is not None:
+                    timed("read", lambda: reader.read(0))
+                try:
+                    timed("lockf", lambda: fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB))
+                    fcntl.lockf(fd, fcntl.LOCK_UN)
+                except OSError as exc:
+                    if exc.errno not in REFUSING:
+                        raise
+            finally:
+                os.close(fd)
+            timed("rename", lambda: os.rename(path, renamed))
+            os.rename(renamed, path)
+            timed("stat", lambda: os.stat(path))
+    finally:
+        if reader is not None:
+            reader.close()
+        os.unlink(path)
     return {op: statistics.median(values) if values else None for op, values in times.items()}
+
+
+def _kept_open(mine: Path, theirs: Path, data_path: DataPath) -> Optional[KeptOpen]:
+    """A KeptOpen carrier writing `mine` and reading `theirs`, None if the
+    filesystem refuses O_DIRECT."""
+    try:
+        return KeptOpen(mine, theirs, data_path)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        return None
 
 
 @dataclasses.dataclass
@@ -121,10 +148,21 @@ class SideFacts:
     host: str
     pid: int
     mount: str                              # str(Mount), or "unknown"
+    direct: bool                            # reads with O_DIRECT (and fsyncs its writes): a shared filesystem
     latency: Dict[str, Optional[float]]     # time_operations
 
     def __str__(self) -> str:
         return f"host {self.host} (pid {self.pid})"
+
+    @property
+    def reads(self) -> str:
+        """How this side reads the other side's writes, for the report."""
+        return "O_DIRECT read" if self.direct else "read"
+
+    @property
+    def writes(self) -> str:
+        """How this side writes for the other side, for the report."""
+        return "pwrite+fsync" if self.direct else "pwrite"
 
 
 @dataclasses.dataclass
@@ -145,19 +183,13 @@ class LockResult:
 
 @dataclasses.dataclass
 class Visibility:
-    """Round trips of writes between the sides, seconds on the first side's clock."""
+    """Round trips over the data path (first side writes, second side answers),
+    seconds on the first side's clock, or why they stopped."""
 
     round_trips: List[float] = dataclasses.field(default_factory=list)
-    late: Optional[float] = None            # under locks: a write the first read missed, seen this much later
-    not_seen_after: Optional[float] = None  # seconds a write stayed invisible before we gave up
-    skipped: Optional[str] = None           # why it was not measured
-
-    @property
-    def visible(self) -> Optional[bool]:
-        """True if every write was seen when expected, False if not, None if not measured."""
-        if self.skipped:
-            return None
-        return self.late is None and self.not_seen_after is None and bool(self.round_trips)
+    refused_by: Optional[str] = None        # FIRST or SECOND: the side whose O_DIRECT open was refused (EINVAL)
+    unseen_from: Optional[str] = None       # FIRST or SECOND: the side one of whose writes the other never saw
+    not_seen_after: Optional[float] = None  # seconds that write stayed invisible before we gave up
 
 
 @dataclasses.dataclass
@@ -168,18 +200,25 @@ class Between:
     this: SideFacts
     peer: SideFacts
     locks: LockResult
-    close_to_open: Visibility
-    under_lock: Visibility
+    data: Visibility
 
     @property
     def first_side(self) -> SideFacts:
-        """The side that created the session: it held the lock, and wrote under it."""
+        """The side that created the session: it held the lock, and wrote first."""
         return self.this if self.first else self.peer
 
     @property
     def second_side(self) -> SideFacts:
-        """The side that joined: it tried the held lock, and read under it."""
+        """The side that joined: it tried the held lock, and answered."""
         return self.peer if self.first else self.this
+
+    def side(self, role: str) -> SideFacts:
+        """The side of a role (FIRST or SECOND)."""
+        return self.first_side if role == FIRST else self.second_side
+
+    def other(self, role: str) -> SideFacts:
+        """The side that does not have `role`."""
+        return self.second_side if role == FIRST else self.first_side
 
 
 @dataclasses.dataclass
@@ -198,30 +237,19 @@ def measure_between(directory: Path, local: Local, settings: Settings = Settings
     with meet(directory, hello, settings, stop) as meeting:
         control, timeout = meeting.control, settings.answer_timeout
         latency = time_operations(meeting.session, "first.ops" if meeting.first else "second.ops",
-                                  settings.samples)
-        this = SideFacts(host=str(hello["host"]), pid=int(hello["pid"]), latency=latency,
-                         mount=str(local.mount) if local.mount else "unknown")
+                                  settings.samples, local.data_path)
+        this = SideFacts(host=str(hello["host"]), pid=int(hello["pid"]), direct=local.data_path.direct,
+                         latency=latency, mount=str(local.mount) if local.mount else "unknown")
         control.send("facts", **dataclasses.asdict(this))
         peer = _fields(SideFacts, control.receive("facts", timeout))
         locks = _test_locks(meeting, settings, stop)
-        close_to_open = _round_trips(control, meeting.first, settings)  # the control channel: it must work
-        if locks.refused:
-            under_lock = Visibility(skipped="lockf is refused")
-        elif locks.excluded and locks.retaken_after is not None:
-            under_lock = _under_lock(meeting, settings, stop)
-        else:
-            under_lock = Visibility(skipped="locks do not exclude, so a lock orders no write before a read")
+        data = _data_round_trips(meeting, local.data_path, settings, stop)
+        # The first side removes the session on leaving: only once the second has read all.
         if meeting.first:
-            control.send("results", close_to_open=dataclasses.asdict(close_to_open),
-                         under_lock=dataclasses.asdict(under_lock))
             control.receive("done", timeout)
         else:
-            results = control.receive("results", timeout)
-            close_to_open = _fields(Visibility, results["close_to_open"])
-            under_lock = _fields(Visibility, results["under_lock"])
             control.send("done")
-    return Between(first=meeting.first, this=this, peer=peer, locks=locks, close_to_open=close_to_open,
-                   under_lock=under_lock)
+    return Between(first=meeting.first, this=this, peer=peer, locks=locks, data=data)
 
 
 def _test_locks(meeting: Meeting, settings: Settings, stop: Stop) -> LockResult:
@@ -268,65 +296,52 @@ def _try(fd: int) -> Tuple[bool, Optional[str]]:
         raise
 
 
-def _round_trips(channel: Channel, first: bool, settings: Settings) -> Visibility:
-    """settings.samples pings from the first side, each answered by the second side;
-    NoAnswer if one does not arrive within the answer timeout."""
-    result = Visibility()
-    for n in range(settings.samples):
-        if first:
+def _data_round_trips(meeting: Meeting, data_path: DataPath, settings: Settings, stop: Stop) -> Visibility:
+    """settings.samples pings over the data path from the first side, each answered
+    by the second side; both return the first side's result. A refused O_DIRECT or
+    a write never seen is a finding, not an error: the control channel carries on."""
+    control, timeout = meeting.control, settings.answer_timeout
+    carrier = _kept_open(*meeting.files("data"), data_path)
+    control.send("data open", refused=carrier is None)
+    peer_refused = control.receive("data open", timeout)["refused"]
+    try:
+        if carrier is None or peer_refused:
+            first_refused = carrier is None if meeting.first else peer_refused
+            return Visibility(refused_by=FIRST if first_refused else SECOND)
+        data = Channel(carrier, stop)
+        if not meeting.first:
+            control.send("pings seen", seen=_answer_pings(data, settings))
+            return _fields(Visibility, control.receive("data", timeout))
+        result = Visibility()
+        for n in range(settings.samples):
             started = time.monotonic()
-            channel.send("ping", n=n)
-            channel.receive("pong", settings.answer_timeout, PING_POLL_MAX)
+            data.send("ping", n=n)
+            try:
+                data.receive("pong", timeout, PING_POLL_MAX)
+            except NoAnswer:
+                seen = control.receive("pings seen", timeout)["seen"]
+                result.unseen_from = FIRST if seen == n else SECOND
+                result.not_seen_after = timeout
+                break
             result.round_trips.append(time.monotonic() - started)
         else:
-            channel.receive("ping", settings.answer_timeout, PING_POLL_MAX)
-            channel.send("pong", n=n)
-    return result
-
-
-def _under_lock(meeting: Meeting, settings: Settings, stop: Stop) -> Visibility:
-    """Writes under a lock, announced over the control channel, read under a lock
-    (see the module docstring); the first side's result counts. A write that is late
-    or never seen is a finding, not an error: the control channel carries on."""
-    control, timeout = meeting.control, settings.answer_timeout
-    result = Visibility()
-    carrier = UnderLock(*meeting.files("locked"), timeout, stop)
-    data = Channel(carrier, stop)
-    try:
-        for n in range(settings.samples):
-            if meeting.first:
-                started = time.monotonic()
-                data.send("token", n=n)
-                control.send("written", n=n)
-                seen = control.receive("read", timeout)
-                result.round_trips.append(time.monotonic() - started)
-                if seen["after"] is None:
-                    result.not_seen_after = timeout
-                elif not seen["at_once"]:
-                    result.late = seen["after"]
-                if not seen["at_once"]:
-                    break  # the mode is ruled out: no need to wait for more
-            else:
-                control.receive("written", timeout)
-                at_once, after = _read_once_then_wait(data, timeout)
-                control.send("read", at_once=at_once, after=after)
-                if not at_once:
-                    break
+            control.receive("pings seen", timeout)
+        control.send("data", **dataclasses.asdict(result))
+        return result
     finally:
-        carrier.close()
-    return result
+        if carrier is not None:
+            carrier.close()
 
 
-def _read_once_then_wait(data: Channel, timeout: float) -> Tuple[bool, Optional[float]]:
-    """(whether one read saw the token, seconds until it was seen or None if never)."""
-    started = time.monotonic()
-    for attempt_timeout in (0.0, timeout):
+def _answer_pings(data: Channel, settings: Settings) -> int:
+    """The second side's part: answer each ping; how many were seen."""
+    for n in range(settings.samples):
         try:
-            data.receive("token", attempt_timeout)
-            return attempt_timeout == 0.0, time.monotonic() - started
+            data.receive("ping", settings.answer_timeout, PING_POLL_MAX)
         except NoAnswer:
-            continue
-    return False, None
+            return n
+        data.send("pong", n=n)
+    return settings.samples
 
 
 def _fields(cls, message: dict):
@@ -336,35 +351,35 @@ def _fields(cls, message: dict):
 
 @dataclasses.dataclass(frozen=True)
 class Choice:
-    """The coherence mode the findings allow, or what rules every mode out."""
+    """The coherence mode `--coherence auto` picks, or what rules every mode out."""
 
-    mode: Optional[str]
-    problem: Optional[str] = None   # what was measured, naming both sides; None if a mode was chosen
-    cause: Optional[str] = None     # "locks refused", "locks local" or "not visible", for the fix
+    mode: Optional[str]   # LOCKS, LOCK_FREE, or None: the tunnel cannot work there
+    measured: str         # what was measured that decided, naming the sides
+    cause: Optional[str] = None  # LOCKS_REFUSED, LOCKS_LOCAL (lock-free), NOT_VISIBLE, DIRECT_REFUSED (none)
 
 
 def choose_mode(findings: Findings) -> Choice:
-    """The mode the transport uses in this directory: "locks" when a lock held on one
-    side excludes the other and writes become visible both ways; else None, with the
-    first problem measured. (Writes visible after fsync+close and a fresh open are
-    a precondition of the measurement itself: the two sides talk that way.)"""
+    """The mode the transport uses in this directory. No mode if the data path
+    fails (O_DIRECT refused, or a write never seen by the other side); else
+    "locks" when a lock held on one side excludes the other and is free to it
+    once released, "lock-free" when locks are node-local or refused."""
     between = findings.between
-    locks, holder, tester = between.locks, between.first_side, between.second_side
-    if locks.holder_refused or locks.tester_refused:
+    data, locks, holder, tester = between.data, between.locks, between.first_side, between.second_side
+    if data.refused_by is not None:
+        return Choice(None, f"O_DIRECT reads are refused on {between.side(data.refused_by)} (EINVAL at open) on a "
+                            f"shared filesystem, where the transport reads with O_DIRECT", DIRECT_REFUSED)
+    if data.unseen_from is not None:
+        writer, reader = between.side(data.unseen_from), between.other(data.unseen_from)
+        return Choice(None, f"a write ({writer.writes}, descriptor kept open) on {writer} never became visible "
+                            f"to the {reader.reads} on {reader} (waited {data.not_seen_after:g} s; "
+                            f"{len(data.round_trips)} earlier round trips were seen)", NOT_VISIBLE)
+    if locks.refused:
         where = holder if locks.holder_refused else tester
-        return Choice(None, f"lockf locks are refused ({locks.refused} on {where})", "locks refused")
+        return Choice(LOCK_FREE, f"lockf locks are refused ({locks.refused} on {where})", LOCKS_REFUSED)
     if not locks.excluded:
-        return Choice(None, f"a lockf lock held on {holder} did not exclude {tester} (its try-lock was "
-                            f"granted while the lock was held)", "locks local")
+        return Choice(LOCK_FREE, f"a lockf lock held on {holder} did not exclude {tester} (its try-lock "
+                                 f"was granted while the lock was held)", LOCKS_LOCAL)
     if locks.retaken_after is None:
-        return Choice(None, f"after {holder} released its lockf lock, {tester} could not take it within "
-                            f"{locks.retake_waited:g} s", "locks local")
-    under_lock = between.under_lock
-    if under_lock.late is not None:
-        return Choice(None, f"a write made under a lockf lock on {holder} was missed by the first read under "
-                            f"the lock on {tester} (seen {under_lock.late:.2f} s later): a granted lock does "
-                            f"not refresh the cache there", "not visible")
-    if not under_lock.visible:
-        return Choice(None, f"a write made under a lockf lock on {holder} did not become visible to {tester} "
-                            f"under the lock within {under_lock.not_seen_after:g} s", "not visible")
-    return Choice(LOCKS)
+        return Choice(LOCK_FREE, f"after {holder} released its lockf lock, {tester} could not take it "
+                                 f"within {locks.retake_waited:g} s", LOCKS_LOCAL)
+    return Choice(LOCKS, f"a lockf lock held on {holder} excluded {tester}")
