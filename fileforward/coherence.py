@@ -128,3 +128,11 @@ class ReadBuffer:
         length = min(self.size, -(-(offset - start + limit) // BLOCK) * BLOCK)
         got = os.preadv(fd, [memoryview(self._map)[:length]], start)
         return memoryview(self._map)[offset - start:max(got, offset - start)][:limit]
+
+    def close(self) -> None:
+        """Release the buffer now, unless views of it are still alive (then the
+        garbage collector does, with the last view)."""
+        try:
+            self._map.close()
+        except BufferError:
+            pass
