@@ -78,7 +78,7 @@ class OwnerSlot:
 
     eid: str
     pid: int
-    boot: str  # the first 16 hex digits of the machine's boot id
+    boot: str  # 16 hex digits: the owner's kernel and mount of the directory (peers.machine_identity)
     host: str
     lease: int = 0
 

@@ -128,7 +128,7 @@ class Endpoint:
         self.eid = ""
         self.autostop = autostop
         self.peer_name = peer_name or ("tunnel client" if serve else "tunnel server")
-        self._boot, self._host = machine_identity()
+        self._view, self._host = "", ""  # see peers.machine_identity, once the directory exists
         self._serve = serve
         self._force = force
         self._on_accept = on_accept
@@ -361,6 +361,7 @@ class Endpoint:
         if we serve."""
         self.tunnel_dir, self._dir_id = tunneldir.prepare(self.tunnel_dir, parents=not again)
         self._data = DataPath.for_directory(self.tunnel_dir)
+        self._view, self._host = machine_identity(self.tunnel_dir)
         self._next_dir_check = time.monotonic() + DIR_CHECK_INTERVAL
         self._slots.clear()
         while self._bell is None:
@@ -369,7 +370,7 @@ class Endpoint:
             bell = TABLE.open(final.with_name(final.name + tunneldir.NEW_SUFFIX), create=True, exclusive=True)
             bell.try_hold_alive()
             try:
-                write_at(bell.fd, [OwnerSlot(eid, os.getpid(), self._boot, self._host).encode()], 0,
+                write_at(bell.fd, [OwnerSlot(eid, os.getpid(), self._view, self._host).encode()], 0,
                          self._data.sync)
                 self._check_direct_reads(bell)
                 TABLE.rename(bell, final)
@@ -493,7 +494,7 @@ class Endpoint:
         try:
             if self.opts.coherence != LOCKS:
                 owner = read_owner(self._buffer.read(shared.reading_fd(self._data.direct), 0, SLOT_SIZE))
-                if owner is not None and owner.boot != self._boot:
+                if owner is not None and owner.boot != self._view:
                     return False
             return shared.alive_elsewhere() is False
         finally:
@@ -506,7 +507,7 @@ class Endpoint:
             return
         self._next_lease = now + self.opts.liveness_timeout / 2
         self._lease += 1
-        write_at(self._bell.fd, [OwnerSlot(self.eid, os.getpid(), self._boot, self._host, self._lease).encode()],
+        write_at(self._bell.fd, [OwnerSlot(self.eid, os.getpid(), self._view, self._host, self._lease).encode()],
                  0, self._data.sync)
 
     # --- server pointer ---------------------------------------------------------------------
@@ -517,7 +518,7 @@ class Endpoint:
                 self._take_over(shared)
             else:
                 self._challenge_remote_server(shared)
-            pointer.write(shared, self.eid, self._boot, self._data.sync)
+            pointer.write(shared, self.eid, self._view, self._data.sync)
         except BaseException:
             shared.drop_alive()
             TABLE.release(shared)
@@ -1073,7 +1074,7 @@ class Endpoint:
                        default=self._next_cid + 1) - 1  # it may take up our connections after this one
             slot = PeerSlot(self.eid, base=base, conns=base, ping=self._pings)
             peer = meet(self.tunnel_dir, eid, slot, self._pings, self._buffer, self._data.direct,
-                        self.opts.coherence, self._boot)
+                        self.opts.coherence, self._view)
             self._peers[eid] = peer
             self._gone.discard(eid)
             peer.last_ping = time.monotonic()

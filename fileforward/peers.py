@@ -19,6 +19,7 @@ Liveness, judged on our own clock:
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import socket
@@ -37,17 +38,19 @@ DEATH_CHECK = 1.0  # how often a trusted peer's owner lock is tested while we ha
 MAX_SLOTS = 100_000
 
 
-def machine_identity() -> "tuple[str, str]":
-    """(boot id, host): processes with the same boot id share one kernel, so one page
-    cache and locks that exclude each other."""
+def machine_identity(directory: Path) -> "tuple[str, str]":
+    """(view, host). Two processes with the same view (one kernel: its boot id, and one
+    mount of `directory`: its device) share one page cache and one lock table, so
+    their locks exclude each other. Two mounts of one filesystem on one machine
+    are two clients, like two nodes (the test harness's two nodes are that)."""
     host = socket.gethostname().encode("ascii", "replace").decode().replace(" ", "_") or "?"
     try:
         with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
-            boot = f.read().strip().replace("-", "")[:16]
-        int(boot, 16)
-    except (OSError, ValueError):
-        boot = (host.encode().hex() + "0" * 16)[:16]
-    return boot, host
+            boot = f.read().strip()
+    except OSError:
+        boot = host
+    view = hashlib.sha256(f"{boot} {os.stat(directory).st_dev}".encode()).hexdigest()[:16]
+    return view, host
 
 
 class Peer:
@@ -97,7 +100,7 @@ def claim_slot(tunnel_dir: Path, owner: str) -> int:
 
 
 def meet(tunnel_dir: Path, eid: str, slot: PeerSlot, met_after_ping: int, buffer: ReadBuffer,
-         direct: bool, coherence: str, boot: str) -> Peer:
+         direct: bool, coherence: str, view: str) -> Peer:
     """Open `eid`'s bell, claim a slot in it, and judge what its locks are worth to us.
     FileNotFoundError if its bell is gone."""
     bell = TABLE.open(tunneldir.bell_path(tunnel_dir, eid))
@@ -110,7 +113,7 @@ def meet(tunnel_dir: Path, eid: str, slot: PeerSlot, met_after_ping: int, buffer
         raise
     if owner is not None:
         peer.who = f"pid {owner.pid} on host {owner.host}"
-        peer.same_machine = owner.boot == boot
+        peer.same_machine = owner.boot == view
     peer.locks_trusted, peer.why_mode = _judge_locks(peer, coherence)
     return peer
 
@@ -122,7 +125,7 @@ def _judge_locks(peer: Peer, coherence: str) -> "tuple[bool, str]":
         return False, "chosen with --coherence lock-free"
     assert coherence == AUTO
     if peer.same_machine:
-        return True, "both sides on one machine"
+        return True, "both sides on one machine and one mount"
     held = peer.bell.alive_elsewhere()
     if held is None:
         return False, "the filesystem refuses locks"

@@ -154,7 +154,7 @@ class CraftedPeer:
     def __init__(self, tunnel_dir: Path, eid: str = "c0ffee00" * 2) -> None:
         self.tunnel_dir = tunnel_dir
         self.eid = eid
-        boot, host = machine_identity()
+        boot, host = machine_identity(tunnel_dir)
         self.bell = tunneldir.bell_path(tunnel_dir, eid)
         self._write(self.bell, OwnerSlot(eid, os.getpid(), boot, host).encode(), 0, create=True)
         self._slots: Dict[str, "tuple[int, PeerSlot]"] = {}

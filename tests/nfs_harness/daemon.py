@@ -142,6 +142,11 @@ class NfsClientOps:
         return self._root + path
 
     def _register(self, fd: int, path: str, fi) -> None:
+        """Remember an open file; an O_DIRECT open bypasses this mount's page cache
+        entirely, as on NFS (else the kernel would serve part of a short direct read
+        from cached pages)."""
+        if fi.flags & getattr(os, "O_DIRECT", 0):
+            fi.direct_io = 1
         entry = _OpenFile(fd, path, fi.flags)
         with self._files_mutex:
             fi.fh = next(self._next_fh)
