@@ -21,7 +21,7 @@ import urllib.request
 
 import pytest
 
-from tests.slurm_cluster import poll
+from tests.polling import wait_until
 from tests.tunnel_support import (free_port, one_line_error, recv_exactly, start_cli, start_service, tunnel_files, Proc,
                                   python)
 
@@ -283,7 +283,7 @@ def test_stopping_the_login_side_resets_a_connection_waiting_for_the_job_side(tm
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
             sock.sendall(b"waiting")
-            poll(lambda: list((tmp_path / "t").glob("*.c2s")), 15, "the connection to wait for a --client")
+            wait_until(lambda: list((tmp_path / "t").glob("*.c2s")), 15, what="the connection to wait for a --client")
             assert login_side.stop() == 0
             assert read_until_reset(sock) == 0
     finally:
