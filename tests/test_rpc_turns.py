@@ -9,9 +9,10 @@ import rpc
 from rpc import auth, protocol, turns
 from rpc.protocol import Kind
 from rpc.server import WORKER_THREAD_PREFIX
-from rpc_helpers import RawConnection, ServerThread, rpc_env, sock, sock_dir, wait_until  # noqa: F401
+from rpc_helpers import RawConnection, ServerThread
+from tests.polling import wait_until
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.usefixtures("rpc_env"), pytest.mark.timeout(60)]
 
 
 def connection_threads():
