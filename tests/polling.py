@@ -43,14 +43,19 @@ class _Schedule:
 
 
 def wait_until(check: Callable[[], Optional[T]], timeout: float = DEFAULT_TIMEOUT, *,
-               what: str, interval: float = DEFAULT_INTERVAL) -> T:
-    """Call ``check`` until it returns something true, and return that."""
+               what: str, interval: float = DEFAULT_INTERVAL,
+               pause: Callable[[float], None] = time.sleep) -> T:
+    """Call ``check`` until it returns something true, and return that.
+
+    ``pause(seconds)`` waits between checks: a library that runs its event handlers
+    only inside its own calls (playwright) passes its own wait.
+    """
     schedule = _Schedule(timeout, what, interval)
     while True:
         result = check()
         if result:
             return result
-        time.sleep(schedule.next_pause())
+        pause(schedule.next_pause())
 
 
 async def async_wait_until(check: Callable[[], Optional[T]], timeout: float = DEFAULT_TIMEOUT,
