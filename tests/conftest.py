@@ -47,6 +47,10 @@ class Node:
 # --- Heavy suites' extras (tests/extras.py): one summary line per missing extra.
 from tests.extras import pytest_runtest_makereport  # noqa: E402,F401
 
+# --- RPC suites (tests/rpc_fixtures.py).
+from rpc_fixtures import (client, remote, rpc_env, serve, served, server,  # noqa: E402,F401
+                          sock, sock_dir, transport)
+
 # --- Two-node NFS emulation harness (issue 4): fixtures `two_nodes`, `make_two_nodes`.
 from tests.nfs_harness.fixtures import make_two_nodes, two_nodes  # noqa: E402,F401
 

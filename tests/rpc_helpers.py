@@ -3,11 +3,9 @@ import asyncio
 import concurrent.futures as cf
 import json
 import re
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -17,6 +15,7 @@ import pytest
 import rpc
 from rpc import auth, handshake, protocol
 from rpc.protocol import Kind
+from tests.polling import wait_until
 
 TESTS = Path(__file__).resolve().parent
 FUNCS_SPEC = f"{TESTS / 'rpc_funcs.py'}:FUNCTIONS"
@@ -49,17 +48,6 @@ class ServerThread:
 
 async def _info(server):
     return server.info()
-
-
-def wait_until(predicate, timeout=10.0, what="condition"):
-    """Poll ``predicate`` until it is true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    delay = 0.001
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
 
 
 class CliServer:
@@ -110,6 +98,52 @@ class CliServer:
                 self.kill()
         self._drain.join(5)
         return "".join(self.log)
+
+
+#: The transports every deep RPC suite runs over (tests/rpc_fixtures.py `transport`).
+TRANSPORTS = ("unix", "tcp", "tunnel", "command")
+
+
+class Served:
+    """The test functions (rpc_funcs.py) served over one transport.
+
+    unix, tcp, tunnel: a server on a loop thread of this process, or with
+    ``process=True`` `python -m rpc serve` in a subprocess (to be stopped or
+    killed). command: every connection starts its own `python -m rpc serve --stdio`
+    and talks over its stdin/stdout. Tests observe the server through calls
+    (``events``, ``pid``, ``Client.info``), which answer alike on every transport.
+    ``server_kwargs``: rpc.start_server keywords, given as `serve` flags to a subprocess.
+    """
+
+    def __init__(self, kind, sock, tunnel_dir, process=False, **server_kwargs):
+        self.kind = kind
+        self.thread = self.process = None
+        flags = [f"--{name.replace('_', '-')}={value}" for name, value in server_kwargs.items()]
+        listen = {"unix": {"unix": str(sock)}, "tcp": {"tcp": "127.0.0.1:0"},
+                  "tunnel": {"tunnel_dir": str(tunnel_dir)}}.get(kind)
+        if kind == "command":
+            auth.load_key(create=True)  # as on a cluster: the key exists in the shared home
+            self.address = {"command": [sys.executable, "-m", "rpc", "serve", FUNCS_SPEC,
+                                        "--stdio", *flags]}
+        elif process:
+            [(name, value)] = listen.items()
+            self.process = CliServer(f"--{name.replace('_', '-')}", value, extra=flags)
+            self.address = {"tcp": self.process.tcp} if kind == "tcp" else listen
+        else:
+            from rpc_funcs import FUNCTIONS
+            self.thread = ServerThread(FUNCTIONS, **listen, **server_kwargs)
+            self.address = ({"tcp": self.thread.server.addresses[0][len("tcp://"):]}
+                            if kind == "tcp" else listen)
+
+    def connect(self, **kwargs):
+        """rpc.connect to this server (``kwargs``: its client keywords)."""
+        return rpc.connect(**self.address, **kwargs)
+
+    def stop(self):
+        if self.thread is not None:
+            self.thread.stop()
+        if self.process is not None:
+            self.process.stop()
 
 
 def run_json(args, timeout=60, prefix=(), **kwargs):
@@ -235,42 +269,3 @@ class RawConnection:
 
     def close(self):
         self.sock.close()
-
-
-# ---------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(autouse=True)
-def rpc_env(tmp_path, monkeypatch):
-    """Key file and default tunnel dir under tmp_path (inherited by subprocesses)."""
-    monkeypatch.setenv(auth.KEY_ENV, str(tmp_path / "rpc.key"))
-    monkeypatch.setenv(rpc.TUNNEL_DIR_ENV, str(tmp_path / "rpc-tunnel"))
-    return tmp_path
-
-
-@pytest.fixture
-def sock_dir():
-    """A short directory for Unix sockets (their paths are limited to ~107 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix="rpc", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def sock(sock_dir):
-    return sock_dir / "s"
-
-
-@pytest.fixture
-def server(sock):
-    """The test functions served in-process on a Unix socket."""
-    from rpc_funcs import FUNCTIONS
-    srv = ServerThread(FUNCTIONS, unix=sock)
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture
-def client(server, sock):
-    with rpc.connect(unix=sock) as c:
-        yield c

@@ -22,16 +22,14 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, TypeVar
+from typing import Dict, List, Mapping, Optional, Sequence
 
+from tests.polling import WaitTimeout, wait_until
 from tests.tunnel_support import free_port
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 REQUIRED_COMMANDS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "squeue",
                      "sinfo")
@@ -56,19 +54,6 @@ def missing_requirements() -> Optional[str]:
     if missing:
         return "SLURM/munge not installed (missing %s)" % ", ".join(missing)
     return None
-
-
-def poll(check: Callable[[], Optional[T]], timeout: float, what: str,
-         interval: float = 0.1) -> T:
-    """Call ``check`` until it returns something true; raise after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError("timed out after %.0f s waiting for %s" % (timeout, what))
-        time.sleep(interval)
 
 
 def _sbin(cmd: str) -> str:
@@ -149,11 +134,11 @@ class SlurmCluster:
             self._start_munge(timeout)
             self._write_config()
             self._spawn("slurmctld", [_sbin("slurmctld"), "-D", "-f", str(self.conf)])
-            poll(lambda: self._scontrol_ok("ping"), timeout,
-                 "slurmctld to answer")
+            wait_until(lambda: self._scontrol_ok("ping"), timeout,
+                       what="slurmctld to answer")
             self._spawn("slurmd", [_sbin("slurmd"), "-D", "-f", str(self.conf),
                                    "-N", self.node_name])
-            poll(self._node_idle, timeout, "node %s to be idle" % self.node_name)
+            wait_until(self._node_idle, timeout, what="node %s to be idle" % self.node_name)
         except BaseException:
             self.stop()
             raise
@@ -232,9 +217,9 @@ class SlurmCluster:
             return None
 
         try:
-            info = poll(check, timeout, "job %s to finish" % job_id, interval=0.2)
-        except TimeoutError as exc:
-            raise TimeoutError("%s\n%s\n%s" % (exc, self.describe(job_id), self.log_tail())) from None
+            info = wait_until(check, timeout, what="job %s to finish" % job_id, interval=0.2)
+        except WaitTimeout as exc:
+            raise WaitTimeout("%s\n%s\n%s" % (exc, self.describe(job_id), self.log_tail())) from None
         return Job(job_id, info["JobState"], info.get("ExitCode", ""),
                    _read(info.get("StdOut", "")))
 
@@ -270,9 +255,9 @@ class SlurmCluster:
     def wait_no_job_processes(self, job_id: Optional[str] = None, timeout: float = 10.0) -> None:
         """Poll until no process of the job (of any job) is left; fail listing them."""
         try:
-            poll(lambda: not self.job_processes(job_id), timeout,
-                 "job processes to exit")
-        except TimeoutError:
+            wait_until(lambda: not self.job_processes(job_id), timeout,
+                       what="job processes to exit")
+        except WaitTimeout:
             left = "\n".join("  %d %s" % (p.pid, p.cmdline) for p in self.job_processes(job_id))
             raise AssertionError("processes of job %s left behind:\n%s" % (job_id or "*", left))
 
@@ -305,7 +290,7 @@ class SlurmCluster:
             "--pid-file=%s" % (self.root / "munge" / "munged.pid"),
             "--seed-file=%s" % (self.root / "munge-seed" / "munged.seed"),
         ])
-        poll(self.munge_socket.exists, timeout, "munged socket")
+        wait_until(self.munge_socket.exists, timeout, what="munged socket")
 
     def _write_config(self) -> None:
         node_line = subprocess.run([_sbin("slurmd"), "-C"], capture_output=True, text=True,
@@ -370,12 +355,12 @@ class SlurmCluster:
     def _drain_jobs(self, timeout: float) -> None:
         self.run(["scancel", "--quiet", "--user", str(os.getuid())], check=False)
         try:
-            poll(lambda: not self.run(["squeue", "-h"], check=False).stdout.strip(),
-                 timeout, "all jobs to leave the queue")
+            wait_until(lambda: not self.run(["squeue", "-h"], check=False).stdout.strip(),
+                       timeout, what="all jobs to leave the queue")
             # slurmstepd and the job's own processes outlive the queue entry briefly.
-            poll(lambda: not self.job_processes() and not self._stepds(),
-                 timeout, "job processes and slurmstepd to exit")
-        except TimeoutError as exc:
+            wait_until(lambda: not self.job_processes() and not self._stepds(),
+                       timeout, what="job processes and slurmstepd to exit")
+        except WaitTimeout as exc:
             log.warning("stopping the cluster: %s", exc)
 
     def _stepds(self) -> List[int]:

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import secrets
-import time
 from pathlib import Path
-from typing import Callable, Iterator, List
+from typing import Iterator, List
 from urllib.parse import urlsplit
 
 import pytest
 
 from tests.extras import require_browser
+from tests.polling import wait_until
 from tunnel_support import Proc, free_port, python, start_cli
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -72,16 +72,6 @@ def notebook_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[st
             proc.stop()
 
 
-def pump_until(page, condition: Callable[[], bool], what: str, timeout: float = STEP_TIMEOUT_S) -> None:
-    """Let playwright deliver events until ``condition()`` holds (it runs event
-    handlers only while we are inside one of its calls)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out after %.0f s waiting for %s" % (timeout, what))
-        page.wait_for_timeout(50)
-
-
 @pytest.mark.timeout(180)
 def test_notebook_runs_a_cell_in_chromium_through_the_tunnel(chromium: str, notebook_url: str, tmp_path: Path) -> None:
     """The Lab UI loads through --server, the notebook opens, Shift+Enter runs
@@ -120,7 +110,8 @@ def test_notebook_runs_a_cell_in_chromium_through_the_tunnel(chromium: str, note
             cell = page.locator(".jp-Notebook .jp-Cell").first
             cell.locator(".jp-InputArea-editor").get_by_text(CELL).wait_for(timeout=STEP_TIMEOUT_S * 1000)
             # Shift+Enter before the kernel's websocket is open is dropped: wait for it.
-            pump_until(page, lambda: bool(kernel_frames), "a frame on the kernel's websocket")
+            wait_until(lambda: kernel_frames, STEP_TIMEOUT_S, what="a frame on the kernel's websocket",
+                       pause=lambda seconds: page.wait_for_timeout(seconds * 1000))
             cell.locator(".jp-InputArea-editor").click()
             page.keyboard.press("Shift+Enter")
             output = cell.locator(".jp-OutputArea-output")

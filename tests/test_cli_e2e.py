@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import fcntl
 import hashlib
+import json
 import os
 import random
 import signal
@@ -21,7 +22,8 @@ import urllib.request
 
 import pytest
 
-from tests.slurm_cluster import poll
+from fileforward import tunneldir
+from tests.polling import wait_until
 from tests.tunnel_support import (free_port, one_line_error, recv_exactly, start_cli, start_service, tunnel_files, Proc,
                                   python)
 
@@ -283,7 +285,7 @@ def test_stopping_the_login_side_resets_a_connection_waiting_for_the_job_side(tm
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
             sock.sendall(b"waiting")
-            poll(lambda: list((tmp_path / "t").glob("*.c2s")), 15, "the connection to wait for a --client")
+            wait_until(lambda: list((tmp_path / "t").glob("*.c2s")), 15, what="the connection to wait for a --client")
             assert login_side.stop() == 0
             assert read_until_reset(sock) == 0
     finally:
@@ -317,8 +319,31 @@ def test_sigterm_stops_cleanly_within_2s_and_removes_files(tunnel):
 
 
 def test_sigint_also_stops_cleanly(tunnel):
-    tunnel.job_side.signal(signal.SIGINT)
-    assert tunnel.job_side.popen.wait(5) == 0
+    """Ctrl-C on the job side: it exits 0 saying so, takes its files with it, resets
+    the user's connection, and the login side reports it left cleanly; then Ctrl-C
+    on the login side leaves an empty tunnel directory."""
+    tunnel_dir = tunnel.login.tunnel_dir  # the job side serves: the pointer names it
+    job_bell = tunneldir.bell_path(tunnel_dir, json.loads((tunnel_dir / "server").read_text())["eid"]).name
+
+    def only_the_login_sides_bell_left() -> bool:
+        left = tunnel_files(tunnel_dir)  # (the emptied pointer stays)
+        return len(left) == 1 and left[0].endswith(".bell") and left[0] != job_bell
+
+    with tunnel.connect() as sock:
+        sock.sendall(b"hello")
+        assert recv_exactly(sock, 5) == b"hello"
+        tunnel.job_side.signal(signal.SIGINT)
+        assert tunnel.job_side.popen.wait(5) == 0
+        assert read_until_reset(sock) == 0
+    assert tunnel.job_side.output.splitlines()[-1].endswith(" INFO stopped"), tunnel.job_side.output
+    assert "Traceback" not in tunnel.job_side.output
+    line = tunnel.login_side.wait_for(lambda l: "fileforward --client" in l and " left" in l, timeout=10)
+    assert f"(pid {tunnel.job_side.popen.pid} " in line and "shut down cleanly" in line, line
+    wait_until(only_the_login_sides_bell_left, 10, what="the job side's files to go, the login side's bell to stay")
+    tunnel.login_side.signal(signal.SIGINT)
+    assert tunnel.login_side.popen.wait(5) == 0
+    assert tunnel.login_side.output.splitlines()[-1].endswith(" INFO stopped"), tunnel.login_side.output
+    assert tunnel_files(tunnel_dir) == []
 
 
 def test_unsafe_tunnel_dir_is_refused(tmp_path):

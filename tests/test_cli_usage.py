@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.slurm_cluster import poll
+from tests.polling import wait_until
 from tests.tunnel_support import (Proc, free_port, one_line_error, python, recv_exactly, start_cli, start_service,
                                   tunnel_files)
 
@@ -46,7 +46,7 @@ def wait_until_main_runs(proc: Proc) -> None:
         soft, hard = open_file_limits(proc.popen.pid)
         return b"fileforward" in cmdline and b"prlimit" not in cmdline and soft == hard
 
-    poll(raised, 15, f"{proc.argv} to raise its open-file limit", interval=0.005)
+    wait_until(raised, 15, what=f"{proc.argv} to raise its open-file limit", interval=0.005)
 
 
 # --- flags -------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import pytest
 
 from tests.extras import require_net_clients, require_nfs_harness
 from tests.net_targets import WHEEL_NAME, git_repository, package_index, serve_directory
-from tests.slurm_cluster import poll
+from tests.polling import wait_until
 from tests.tunnel_support import Proc, free_port, python, recv_exactly, start_service
 
 INTERNET = "127.0.0.2"  # where the plain-http stand-ins listen (not in NO_PROXY)
@@ -262,7 +262,7 @@ def test_four_requesters_share_one_serve_and_come_and_go(net: Net, tmp_path: Pat
         slow = tmp_path / "slow.bin"
         download = net.job.start("curl", "-sS", "--noproxy", "", "--limit-rate", "2M", "-x", f"socks5h://{ports[1]}",
                                  "-o", str(slow), "-w", "DONE %{http_code}\\n", net.url(net.small.name))
-        poll(lambda: slow.exists() and slow.stat().st_size > 0, 30, "the slow download to start")
+        wait_until(lambda: slow.exists() and slow.stat().st_size > 0, 30, what="the slow download to start")
         procs[0].popen.kill()
         assert procs[2].stop() == 0
         procs.append(requester(net.job, net.job_dir("net"), "-D", "0"))
@@ -451,7 +451,7 @@ def test_readme_proxy_block_with_credentials(net: Net, home, tmp_path: Path) -> 
         assert (tmp_path / "repo" / "README").read_text() == "through the tunnel\n"
         carried = serve.output.count(f"connected to {INTERNET}:{net.http_port} for a requesting process")
         assert carried >= 4, serve.output  # pip's page and wheel, git's requests, curl's page
-        poll(lambda: not list((home[0] / ".cache" / "fileforward" / "net").glob("proxy-*.json")), 10,
-             "the proxy file to go with the proxy (kill %1)")
+        wait_until(lambda: not list((home[0] / ".cache" / "fileforward" / "net").glob("proxy-*.json")), 10,
+                   what="the proxy file to go with the proxy (kill %1)")
     finally:
         serve.kill()

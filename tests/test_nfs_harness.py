@@ -16,9 +16,10 @@ from typing import List
 import pytest
 
 from tests.extras import require_nfs_harness
-from tests.nfs_harness.mounts import is_mounted, poll_until
+from tests.nfs_harness.mounts import is_mounted
 from tests.nfs_harness.probes import WIDTH
 from tests.nfs_harness.writeback import WriteCache
+from tests.polling import wait_until
 
 PROBES = [sys.executable, "-m", "tests.nfs_harness.probes"]
 DATA = (0, 2**40)          # the transport's data range ...
@@ -165,7 +166,7 @@ def test_node_local_locks_exclude_on_one_mount_only(make_two_nodes):
     assert other_node.wait(DEADLINE) == 0
     holder.stdin.close()
     assert holder.wait(DEADLINE) == 0
-    assert poll_until(lambda: _try_lock(fd_a, 0, 1), DEADLINE)
+    wait_until(lambda: _try_lock(fd_a, 0, 1), DEADLINE, what="the lock to be free once its holder is gone")
     assert nodes.requests("a")["lock"] == nodes.requests("b")["lock"] == 0, \
         "a node-local lock is no request to the server"
 
@@ -182,7 +183,8 @@ def test_missing_name_stays_missing_for_the_negative_timeout(two_nodes):
     assert not (two_nodes.b / "late").exists()
     (two_nodes.a / "late").write_bytes(b"1")
     assert not (two_nodes.b / "late").exists(), "node B should cache the negative lookup"
-    assert poll_until(lambda: (two_nodes.b / "late").exists(), timeout=DEADLINE)
+    wait_until(lambda: (two_nodes.b / "late").exists(), DEADLINE,
+               what="node B to see the file once its negative lookup expired")
     assert time.monotonic() - started >= 0.9 * two_nodes.options.negative_timeout
 
 
@@ -212,7 +214,7 @@ def test_locks_exclude_processes_on_one_mount(two_nodes):
     assert not _try_lock(fd, 0, 1)
     holder.stdin.close()
     assert holder.wait(DEADLINE) == 0
-    assert poll_until(lambda: _try_lock(fd, 0, 1), DEADLINE)
+    wait_until(lambda: _try_lock(fd, 0, 1), DEADLINE, what="the lock to be free once its holder is gone")
 
 
 def test_killed_holder_and_killed_waiter_release_their_locks(two_nodes):
@@ -228,7 +230,7 @@ def test_killed_holder_and_killed_waiter_release_their_locks(two_nodes):
     waiter.send_signal(signal.SIGKILL)
     assert holder.wait(DEADLINE) == -signal.SIGKILL
     assert waiter.wait(DEADLINE) == -signal.SIGKILL  # an interrupted F_SETLKW returns
-    assert poll_until(lambda: _try_lock(fd_a, *ALIVE), DEADLINE), "a dead process's lock must go away"
+    wait_until(lambda: _try_lock(fd_a, *ALIVE), DEADLINE, what="a dead process's lock to go away")
     fcntl.lockf(fd_a, fcntl.LOCK_UN, DATA[1], DATA[0])
     fd_b = os.open(path, os.O_RDWR)
     assert _try_lock(fd_b, *DATA), "the killed waiter must not have been granted the lock"
@@ -275,7 +277,8 @@ def test_many_blocked_waiters_do_not_hang_the_mount(two_nodes):
     waiters = _probe(two_nodes, "b", "waiters", str(two_nodes.b / "f"), "200")
     _expect_line(waiters, "waiting")
     # every waiter has asked for the lock (the mount counts a request before it blocks)
-    assert poll_until(lambda: two_nodes.requests("b").get("lock", 0) - locks_before >= 200, DEADLINE)
+    wait_until(lambda: two_nodes.requests("b").get("lock", 0) - locks_before >= 200, DEADLINE,
+               what="200 lock requests counted on node B")
     started = time.monotonic()
     (two_nodes.b / "other").write_bytes(b"still answering")
     assert time.monotonic() - started < 5.0

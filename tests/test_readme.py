@@ -29,8 +29,9 @@ import pytest
 
 import rpc
 from jupyter_api import JupyterClient
-from slurm_cluster import SlurmCluster, free_port, poll
+from slurm_cluster import SlurmCluster, free_port
 from test_slurm_examples import LoginProcess, Workspace, cluster, ws  # noqa: F401 (fixtures)
+from tests.polling import wait_until
 from tests.tunnel_support import checkout_commands
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -204,7 +205,7 @@ def llm_server(tmp_path: Path) -> Iterator[Dict[str, str]]:
                 server.returncode, (tmp_path / "server.log").read_text())
             return (cache / "rpc.key").exists() and rpc.status(
                 tunnel_dir=cache / "rpc-tunnel", key_file=cache / "rpc.key")["alive"] is not False
-        poll(up, 60, "the README's RPC server to answer", interval=0.2)
+        wait_until(up, 60, what="the README's RPC server to answer", interval=0.2)
         yield env
     finally:
         server.send_signal(signal.SIGTERM)
@@ -251,7 +252,7 @@ def test_quick_start_under_slurm(cluster: SlurmCluster, ws: Workspace) -> None:
                 return client.status()
             except (OSError, urllib.error.URLError):
                 return None
-        poll(answers, 120, "JupyterLab through the quick start's tunnel", interval=0.5)
+        wait_until(answers, 120, what="JupyterLab through the quick start's tunnel", interval=0.5)
         assert client.execute(client.start_kernel(), "1+1") == "2"
         assert cluster.state(job_id) == "RUNNING"
 

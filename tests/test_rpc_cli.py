@@ -16,8 +16,10 @@ import pytest
 
 import rpc
 from rpc.cli import build_parser
-from rpc_helpers import (TESTS, CliServer, RawConnection, rpc_env, run_json,  # noqa: F401
-                         sock, sock_dir, wait_until)
+from rpc_helpers import TESTS, CliServer, RawConnection, run_json
+from tests.polling import wait_until
+
+pytestmark = pytest.mark.usefixtures("rpc_env")
 
 README = TESTS.parent / "README.md"
 LOWERED_SOFT_LIMIT = 256

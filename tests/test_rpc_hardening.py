@@ -20,42 +20,17 @@ from rpc import auth, protocol
 from rpc.channel import Channel
 from rpc.handshake import server_handshake
 from rpc.protocol import Kind
-from rpc_helpers import (RawConnection, ServerThread, rpc_env, sock,  # noqa: F401
-                         sock_dir, wait_until)
+from rpc_helpers import RawConnection, ServerThread
+from tests.polling import wait_until
 
-
-class Unprintable(Exception):
-    """An exception whose ``str()`` raises."""
-
-    def __str__(self):
-        raise ValueError("no text for you")
-
-
-def raise_unprintable():
-    raise Unprintable()
+pytestmark = pytest.mark.usefixtures("rpc_env")
 
 
 def echo(x):
     return x
 
 
-def numbers(n):
-    yield from range(n)
-
-
-FUNCTIONS = {f.__name__: f for f in (raise_unprintable, echo, numbers)}
-
-
-@pytest.fixture(params=["tcp", "tunnel"])
-def served(request, tmp_path):
-    """FUNCTIONS served in this process over TCP or the tunnel; yields (server, address)."""
-    address = {"tcp": "127.0.0.1:0"} if request.param == "tcp" else {
-        "tunnel_dir": str(tmp_path / "rpc-tunnel")}
-    srv = ServerThread(FUNCTIONS, **address)
-    if request.param == "tcp":
-        address = {"tcp": srv.server.addresses[0][len("tcp://"):]}
-    yield srv, address
-    srv.stop()
+FUNCTIONS = {"echo": echo}
 
 
 @pytest.fixture
@@ -127,38 +102,38 @@ class ServerProcess:
 
 # ---------------------------------------------------------------- finding 8
 
+# Not over "command": there each connection starts a server of its own, so no other
+# client shares the stalled one's server.
+@pytest.mark.parametrize("transport", ["unix", "tcp", "tunnel"])
 def test_finding8_stalled_streams_hold_no_worker(served):
     """More streams than workers (4), each with a client that stopped reading it:
     plain calls, large and small, and new streams, from another client still run."""
-    srv, address = served
-    with rpc.connect(**address, timeout=20) as stalled, \
-            rpc.connect(**address, timeout=20) as other:
-        streams = [stalled.call("numbers", 10**9) for _ in range(6)]
+    with served.connect(timeout=20) as stalled, served.connect(timeout=20) as other:
+        streams = [stalled.call("count", 10**9) for _ in range(6)]
         assert [next(stream) for stream in streams] == [0] * 6  # then never read again
-        wait_until(lambda: srv.stats()["in_flight"] == 6, what="the streams to be served")
+        wait_until(lambda: other.info()["in_flight"] == 6, what="the streams to be served")
         for _ in range(3):
             assert other.call("echo", "small") == "small"
             large = b"x" * (1 << 20)  # not run by a reading thread (over TCP)
             assert other.call("echo", large) == large
-            assert list(other.call("numbers", 3)) == [0, 1, 2]
+            assert list(other.call("count", 3)) == [0, 1, 2]
         for stream in streams:
             stream.close()
-    wait_until(lambda: srv.stats()["in_flight"] == 0, what="the streams to be cancelled")
+        wait_until(lambda: other.info()["in_flight"] == 0, what="the streams to be cancelled")
 
 
 # ---------------------------------------------------------------- finding 9
 
-def test_finding9_unprintable_exception_is_answered(served, thread_crashes):
-    srv, address = served
-    with rpc.connect(**address, timeout=20) as c:
-        for _ in range(3):  # more than once: the connection and its threads survive
-            with pytest.raises(RuntimeError) as info:
-                c.call("raise_unprintable")
-            assert str(info.value) == (f"Server-side {__name__}.Unprintable: <unprintable>")
-            assert "raise_unprintable" in info.value.remote_traceback
-        assert c.call("echo", "still answering") == "still answering"
-    wait_until(lambda: srv.stats()["in_flight"] == 0, what="in_flight back to 0")
-    assert srv.stats()["calls_served"] == 4
+def test_finding9_unprintable_exception_is_answered(remote, thread_crashes):
+    """(thread_crashes sees the server's threads only where it runs in this process.)"""
+    for _ in range(3):  # more than once: the connection and its threads survive
+        with pytest.raises(RuntimeError) as info:
+            remote.call("raise_unprintable")
+        assert str(info.value) == "Server-side rpc_funcs.Unprintable: <unprintable>"
+        assert "raise_unprintable" in info.value.remote_traceback
+    assert remote.call("echo", "still answering") == "still answering"
+    wait_until(lambda: remote.info()["in_flight"] == 0, what="in_flight back to 0")
+    assert remote.info()["calls_served"] == 4
     assert not thread_crashes
 
 
@@ -390,19 +365,13 @@ def test_finding14_handshake_timeout_is_logged_with_its_reason(sock, rpc_log):
         srv.stop()
 
 
-@pytest.mark.parametrize("transport", ["unix", "tunnel"])
-def test_finding14_oversized_result_gets_an_error_that_fits(sock, tmp_path, transport):
-    address = {"unix": sock} if transport == "unix" else {
-        "tunnel_dir": str(tmp_path / "rpc-tunnel")}
-    srv = ServerThread(FUNCTIONS, **address)
-    try:
-        with rpc.connect(**address, max_frame=256, timeout=20) as c:
-            with pytest.raises((rpc.ProtocolError, RuntimeError), match="frame limit"):
-                c.call("echo", "x" * 10_000)
-            assert c.call("echo", "small") == "small"
-        wait_until(lambda: srv.stats()["in_flight"] == 0, what="in_flight back to 0")
-    finally:
-        srv.stop()
+def test_finding14_oversized_result_gets_an_error_that_fits(served):
+    with served.connect(max_frame=256, timeout=20) as c:
+        with pytest.raises((rpc.ProtocolError, RuntimeError), match="frame limit"):
+            c.call("echo", "x" * 10_000)
+        assert c.call("echo", "small") == "small"
+    if served.thread is not None:  # (over command, the server left with its one client)
+        wait_until(lambda: served.thread.stats()["in_flight"] == 0, what="in_flight back to 0")
 
 
 def test_finding14_proxy_reconnects_over_tcp_after_a_clean_restart():

@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -9,9 +10,12 @@ import textwrap
 import pytest
 
 import rpc
-from rpc_helpers import (FUNCS_SPEC, TESTS, CliServer, rpc_env, run_json,  # noqa: F401
-                         client_sigkill_cancels, sigkill_and_restart, sock, sock_dir,
-                         wait_until)
+from rpc_funcs import FUNCTIONS
+from rpc_helpers import (FUNCS_SPEC, TESTS, CliServer, run_json, client_sigkill_cancels,
+                         sigkill_and_restart)
+from tests.polling import wait_until
+
+pytestmark = pytest.mark.usefixtures("rpc_env")
 
 
 @pytest.fixture
@@ -28,9 +32,15 @@ def test_cli_serves_over_tcp_and_status_reports_it():
         with rpc.connect(tcp=srv.tcp) as c:
             assert c.call("add", 2, 3) == 5
             assert c.call("pid") == srv.proc.pid
-        code, info, _ = run_json(["-m", "rpc", "status", "--tcp", srv.tcp])
-        assert code == 0 and info["alive"] and info["pid"] == srv.proc.pid
-        assert "echo" in info["functions"] and info["calls_served"] >= 2
+        code, info, err = run_json(["-m", "rpc", "status", "--tcp", srv.tcp])
+        assert code == 0, err
+        assert (info["alive"], info["pid"], info["hostname"]) == (True, srv.proc.pid,
+                                                                  socket.gethostname())
+        assert sorted(info["functions"]) == sorted(FUNCTIONS)
+        assert info["functions"]["add"]["signature"] == "(a, b=0)"
+        assert info["functions"]["count"]["kind"] == "generator"
+        assert (info["calls_served"], info["in_flight"]) == (2, 0)  # status itself is no call
+        assert info["versions"]["protocol"] == rpc.PROTOCOL_VERSION
     finally:
         srv.stop()
 
@@ -38,13 +48,21 @@ def test_cli_serves_over_tcp_and_status_reports_it():
 def test_cli_status_without_server(sock_dir):
     code, info, _ = run_json(["-m", "rpc", "status", "--unix", str(sock_dir / "none"),
                               "--connect_timeout", "0.2"])
-    assert code == 1 and info["alive"] is False
+    assert code == 1 and info["alive"] is False and info["pid"] is None
+    assert f"python -m rpc serve MODULE:ATTR --unix {sock_dir / 'none'}" in info["error"]
 
 
 def test_sigterm_stops_the_cli_server_and_removes_its_socket(cli_server, sock):
-    cli_server.proc.send_signal(signal.SIGTERM)
-    assert cli_server.proc.wait(10) == 0
+    with rpc.connect(unix=sock) as client:
+        assert client.call("echo", 1) == 1
+        cli_server.proc.send_signal(signal.SIGTERM)
+        assert cli_server.proc.wait(10) == 0
+        with pytest.raises(rpc.ConnectionLost):  # the client sees the server gone
+            client.call("echo", 2)
     assert not sock.exists()
+    log = cli_server.stop()
+    assert "closing connection from" in log and "Traceback" not in log, log
+    assert rpc.status(unix=sock, connect_timeout=0.2)["alive"] is False
 
 
 def test_sigterm_stops_the_cli_server_even_with_a_call_that_ignores_cancellation(cli_server, sock):
@@ -131,22 +149,34 @@ def test_256_mib_argument_and_result_within_3x_memory(cli_server, sock):
                       for side in ("client", "server")}))
 
 
-def test_silent_server_is_declared_lost_within_the_liveness_timeout(cli_server, sock):
-    """A frozen server (SIGSTOP: its socket stays open) must not hang the caller."""
-    with rpc.connect(unix=sock, liveness_timeout=1.0) as c:
+def short_liveness(transport):
+    """A liveness timeout that fails fast: the file transport needs at least 2 s
+    (4x its longest poll interval); 1 s elsewhere."""
+    return 2.0 if transport == "tunnel" else 1.0
+
+
+def test_silent_server_is_declared_lost_within_the_liveness_timeout(serve, transport):
+    """A frozen server (SIGSTOP: its socket, pipe or tunnel files stay open) must not
+    hang the caller."""
+    liveness = short_liveness(transport)
+    with serve(process=True).connect(liveness_timeout=liveness) as c:
+        server_pid = c.call("pid")
         future = c.submit("wait_cancelled", 30)
-        wait_until(lambda: rpc.status(unix=sock)["in_flight"] == 1, what="the call to start")
-        cli_server.proc.send_signal(signal.SIGSTOP)
+        wait_until(lambda: c.info()["in_flight"] == 1, what="the call to start")
+        os.kill(server_pid, signal.SIGSTOP)
         try:
-            with pytest.raises(rpc.ConnectionLost, match="presumed dead"):
-                future.result(timeout=10)
+            # the RPC client's own words, or the file transport's (which notices first)
+            with pytest.raises(rpc.ConnectionLost, match="presumed dead|no sign of life"):
+                future.result(timeout=liveness + 10)
         finally:
-            cli_server.proc.send_signal(signal.SIGCONT)
+            os.kill(server_pid, signal.SIGCONT)
 
 
-def test_pings_keep_a_long_call_alive(cli_server, sock):
-    with rpc.connect(unix=sock, liveness_timeout=0.4) as c:
-        assert c.call("wait_cancelled", 1.5) is False  # ran to its end, not cancelled
+def test_pings_keep_a_long_call_alive(served, transport):
+    liveness = short_liveness(transport)
+    with served.connect(liveness_timeout=liveness) as c:
+        # ran to its end, not cancelled, though it outlasted the liveness timeout
+        assert c.call("wait_cancelled", liveness + 1.0) is False
 
 
 def test_lazy_proxy_reconnects_in_a_forked_child(cli_server, sock):

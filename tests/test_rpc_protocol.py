@@ -10,7 +10,8 @@ import rpc
 from rpc import auth, protocol
 from rpc.protocol import Flag, FrameDecoder, Kind
 
-from rpc_helpers import rpc_env  # noqa: F401  (autouse: key file under tmp_path)
+
+pytestmark = pytest.mark.usefixtures("rpc_env")
 
 
 def frames_of(chunks, max_frame=protocol.DEFAULT_MAX_FRAME):

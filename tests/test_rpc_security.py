@@ -12,8 +12,10 @@ import rpc
 from rpc import auth, handshake, protocol
 from rpc.channel import Channel
 from rpc.protocol import Kind
-from rpc_helpers import (RawConnection, ServerThread, client, rpc_env, server,  # noqa: F401
-                         sock, sock_dir, wait_until)
+from rpc_helpers import RawConnection, ServerThread
+from tests.polling import wait_until
+
+pytestmark = pytest.mark.usefixtures("rpc_env")
 
 
 @pytest.fixture

@@ -9,8 +9,9 @@ import textwrap
 import pytest
 
 import rpc
-from rpc_helpers import (TESTS, CliServer, client_sigkill_cancels, rpc_env,  # noqa: F401
-                         run_json, sigkill_and_restart)
+from rpc_helpers import TESTS, CliServer, client_sigkill_cancels, run_json, sigkill_and_restart
+
+pytestmark = pytest.mark.usefixtures("rpc_env")
 
 
 FAST = ("--liveness_timeout", "2")

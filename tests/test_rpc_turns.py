@@ -9,9 +9,10 @@ import rpc
 from rpc import auth, protocol, turns
 from rpc.protocol import Kind
 from rpc.server import WORKER_THREAD_PREFIX
-from rpc_helpers import RawConnection, ServerThread, rpc_env, sock, sock_dir, wait_until  # noqa: F401
+from rpc_helpers import RawConnection, ServerThread
+from tests.polling import wait_until
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.usefixtures("rpc_env"), pytest.mark.timeout(60)]
 
 
 def connection_threads():
@@ -123,7 +124,8 @@ def test_a_refused_frame_after_a_call_in_one_packet_leaks_no_worker_slot(sock, r
         srv.stop()
 
 
-def test_mixed_calls_and_cancellations_from_many_threads_leave_the_books_clean():
+@pytest.mark.parametrize("transport", ["tcp", "tunnel"])  # tunnel: the same books, kept by the asyncio side
+def test_mixed_calls_and_cancellations_from_many_threads_leave_the_books_clean(transport, tmp_path):
     gate = Gate()
 
     async def aecho(x):
@@ -132,12 +134,14 @@ def test_mixed_calls_and_cancellations_from_many_threads_leave_the_books_clean()
     def count(n):
         yield from range(n)
 
+    listen = {"tcp": 0} if transport == "tcp" else {"tunnel_dir": tmp_path / "t"}
     srv = ServerThread({"hold": gate.hold, "echo": lambda x: x, "aecho": aecho,
-                        "count": count}, tcp=0, workers=2)
-    address = srv.server.addresses[0][len("tcp://"):]
+                        "count": count}, workers=2, **listen)
+    address = ({"tcp": srv.server.addresses[0][len("tcp://"):]} if transport == "tcp"
+               else listen)
     errors = []
     try:
-        with rpc.connect(tcp=address) as shared, rpc.connect(tcp=address) as other:
+        with rpc.connect(**address) as shared, rpc.connect(**address) as other:
             def caller(client, seed):
                 try:
                     for i in range(60):

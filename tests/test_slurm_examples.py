@@ -28,10 +28,11 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from jupyter_api import JupyterClient
-from slurm_cluster import (Job, SlurmCluster, free_port, kill_quietly, poll, process_environ,
+from slurm_cluster import (Job, SlurmCluster, free_port, kill_quietly, process_environ,
                            session_processes)
 from tests.extras import require_net_clients, require_slurm
 from tests.net_targets import WHEEL_NAME, git_repository, package_index, serve_directory
+from tests.polling import WaitTimeout, wait_until
 from tests.tunnel_support import checkout_commands
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -69,15 +70,15 @@ class LoginProcess:
                     self.proc.args[0], self.proc.returncode, pattern, self.output()))
             return found
 
-        return poll(check, timeout, "%r from %s" % (pattern, self.proc.args[0]), interval=0.2)
+        return wait_until(check, timeout, what="%r from %s" % (pattern, self.proc.args[0]), interval=0.2)
 
     def wait_exit(self, timeout: float) -> int:
         """Wait for it to exit; fail if any process of its session is left behind."""
         code = self.proc.wait(timeout)
         try:
-            poll(lambda: not session_processes(self.proc.pid), 5,
-                 "the login side's processes to exit")
-        except TimeoutError:
+            wait_until(lambda: not session_processes(self.proc.pid), 5,
+                       what="the login side's processes to exit")
+        except WaitTimeout:
             raise AssertionError("login-side processes left behind: %s"
                                  % session_processes(self.proc.pid))
         return code
@@ -458,8 +459,8 @@ def test_rpc_ctrl_c_on_the_login_node_cancels_the_job(
     never saw the LLM API key.)"""
     runner = ws.login("run_with_rpc.sh", str(ws.examples / "rpc_job.py"), internet.url + "/slow")
     job_id = runner.wait_for(r"job (\d+) released", timeout=60).group(1)
-    poll(lambda: ("/slow", None) in internet.requests, 60,
-         "the job's fetch() to reach the internet")
+    wait_until(lambda: ("/slow", None) in internet.requests, 60,
+               what="the job's fetch() to reach the internet")
     job_envs = [process_environ(p.pid) for p in cluster.job_processes(job_id)]
     assert job_envs and all("SLURM_JOB_ID" in env for env in job_envs)
     assert not any("LLM_API_KEY" in env for env in job_envs)  # stays on the login node
@@ -510,8 +511,8 @@ def test_reverse_example_scancel_leaves_nothing(cluster: SlurmCluster, ws: Works
     runner = ws.login("run_with_service.sh", str(urlsplit(internet.url).port),
                       str(ws.examples / "reverse.sbatch"), "sleep", "300")
     job_id = runner.wait_for(r"job (\d+) released", timeout=60).group(1)
-    poll(lambda: any(p.cmdline == "sleep 300" for p in cluster.job_processes(job_id)), 60,
-         "the job's command to start")
+    wait_until(lambda: any(p.cmdline == "sleep 300" for p in cluster.job_processes(job_id)), 60,
+               what="the job's command to start")
     assert any("fileforward --server" in p.cmdline for p in cluster.job_processes(job_id))
 
     cluster.run(["scancel", job_id])
@@ -607,7 +608,7 @@ def wait_jupyter(client: JupyterClient, server: subprocess.Popen, log: Path,
         except (OSError, urllib.error.URLError):
             return None
 
-    return poll(check, timeout, "JupyterLab at %s" % client.base_url, interval=0.2)
+    return wait_until(check, timeout, what="JupyterLab at %s" % client.base_url, interval=0.2)
 
 
 # -- what runs without SLURM: usage errors, the port range, the RPC job's LLM paths --
@@ -760,8 +761,8 @@ class LoginRpcServer:
                  "--tunnel_dir", str(tunnel_dir)], env=server_env, stdout=out,
                 stderr=subprocess.STDOUT)
         status = [sys.executable, "-m", "rpc", "status", "--tunnel_dir", str(tunnel_dir)]
-        poll(lambda: self.proc.poll() is None and run_example(status, self.job_env).returncode == 0,
-             60, "the RPC server to answer")
+        wait_until(lambda: self.proc.poll() is None and run_example(status, self.job_env).returncode == 0,
+                   60, what="the RPC server to answer")
 
     def run_job(self, script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
         """Run a job script of slurm_examples/ as the job would (minus SLURM)."""

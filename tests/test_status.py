@@ -13,7 +13,7 @@ import pytest
 from fileforward import statusfile
 from tests.extras import require_net_clients
 from tests.net_targets import serve_directory
-from tests.slurm_cluster import poll
+from tests.polling import wait_until
 from tests import test_netforward
 from tests.test_netforward import Side, listening_on, readme_block, requester, with_local_internet
 from tests.tunnel_support import Proc, free_port, python, recv_exactly, start_service
@@ -86,7 +86,7 @@ def test_status_shows_both_sides_their_forwards_and_the_bytes_of_real_traffic(se
                     return document
                 return {}
 
-            document = poll(settled, 20, "status to show the traffic")
+            document = wait_until(settled, 20, what="status to show the traffic")
             assert document["running"] == 2
             ours, = by_role(document, "requester")
             serving, = by_role(document, "serve")
@@ -124,7 +124,7 @@ def killed_requester(tunnel_dir: Path) -> Path:
     """A requester killed with SIGKILL once it published: its status file, left behind."""
     killed = requester(HERE, tunnel_dir, "-D", "0")
     leftover = tunnel_dir / statusfile.file_name(socket.gethostname(), killed.popen.pid)
-    poll(leftover.exists, 10, "the requester's status file")
+    wait_until(leftover.exists, 10, what="the requester's status file")
     killed.kill()  # no chance to remove its file
     assert leftover.exists()
     return leftover

@@ -15,6 +15,7 @@ import pytest
 import fileforward
 from fileforward import records, tunneldir
 from fileforward.chunks import DAMAGE_GRACE
+from tests.polling import async_wait_until
 from tests.tunnel_support import tunnel_files
 
 FAST = dict(liveness_timeout=2.0, connect_timeout=2.0, poll_max=0.1)
@@ -34,14 +35,6 @@ async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
     writer.write_eof()
     await reader.read()  # until the peer closes
     writer.close()
-
-
-async def wait_for_condition(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def test_stream_api_matches_asyncio(tunnel_dir):
@@ -246,8 +239,8 @@ def test_files_are_removed_after_a_clean_close(tunnel_dir):
             writer.close()
             await writer.wait_closed()
         server_bell = tunneldir.bell_path(server.tunnel_dir, server._endpoint.eid).name
-        await wait_for_condition(lambda: set(os.listdir(tunnel_dir)) == {"server", server_bell}, 5,
-                                 "the connection files and the clients' bells to go")
+        await async_wait_until(lambda: set(os.listdir(tunnel_dir)) == {"server", server_bell}, 5,
+                               what="the connection files and the clients' bells to go")
         await server.shutdown()
     run(main())
     assert tunnel_files(tunnel_dir) == []

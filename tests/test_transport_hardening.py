@@ -24,6 +24,7 @@ import pytest
 
 import fileforward
 from fileforward import tunneldir
+from tests.polling import async_wait_until
 from tests.tunnel_support import (CraftedPeer, Proc, free_port, python, recv_exactly, server_eid, start_cli,
                                    start_service)
 
@@ -54,15 +55,6 @@ async def round_trip(connector: fileforward.Connector, payload: bytes = b"ping")
     data = await reader.read()
     writer.close()
     return data
-
-
-async def poll(predicate, timeout: float, what: str, interval: float = 0.05) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 def descriptors_in(directory: Path) -> int:
@@ -149,8 +141,8 @@ def test_finding2_linked_chunk_files_are_refused_and_their_targets_untouched(tmp
     async def main():
         async with fileforward.Connector(tunnel_dir, connect_timeout=60, liveness_timeout=10) as connector:
             attempt = asyncio.ensure_future(connector.open_connection())  # no server yet: it waits
-            await poll(lambda: len([n for n in os.listdir(tunnel_dir) if n.endswith((".c2s", ".s2c"))]) == 2,
-                       20, "the connection's chunk files")
+            await async_wait_until(lambda: len([n for n in os.listdir(tunnel_dir) if n.endswith((".c2s", ".s2c"))]) == 2,
+                                   20, what="the connection's chunk files")
             for name in sorted(os.listdir(tunnel_dir)):
                 if name.endswith(".c2s"):
                     _link_over(tunnel_dir / name, victims[0], how)
@@ -267,7 +259,7 @@ def test_finding3_emfile_on_accept_ends_only_that_connection(tmp_path):
                         break
                 for _, writer in held:
                     writer.close()
-                await poll(lambda: open_fds_of(server.popen.pid) < limit // 2, 30, "the server's descriptors freed")
+                await async_wait_until(lambda: open_fds_of(server.popen.pid) < limit // 2, 30, what="the server's descriptors freed")
                 return failure, len(held), await round_trip(connector, b"again")
 
         failure, opened, answer = run(main(), timeout=120)
@@ -313,8 +305,8 @@ def test_finding3_endpoint_error_that_clears_is_survived(tmp_path, caplog):
         async with await fileforward.start_server(echo, tunnel_dir, **FAST) as server:
             delete_live_dir(tunnel_dir)
             with mounted(parent, "ro"):
-                await poll(lambda: "Read-only file system" in caplog.text, DETECT + SLACK, "the WARNING")
-            await poll(lambda: "works again" in caplog.text, 20, "the recovery")
+                await async_wait_until(lambda: "Read-only file system" in caplog.text, DETECT + SLACK, what="the WARNING")
+            await async_wait_until(lambda: "works again" in caplog.text, 20, what="the recovery")
             assert server.is_serving()
             async with fileforward.Connector(tunnel_dir, **FAST) as connector:
                 return await round_trip(connector, b"recovered")

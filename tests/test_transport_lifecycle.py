@@ -24,8 +24,8 @@ import fileforward
 from fileforward import tunneldir
 from fileforward.endpoint import Endpoint
 from fileforward.records import Kind, decode_until_damage, encode, encode_text, text_fields
-from tests.rpc_helpers import wait_until
-from tests.test_transport import run, wait_for_condition
+from tests.polling import async_wait_until, wait_until
+from tests.test_transport import run
 from tests.tunnel_support import free_port, recv_exactly, start_cli, start_service, tunnel_files
 
 RELEASE_DEADLINE = 3.0  # the requirement is 1 s; the slack is for a loaded test machine
@@ -69,17 +69,17 @@ def test_finding4_reset_releases_descriptors_and_files_within_1s(tunnel_dir, abo
         async with fileforward.Connector(tunnel_dir) as connector:
             reader, writer = await connector.open_connection()  # the two sides meet
             writer.close()
-            await wait_for_condition(lambda: not chunk_files(tunnel_dir), 10, "the first connection's files to go")
+            await async_wait_until(lambda: not chunk_files(tunnel_dir), 10, what="the first connection's files to go")
             server_writers.clear()
             baseline = open_fds()
             clients = [(await connector.open_connection())[1] for _ in range(100)]
-            await wait_for_condition(lambda: len(server_writers) == 100, 30, "100 accepted connections")
+            await async_wait_until(lambda: len(server_writers) == 100, 30, what="100 accepted connections")
             assert len(chunk_files(tunnel_dir)) == 200
             started = time.monotonic()
             for writer in clients if aborter == "client" else server_writers:
                 writer.transport.abort()
-            await wait_for_condition(lambda: not chunk_files(tunnel_dir) and open_fds() <= baseline, 10,
-                                     "both sides to release the reset connections")
+            await async_wait_until(lambda: not chunk_files(tunnel_dir) and open_fds() <= baseline, 10,
+                                   what="both sides to release the reset connections")
             elapsed = time.monotonic() - started
             assert elapsed < RELEASE_DEADLINE, f"released after {elapsed:.2f} s"
         await server.shutdown()
@@ -99,7 +99,7 @@ def test_finding4_tcp_rst_through_the_cli_releases_both_sides_within_1s(tmp_path
         with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:  # the two sides meet
             sock.sendall(b"x")
             assert recv_exactly(sock, 1) == b"x"
-        wait_until(lambda: not chunk_files(tunnel_dir), 10, "the first connection's files to go")
+        wait_until(lambda: not chunk_files(tunnel_dir), 10, what="the first connection's files to go")
         baseline = [open_fds(p.popen.pid) for p in sides]
         socks = []
         for _ in range(100):
@@ -114,7 +114,7 @@ def test_finding4_tcp_rst_through_the_cli_releases_both_sides_within_1s(tmp_path
             sock.close()  # RST
         wait_until(lambda: not chunk_files(tunnel_dir)
                    and all(open_fds(p.popen.pid) <= b for p, b in zip(sides, baseline)), 10,
-                   "both sides to release the reset connections")
+                   what="both sides to release the reset connections")
         elapsed = time.monotonic() - started
         assert elapsed < RELEASE_DEADLINE, f"released after {elapsed:.2f} s"
         assert all(p.popen.poll() is None for p in procs)
@@ -139,7 +139,7 @@ def test_finding5_connections_end_on_both_sides_after_a_stall_longer_than_the_li
         with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:  # the two sides meet
             sock.sendall(b"x")
             assert recv_exactly(sock, 1) == b"x"
-        wait_until(lambda: not chunk_files(tunnel_dir), 10, "the first connection's files to go")
+        wait_until(lambda: not chunk_files(tunnel_dir), 10, what="the first connection's files to go")
         baseline = {name: open_fds(p.popen.pid) for name, p in sides.items()}
         old = socket.create_connection(("127.0.0.1", port), timeout=30)
         old.sendall(b"old")
@@ -155,7 +155,7 @@ def test_finding5_connections_end_on_both_sides_after_a_stall_longer_than_the_li
             assert recv_exactly(new, 3) == b"new"
             # traffic on the new connection keeps the two sides in touch: the old one must end anyway
             wait_until(lambda: all(open_fds(p.popen.pid) <= with_one[n] for n, p in sides.items()), 15,
-                       "both sides to release the old connection")
+                       what="both sides to release the old connection")
             old.settimeout(15)
             try:
                 assert old.recv(10) == b""
@@ -165,7 +165,7 @@ def test_finding5_connections_end_on_both_sides_after_a_stall_longer_than_the_li
             new.sendall(b"still")
             assert recv_exactly(new, 5) == b"still"
         wait_until(lambda: all(open_fds(p.popen.pid) <= baseline[n] for n, p in sides.items())
-                   and not chunk_files(tunnel_dir), 15, "both sides to release every connection")
+                   and not chunk_files(tunnel_dir), 15, what="both sides to release every connection")
         assert "WARNING" in gone and "no sign of life for 3 s" in gone, gone  # each user is told why
         line = stopped.wait_for(lambda l: "is gone" in l, timeout=5)
         assert "WARNING" in line and ("gave up on this side" in line or "no sign of life" in line), line
@@ -192,7 +192,7 @@ def test_finding5_a_bye_for_an_earlier_meeting_leaves_the_connections_made_since
             for path in (tunneldir.bell_path(server.tunnel_dir, eid), *tunneldir.chunk_paths(server.tunnel_dir, cid)):
                 os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
             append_locked(bell, encode_text(Kind.CONNECT, eid, cid))
-            return wait_for_condition(lambda: cid in conns, 5, f"connection {cid} to be accepted")
+            return async_wait_until(lambda: cid in conns, 5, what=f"connection {cid} to be accepted")
 
         def server_pings():
             """The counters of the server's pings to the crafted client (a torn last record aside)."""
@@ -200,17 +200,17 @@ def test_finding5_a_bye_for_an_earlier_meeting_leaves_the_connections_made_since
             return [int(text_fields(payload)[1]) for kind, payload in records if kind is Kind.PING] or [0]
 
         await connect(first)
-        await wait_for_condition(lambda: server_pings()[-1], 5, "the server's first ping")
+        await async_wait_until(lambda: server_pings()[-1], 5, what="the server's first ping")
         first_meeting = server_pings()[-1]
         append_locked(bell, encode_text(Kind.BYE, eid))  # it left; it is met again below
-        await wait_for_condition(lambda: first not in conns, 5, "the first connection to end")
+        await async_wait_until(lambda: first not in conns, 5, what="the first connection to end")
         await connect(f"{eid}-2")
-        await wait_for_condition(lambda: server_pings()[-1] > first_meeting, 5, "a ping of the new meeting")
+        await async_wait_until(lambda: server_pings()[-1] > first_meeting, 5, what="a ping of the new meeting")
         append_locked(bell, encode_text(Kind.BYE, eid, first_meeting, "no sign of life"))  # the stale one
         await connect(f"{eid}-3")  # bell records are acted on in order: the BYE was read
         assert f"{eid}-2" in conns and not [r for r in caplog.records if "gave up" in r.getMessage()]
         append_locked(bell, encode_text(Kind.BYE, eid, server_pings()[-1], "no sign of life"))
-        await wait_for_condition(lambda: not conns, 5, "the new connections to end")
+        await async_wait_until(lambda: not conns, 5, what="the new connections to end")
         await server.shutdown()
     run(main())
     assert any("gave up on this side: no sign of life" in r.getMessage() for r in caplog.records)
@@ -267,9 +267,9 @@ def test_finding6_records_before_damage_in_the_bell_are_acted_on_wake(tunnel_dir
         eid = cid.split("-")[0]
         bell = server_bell(server.tunnel_dir)
         append_locked(bell, encode_text(Kind.CONNECT, eid, cid))
-        await wait_for_condition(lambda: cid in server._endpoint._conns, 5, "the connection to be accepted")
+        await async_wait_until(lambda: cid in server._endpoint._conns, 5, what="the connection to be accepted")
         conn = server._endpoint._conns[cid]
-        await wait_for_condition(lambda: not conn.hot, 10, "the idle connection to go cold")
+        await async_wait_until(lambda: not conn.hot, 10, what="the idle connection to go cold")
         append_locked(to_server, encode(Kind.DATA, b"hello"))  # only the WAKE below tells the reader
         append_locked(bell, encode_text(Kind.WAKE, eid, cid) + GARBAGE)
         assert await asyncio.wait_for(received.get(), 5) == b"hello"
@@ -373,7 +373,7 @@ def test_cli_sides_announce_each_other_and_a_clean_stop_during_a_download(tmp_pa
         assert "shut down cleanly" in line, line
         job_bell = tunneldir.bell_path(tunnel_dir, json.loads((tunnel_dir / "server").read_text())["eid"]).name
         wait_until(lambda: sorted(os.listdir(tunnel_dir)) == sorted([job_bell, "server"]), 5,
-                   "only the live --client's bell and pointer to remain")
+                   what="only the live --client's bell and pointer to remain")
         with pytest.raises(AssertionError):  # longer than the liveness timeout: nothing more to say
             job_side.wait_for(lambda l: "is gone" in l or "crashed" in l, timeout=5)
         assert job_side.stop() == 0

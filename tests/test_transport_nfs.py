@@ -7,7 +7,8 @@ import os
 import signal
 
 import fileforward
-from tests.test_transport import echo, run, wait_for_condition
+from tests.polling import async_wait_until
+from tests.test_transport import echo, run
 from tests.tunnel_support import free_port, start_cli
 
 
@@ -18,8 +19,8 @@ def test_a_hung_filesystem_is_reported_and_the_loop_stays_responsive(two_nodes, 
     knobs = dict(slow_call_warning=1.0, poll_max=0.1)
 
     async def wait_for_log(text: str, timeout: float) -> None:
-        await wait_for_condition(lambda: any(text in r.getMessage() for r in caplog.records),
-                                 timeout, f"a log line with {text!r}")
+        await async_wait_until(lambda: any(text in r.getMessage() for r in caplog.records),
+                               timeout, what=f"a log line with {text!r}")
 
     gaps = []
 

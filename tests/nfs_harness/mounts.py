@@ -1,11 +1,13 @@
 """Start one node's FUSE daemon, wait for its mount, and take it down again robustly."""
+import contextlib
 import logging
 import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from tests.polling import WaitTimeout, wait_until
 
 from .counters import create_counters
 from .options import NodeOptions
@@ -35,16 +37,6 @@ def is_mounted(mountpoint: Path) -> bool:
     return False
 
 
-def poll_until(condition, timeout: float, interval: float = 0.01) -> bool:
-    """Call `condition` until it is true (True) or `timeout` seconds passed (False)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
-    return True
-
-
 class MountedNode:
     """A running daemon serving `backing` at `mountpoint`; counters at `counters`."""
 
@@ -62,8 +54,10 @@ class MountedNode:
         # Own session: a terminal's Ctrl-C goes to the CLI, which unmounts in order.
         self.process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
                                         start_new_session=True)
-        if not poll_until(lambda: is_mounted(mountpoint) or self.process.poll() is not None,
-                     MOUNT_TIMEOUT) or not is_mounted(mountpoint):
+        with contextlib.suppress(WaitTimeout):  # reported below, with the exit code
+            wait_until(lambda: is_mounted(mountpoint) or self.process.poll() is not None,
+                       MOUNT_TIMEOUT, what=f"the FUSE daemon to mount {mountpoint}")
+        if not is_mounted(mountpoint):
             code = self.process.poll()
             self.stop()
             raise RuntimeError(f"FUSE daemon for {mountpoint} did not mount (exit code {code}; "
@@ -83,5 +77,5 @@ class MountedNode:
         if is_mounted(self.mountpoint):  # auto_unmount should have done it
             subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], check=False,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if not poll_until(lambda: not is_mounted(self.mountpoint), STOP_TIMEOUT):
-            raise RuntimeError(f"{self.mountpoint} is still mounted")
+        wait_until(lambda: not is_mounted(self.mountpoint), STOP_TIMEOUT,
+                   what=f"{self.mountpoint} to be unmounted")
