@@ -115,7 +115,7 @@ def read_owner(raw: memoryview) -> Optional[OwnerSlot]:
 def read_peers(raw: memoryview) -> Iterator[Tuple[int, Optional[PeerSlot]]]:
     """(slot index, slot) of every peer slot in use in a bell's bytes; the slot is
     None where it cannot be read (being rewritten, or damaged)."""
-    for index in range(1, len(raw) // SLOT_SIZE):
+    for index in range(1, -(-len(raw) // SLOT_SIZE)):  # a short last slot too: being written, or damage
         chunk = raw[index * SLOT_SIZE:(index + 1) * SLOT_SIZE]
         if not any(chunk):
             continue

@@ -708,9 +708,17 @@ class Endpoint:
                       f"on both nodes)")
         return NoServerError(
             f"no {self.peer_name} answered in tunnel directory {self.tunnel_dir} within "
-            f"{self.opts.connect_timeout:g} s{refusal}{silent}. Start the far end first, e.g. "
+            f"{self.opts.connect_timeout:g} s{refusal}{silent}{self._full()}. Start the far end first, e.g. "
             f"`fileforward --client --port PORT --tunnel_dir {self.tunnel_dir}` on the node that runs "
             f"the service (or `python -m rpc serve MODULE:FUNCTIONS --tunnel_dir {self.tunnel_dir}` for RPC)")
+
+    def _full(self) -> str:
+        """Why a server may not have been able to answer: its disk is ours."""
+        with contextlib.suppress(OSError):
+            if os.statvfs(self.tunnel_dir).f_bavail == 0:
+                return (f"; the filesystem of {self.tunnel_dir} is full ({os.strerror(errno.ENOSPC)}): "
+                        f"the server cannot write its answer")
+        return ""
 
     def _renew(self, pending: PendingConnect) -> None:
         """Give a waiting connection a new id and new files (its old ones are removed)."""
@@ -1069,12 +1077,12 @@ class Endpoint:
         if peer is None:
             if not pointer.EID_RE.match(eid):
                 raise ValueError(f"bad endpoint id {eid!r}")
-            self._pings += 1
             base = min((_number(cid) for cid, p in self._connects.items() if not p.offered),
                        default=self._next_cid + 1) - 1  # it may take up our connections after this one
-            slot = PeerSlot(self.eid, base=base, conns=base, ping=self._pings)
+            slot = PeerSlot(self.eid, base=base, conns=base, ping=self._pings + 1)
             peer = meet(self.tunnel_dir, eid, slot, self._pings, self._buffer, self._data.direct,
                         self.opts.coherence, self._view)
+            self._pings += 1  # that first ping of the meeting is already in our slot
             self._peers[eid] = peer
             self._gone.discard(eid)
             peer.last_ping = time.monotonic()

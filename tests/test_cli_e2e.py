@@ -9,10 +9,10 @@ never as a clean EOF: the tests below read until the end and tell the two apart.
 from __future__ import annotations
 
 import concurrent.futures
-import fcntl
 import hashlib
 import json
 import os
+import pathlib
 import random
 import signal
 import socket
@@ -23,6 +23,8 @@ import urllib.request
 import pytest
 
 from fileforward import tunneldir
+from fileforward.chunks import DAMAGE_GRACE
+from fileforward.records import FORMAT_VERSION
 from tests.polling import wait_until
 from tests.tunnel_support import (free_port, one_line_error, recv_exactly, start_cli, start_service, tunnel_files, Proc,
                                   python)
@@ -235,20 +237,31 @@ def test_job_side_killed_mid_download_resets_the_download(nodes):
 
 
 @pytest.mark.parametrize("nodes", ["local"], indirect=True)
+def tunnel_stalled(tunnel_dir: "pathlib.Path") -> bool:
+    """Whether the connection files stopped growing for a moment (the reader paused)."""
+    def sizes():
+        return sorted((p.name, p.stat().st_size) for p in tunnel_dir.glob("*.s2c*"))
+    before = sizes()
+    time.sleep(0.5)
+    return bool(before) and sizes() == before
+
+
 def test_damaged_record_mid_download_resets_the_download(nodes):
     tunnel = Tunnel(nodes, service="download")
     try:
         with start_download(tunnel) as sock:
-            [to_login] = list(tunnel.login.tunnel_dir.glob("*.s2c"))
-            fd = os.open(to_login, os.O_WRONLY | os.O_APPEND)
-            try:  # under the data lock, as a writer appends
-                fcntl.lockf(fd, fcntl.LOCK_EX, 1 << 40, 0)
-                os.write(fd, b"garbage, not a record" * 100)
+            # the user stops reading: the login side stops reading the tunnel, the job
+            # side writes a window ahead; damage a byte of that unread window
+            wait_until(lambda: tunnel_stalled(tunnel.login.tunnel_dir), 20, what="the download to stall")
+            to_login = max(tunnel.login.tunnel_dir.glob("*.s2c*"), key=lambda p: p.stat().st_mtime)
+            fd = os.open(to_login, os.O_WRONLY)
+            try:
+                os.pwrite(fd, b"\xff", os.fstat(fd).st_size - 1000)
             finally:
                 os.close(fd)
             assert 1024 * 1024 + read_until_reset(sock) < DOWNLOAD
-        line = tunnel.login_side.wait_for(lambda l: "damaged record" in l)
-        assert "WARNING" in line and "bad record magic" in line, line  # not only at DEBUG (finding 14)
+        line = tunnel.login_side.wait_for(lambda l: "damaged record" in l, timeout=DAMAGE_GRACE + 30)
+        assert "WARNING" in line and "bad checksum" in line, line  # not only at DEBUG (finding 14)
     finally:
         tunnel.close()
 
@@ -441,6 +454,6 @@ def test_a_far_end_of_another_format_version_is_a_warning_naming_both(tmp_path):
             sock.sendall(b"hello")
             assert read_until_reset(sock) == 0
         line = login_side.wait_for(lambda l: "format 99" in l)
-        assert "WARNING" in line and "speaks format 1" in line and "same fileforward version" in line, line
+        assert "WARNING" in line and f"speaks format {FORMAT_VERSION}" in line and "same fileforward version" in line, line
     finally:
         login_side.kill()

@@ -22,11 +22,12 @@ import pytest
 
 import fileforward
 from fileforward import tunneldir
-from fileforward.endpoint import Endpoint
-from fileforward.records import Kind, decode_until_damage, encode, encode_text, text_fields
+from fileforward.bell import Flag, Reason
+from fileforward.chunks import DAMAGE_GRACE
+from fileforward.records import Kind, encode
 from tests.polling import async_wait_until, wait_until
 from tests.test_transport import run
-from tests.tunnel_support import free_port, recv_exactly, start_cli, start_service, tunnel_files
+from tests.tunnel_support import CraftedPeer, free_port, recv_exactly, start_cli, start_service, tunnel_files
 
 RELEASE_DEADLINE = 3.0  # the requirement is 1 s; the slack is for a loaded test machine
 GARBAGE = b"\x00garbage that is no record\xff"
@@ -40,14 +41,6 @@ def open_fds(pid: int = 0) -> int:
 def chunk_files(tunnel_dir: Path) -> List[str]:
     """The connection files (.c2s / .s2c) in a tunnel directory."""
     return [n for n in os.listdir(tunnel_dir) if n.endswith((tunneldir.TO_SERVER, tunneldir.TO_CLIENT))]
-
-
-append_locked = Endpoint._append_to  # append under the file's lock, as an endpoint does
-
-
-def server_bell(tunnel_dir: Path) -> Path:
-    eid = json.loads((tunnel_dir / tunneldir.SERVER_FILE).read_text())["eid"]
-    return tunneldir.bell_path(tunnel_dir, eid)
 
 
 # --- finding 4: a reset releases both sides at once ------------------------------------
@@ -183,55 +176,42 @@ def test_finding5_a_bye_for_an_earlier_meeting_leaves_the_connections_made_since
 
     async def main():
         server = await fileforward.start_server(lambda reader, writer: None, tunnel_dir)
-        first, _, _ = crafted_client(server.tunnel_dir)
-        eid = first.split("-")[0]
-        bell, conns = server_bell(server.tunnel_dir), server._endpoint._conns
+        peer, sid, links = CraftedPeer(server.tunnel_dir), server._endpoint.eid, server._endpoint._links
 
-        def connect(cid):
-            # its bell too: the server removes the bell of a peer that left and holds no lock on it
-            for path in (tunneldir.bell_path(server.tunnel_dir, eid), *tunneldir.chunk_paths(server.tunnel_dir, cid)):
-                os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-            append_locked(bell, encode_text(Kind.CONNECT, eid, cid))
-            return async_wait_until(lambda: cid in conns, 5, what=f"connection {cid} to be accepted")
+        def connect(number, fresh=False):
+            cid, _, _ = peer.connection(number)
+            peer.say(sid, fresh=fresh, conns=number)
+            return async_wait_until(lambda: cid in links, 5, what=f"connection {cid} to be accepted")
 
-        def server_pings():
-            """The counters of the server's pings to the crafted client (a torn last record aside)."""
-            records, _ = decode_until_damage(tunneldir.bell_path(server.tunnel_dir, eid).read_bytes())
-            return [int(text_fields(payload)[1]) for kind, payload in records if kind is Kind.PING] or [0]
+        def server_ping():
+            slot = peer.heard_from(sid)
+            return slot.ping if slot else 0
 
-        await connect(first)
-        await async_wait_until(lambda: server_pings()[-1], 5, what="the server's first ping")
-        first_meeting = server_pings()[-1]
-        append_locked(bell, encode_text(Kind.BYE, eid))  # it left; it is met again below
-        await async_wait_until(lambda: first not in conns, 5, what="the first connection to end")
-        await connect(f"{eid}-2")
-        await async_wait_until(lambda: server_pings()[-1] > first_meeting, 5, what="a ping of the new meeting")
-        append_locked(bell, encode_text(Kind.BYE, eid, first_meeting, "no sign of life"))  # the stale one
-        await connect(f"{eid}-3")  # bell records are acted on in order: the BYE was read
-        assert f"{eid}-2" in conns and not [r for r in caplog.records if "gave up" in r.getMessage()]
-        append_locked(bell, encode_text(Kind.BYE, eid, server_pings()[-1], "no sign of life"))
-        await async_wait_until(lambda: not conns, 5, what="the new connections to end")
+        await connect(1)
+        await async_wait_until(server_ping, 5, what="the server's first ping")
+        first_meeting = server_ping()
+        peer.say(sid, flags=Flag.BYE)  # it left (that slot is done); it is met again below
+        await async_wait_until(lambda: f"{peer.eid}-1" not in links, 5, what="the first connection to end")
+        await connect(2, fresh=True)
+        await async_wait_until(lambda: server_ping() > first_meeting, 5, what="a ping of the new meeting")
+        peer.say(sid, flags=Flag.BYE, reason=Reason.NO_LIFE, bye_ping=first_meeting)  # the stale one
+        await connect(3, fresh=True)  # slots are read in order: the stale BYE was read
+        assert f"{peer.eid}-2" in links and not [r for r in caplog.records if "gave up" in r.getMessage()]
+        peer.say(sid, flags=Flag.BYE, reason=Reason.NO_LIFE, bye_ping=server_ping())
+        await async_wait_until(lambda: not links, 5, what="the new connections to end")
         await server.shutdown()
     run(main())
-    assert any("gave up on this side: no sign of life" in r.getMessage() for r in caplog.records)
+    assert any("gave up on this side: it saw no sign of life" in r.getMessage() for r in caplog.records)
 
 
-# --- finding 6: a damaged bell record ----------------------------------------------------
-def crafted_client(tunnel_dir: Path) -> "tuple[str, Path, Path]":
-    """A client endpoint made by hand: its bell and the files of its connection 1."""
-    eid = "c0ffee00" * 2
-    cid = f"{eid}-1"
-    to_server, to_client = tunneldir.chunk_paths(tunnel_dir, cid)
-    for path in (tunneldir.bell_path(tunnel_dir, eid), to_server, to_client):
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
-    return cid, to_server, to_client
-
-
+# --- finding 6: a damaged bell slot -------------------------------------------------------
 def damage_warnings(caplog) -> list:
     return [r for r in caplog.records if "damaged" in r.getMessage()]
 
 
-def test_finding6_records_before_damage_in_the_bell_are_acted_on_connect(tunnel_dir, caplog):
+def test_finding6_a_damaged_slot_next_to_a_connect_leaves_it_acted_on(tunnel_dir, caplog):
+    """Garbage right behind a peer's slot (in the next one): the connection is taken
+    up at once, and the damage is logged once, at WARNING, once it has had time to heal."""
     caplog.set_level(logging.WARNING, logger="fileforward")
 
     async def main():
@@ -242,18 +222,20 @@ def test_finding6_records_before_damage_in_the_bell_are_acted_on_connect(tunnel_
             writer.close()
 
         server = await fileforward.start_server(handler, tunnel_dir)
-        cid, _, to_client = crafted_client(server.tunnel_dir)
-        eid = cid.split("-")[0]
-        append_locked(server_bell(server.tunnel_dir), encode_text(Kind.CONNECT, eid, cid) + GARBAGE)
+        peer, sid = CraftedPeer(server.tunnel_dir), server._endpoint.eid
+        cid, _, to_client = peer.connection(1)
+        peer.say(sid, tail=GARBAGE, conns=1)
         await asyncio.wait_for(accepted.wait(), 5)
-        assert to_client.read_bytes().startswith(encode(Kind.ACCEPT, server._endpoint.eid.encode()))
+        assert to_client.read_bytes().startswith(encode(Kind.ACCEPT, sid.encode(), 0))
+        await async_wait_until(lambda: damage_warnings(caplog), DAMAGE_GRACE + 5, what="the damage to be reported")
+        await asyncio.sleep(1)  # more looks at the same damage: still one line
         await server.shutdown()
     run(main())
     warnings = damage_warnings(caplog)
     assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING, warnings
 
 
-def test_finding6_records_before_damage_in_the_bell_are_acted_on_wake(tunnel_dir, caplog):
+def test_finding6_a_damaged_slot_next_to_a_ring_leaves_it_acted_on(tunnel_dir, caplog):
     caplog.set_level(logging.WARNING, logger="fileforward")
 
     async def main():
@@ -263,20 +245,18 @@ def test_finding6_records_before_damage_in_the_bell_are_acted_on_wake(tunnel_dir
             received.put_nowait(await reader.read(5))
 
         server = await fileforward.start_server(handler, tunnel_dir)
-        cid, to_server, _ = crafted_client(server.tunnel_dir)
-        eid = cid.split("-")[0]
-        bell = server_bell(server.tunnel_dir)
-        append_locked(bell, encode_text(Kind.CONNECT, eid, cid))
-        await async_wait_until(lambda: cid in server._endpoint._conns, 5, what="the connection to be accepted")
-        conn = server._endpoint._conns[cid]
+        peer, sid = CraftedPeer(server.tunnel_dir), server._endpoint.eid
+        cid, to_server, _ = peer.connection(1)
+        peer.say(sid, conns=1)
+        await async_wait_until(lambda: cid in server._endpoint._links, 5, what="the connection to be accepted")
+        conn = server._endpoint._links[cid].conn
         await async_wait_until(lambda: not conn.hot, 10, what="the idle connection to go cold")
-        append_locked(to_server, encode(Kind.DATA, b"hello"))  # only the WAKE below tells the reader
-        append_locked(bell, encode_text(Kind.WAKE, eid, cid) + GARBAGE)
+        with open(to_server, "r+b") as f:  # only the ring below tells the reader
+            f.write(encode(Kind.DATA, b"hello", 0))
+        peer.say(sid, tail=GARBAGE, ring=1)
         assert await asyncio.wait_for(received.get(), 5) == b"hello"
         await server.shutdown()
     run(main())
-    warnings = damage_warnings(caplog)
-    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING, warnings
 
 
 # --- finding 7: no write is missed, whatever the timing ---------------------------------
@@ -299,19 +279,20 @@ def test_finding7_a_delayed_append_that_lands_after_the_reader_went_cold_is_deli
         reader, writer = await fileforward.open_connection(tunnel_dir)
         writer.write(b"first")
         assert await asyncio.wait_for(received.get(), 5) == b"first"
-        out_file = writer.transport._conn.out_file
-        append_batch = out_file.append_batch
+        conn = writer.transport._conn
+        out = conn.wake.__self__._links[conn.cid].out  # the client endpoint's writer of this connection
+        write = out.write
 
-        def delayed_append_batch(*args, **kwargs):
+        def delayed_write(*args, **kwargs):
             time.sleep(2.0)  # the injected delay, on the writer's I/O thread
-            return append_batch(*args, **kwargs)
+            return write(*args, **kwargs)
 
-        out_file.append_batch = delayed_append_batch
+        out.write = delayed_write
         writer.write(b"second")  # well within 1 s of the first write
         try:
             assert await asyncio.wait_for(received.get(), 8) == b"second"
         finally:
-            del out_file.append_batch
+            del out.write
         writer.close()
         await server.shutdown()
     run(main())

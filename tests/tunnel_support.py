@@ -15,6 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from fileforward import tunneldir
 from fileforward.bell import SLOT_SIZE, OwnerSlot, PeerSlot, read_peers
+from fileforward.files import TABLE
 from fileforward.peers import claim_slot, machine_identity
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -158,6 +159,8 @@ class CraftedPeer:
         self.bell = tunneldir.bell_path(tunnel_dir, eid)
         self._write(self.bell, OwnerSlot(eid, os.getpid(), boot, host).encode(), 0, create=True)
         self._slots: Dict[str, "tuple[int, PeerSlot]"] = {}
+        self._alive = TABLE.open(self.bell)  # as a live endpoint holds its bell's owner lock
+        self._alive.try_hold_alive()
 
     def connection(self, number: int) -> "tuple[str, Path, Path]":
         """Create the files of our connection `number`: (cid, to server, to client)."""
@@ -167,10 +170,11 @@ class CraftedPeer:
             os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
         return cid, to_server, to_client
 
-    def say(self, owner: str, tail: bytes = b"", **fields: object) -> PeerSlot:
-        """Change our slot in `owner`'s bell (claimed on first use), e.g. conns=1,
-        ring=..., flags=Flag.BYE; `tail` is written right after the slot."""
-        if owner not in self._slots:
+    def say(self, owner: str, tail: bytes = b"", fresh: bool = False, **fields: object) -> PeerSlot:
+        """Change our slot in `owner`'s bell (claimed on first use, or again when
+        `fresh`: a new meeting), e.g. conns=1, ring=..., flags=Flag.BYE; `tail` is
+        written right after the slot."""
+        if owner not in self._slots or fresh:
             self._slots[owner] = (claim_slot(self.tunnel_dir, owner), PeerSlot(self.eid))
         index, slot = self._slots[owner]
         for name, value in fields.items():
@@ -179,9 +183,10 @@ class CraftedPeer:
         return slot
 
     def heard_from(self, owner: str) -> Optional[PeerSlot]:
-        """What `owner` says in its slot of our bell (None: nothing yet)."""
+        """What `owner` says in its latest slot of our bell (None: nothing yet)."""
         raw = memoryview(self.bell.read_bytes())
-        return next((slot for _, slot in read_peers(raw) if slot is not None and slot.eid == owner), None)
+        slots = [slot for _, slot in read_peers(raw) if slot is not None and slot.eid == owner]
+        return max(slots, key=lambda slot: slot.ping, default=None)
 
     @staticmethod
     def _write(path: Path, data: bytes, offset: int, create: bool = False) -> None:
