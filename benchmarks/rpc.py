@@ -237,6 +237,7 @@ def bench_rpc(address: Dict[str, str], n: int, pair=None) -> Dict[str, float]:
         else:
             result = measure_rpc(address, n)
         result["processes_rate"] = processes_rate(address, n // 2, pair.b_prefix if pair else ())
+        result["processes_per_threads"] = result["processes_rate"] / result["rate"]  # within one run
         return result
     finally:
         proc.kill()
@@ -336,7 +337,7 @@ def run_all(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
             Budget(">=", 2500, ISSUE12)),
         Row("file transport, calls/s, 4 processes on 4 connections", f["processes_rate"], ".0f",
             Budget(">=", 2500, ISSUE12)),
-        Row("file transport, calls/s 4 processes / 4 threads", f["processes_rate"] / f["rate"], ".2f",
+        Row("file transport, calls/s 4 processes / 4 threads", f["processes_per_threads"], ".2f",
             Budget(">=", 1, ISSUE12)),
         Row("TCP small-call median / mp.connection's", t["small_med"] / ref["small_med"], ".2f",
             Budget("<=", 5, ISSUE12)),
