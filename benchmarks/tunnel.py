@@ -329,8 +329,12 @@ class Setup:
                 wait_listening(self.socks_port, self.proxies)
                 wait_listening(self.http_port, self.proxies)
             wait_listening(self.port, [self.login_side, self.job_side])
-            for open_echo in self.openers().values():  # the sides have met: no start-up time in any figure
-                setup_times(open_echo, 1)
+            for way, open_echo in self.openers().items():  # the sides have met: no start-up time in any figure
+                try:
+                    setup_times(open_echo, 1)
+                except (OSError, RuntimeError) as exc:
+                    raise RuntimeError(f"no byte came back through {way} ({exc}); the endpoints said:\n"
+                                       + self.output()) from exc
             started.pop_all()
 
     def __enter__(self) -> "Setup":
@@ -350,6 +354,11 @@ class Setup:
             ways["socks"] = lambda: through_socks5(self.socks_port, self.echo_port)
             ways["http"] = lambda: through_http_proxy(self.http_port, self.echo_port)
         return ways
+
+    def output(self) -> str:
+        """What the tunnel's processes printed so far (warnings and errors only)."""
+        return "\n".join(f"{' '.join(proc.argv[1:4])} ...:\n{proc.output}"
+                         for proc in (self.login_side, self.job_side, *self.proxies) if proc.output)
 
     def endpoints(self) -> Dict[str, Tuple[int, Path]]:
         """Each side's process id and the tunnel directory as that side sees it."""
