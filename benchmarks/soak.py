@@ -277,7 +277,7 @@ class Load:
         while time.monotonic() < end:
             time.sleep(max(0.0, min(interval, end - time.monotonic())))
             t = time.monotonic() - started
-            self.history.append((t, sample_sides(self.sides, self.setup.tunnel_dir)))
+            self.history.append((t, sample_sides(self.sides, self.setup.login_dir)))
             for side, sample in self.history[-1][1].items():
                 print(f"[{t:5.0f} s] {side:9} {sample}", flush=True)
             print(f"[{t:5.0f} s] traffic   {self.tally.summary()}", flush=True)
@@ -294,7 +294,7 @@ def report(load: Load, idle: Dict[str, Sample], after: Dict[str, Sample], took: 
            settle_s: float, seconds: float) -> bool:
     """Print the summary; True if the run failed."""
     tally = load.tally
-    print(f"\nsoak summary: {seconds / 60:g} min on {load.setup.tunnel_dir}")
+    print(f"\nsoak summary: {seconds / 60:g} min on {load.setup.login_dir}")
     print(f"traffic: {tally.summary()}")
     for category, messages in tally.errors.items():
         for message in messages[:5]:
@@ -321,20 +321,16 @@ def report(load: Load, idle: Dict[str, Sample], after: Dict[str, Sample], took: 
 
 
 def soak(minutes: float, interval: float, settle_s: float, base: Path) -> int:
-    setup = Setup(Target(base))
-    try:
+    with Setup(Target(base)) as setup:
         sides = {"--server": setup.login_side, "--client": setup.job_side}
         short(setup.port, Tally())  # both sides are up: a side still starting would pass for idle
-        idle = idle_level(sides, setup.tunnel_dir)
+        idle = idle_level(sides, setup.login_dir)
         for side, sample in idle.items():
             print(f"[   idle] {side:9} {sample}", flush=True)
         load = Load(setup, sides)
         load.run(minutes * 60, interval)
-        after, took = settle(sides, setup.tunnel_dir, idle, max(settle_s, OBSERVE_S))
+        after, took = settle(sides, setup.login_dir, idle, max(settle_s, OBSERVE_S))
         return 1 if report(load, idle, after, took, settle_s, minutes * 60) else 0
-    finally:
-        setup.close()
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
