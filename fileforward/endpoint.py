@@ -497,6 +497,8 @@ class Endpoint:
                 if owner is not None and owner.boot != self._view:
                     return False
             return shared.alive_elsewhere() is False
+        except FileNotFoundError:  # removed meanwhile: by its owner, or a cleaner
+            return False
         finally:
             TABLE.release(shared)
 

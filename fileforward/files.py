@@ -100,8 +100,12 @@ class SharedFile:
         """Release the owner lock taken by try_hold_alive."""
         with self.mutex:
             if self.alive_held:
-                fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, ALIVE_OFFSET, os.SEEK_SET)
                 self.alive_held = False
+                try:
+                    fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, ALIVE_OFFSET, os.SEEK_SET)
+                except OSError as exc:
+                    if exc.errno not in REFUSED_LOCKS:  # refused: it was never really held
+                        raise
 
 
 def _try_lock(shared: SharedFile, length: int, start: int) -> bool:
