@@ -23,7 +23,7 @@ What each part does (the files are described in tunneldir.py and ARCHITECTURE.md
   carrying the reason and the counter of our last ping it saw, so that a BYE that
   crosses our own giving up does not end the connections made after we met again.
 - Cycle timing: right after activity the thread polls every poll_min; then it
-  waits half the time since the last activity, up to poll_max; and never polls a
+  waits a quarter of the time since the last activity, up to poll_max; and never polls a
   file again sooner than twice the time the last look at it took (on NFS every
   request counts). While connections are hot, the bell is read at most every 10 ms.
 - Errors: one connection's filesystem error ends that connection. An error of the
@@ -321,7 +321,7 @@ class Endpoint:
 
     def _interval(self) -> float:
         idle = time.monotonic() - self._last_activity
-        return min(self.opts.poll_max, max(self.opts.poll_min, idle / 2 if idle > 0.02 else 0.0))
+        return min(self.opts.poll_max, max(self.opts.poll_min, idle / 4 if idle > 0.02 else 0.0))
 
     def _run_commands(self, last: bool = False) -> bool:
         with self._commands_lock:

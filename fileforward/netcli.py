@@ -23,6 +23,7 @@ from typing import Callable, List
 from . import proxyfiles, statusfile, tunneldir
 from . import status as statusreport
 from .cliargs import Parser, add_job_option, add_logging_options, dir_option, job_tunnel_dir
+from .coherence import COHERENCE_CHOICES
 from .forward import serve_until_stopped, until_stopped
 from .forwardspec import Listen, Permit, parse_forward, parse_listen
 from .netforward import ENV_NET_DIR, Requesting, Requests, default_net_dir, requesting, serving
@@ -45,6 +46,10 @@ def add_transport_options(parser: argparse.ArgumentParser) -> None:
                         help="longest polling interval when idle, in seconds")
     parser.add_argument("--window", type=float, default=Options.window / MiB, metavar="MIB",
                         help="unread data allowed on disk per connection and direction, in MiB")
+    parser.add_argument("--coherence", choices=COHERENCE_CHOICES, default=Options.coherence,
+                        help="auto: trust the other side's locks (to notice within a second that its process "
+                             "died) only where they were seen to exclude this side's; locks: always; "
+                             "lock-free: never, only heartbeats (liveness timeout). Data never depends on locks")
 
 
 def transport_options(parser: Parser, args: argparse.Namespace) -> Options:
@@ -53,7 +58,7 @@ def transport_options(parser: Parser, args: argparse.Namespace) -> Options:
         parser.error(f"--window must be at least {Options.chunk / MiB:g} MiB, not {args.window:g}")
     try:
         return Options(connect_timeout=args.connect_timeout, liveness_timeout=args.liveness_timeout,
-                       poll_max=args.poll_max, window=int(args.window * MiB))
+                       poll_max=args.poll_max, window=int(args.window * MiB), coherence=args.coherence)
     except ValueError as exc:
         parser.error(str(exc))
 

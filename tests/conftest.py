@@ -55,17 +55,25 @@ from rpc_fixtures import (client, remote, rpc_env, serve, served, server,  # noq
 from tests.nfs_harness.fixtures import make_two_nodes, two_nodes  # noqa: E402,F401
 
 
+EVERY_MODE = ["local", "nfs", "lock-free"]  # for `nodes` (indirect): the modes we claim to support
+
+
 @pytest.fixture(params=["local", "nfs"])
 def nodes(request: pytest.FixtureRequest, tmp_path: Path) -> "tuple[Node, Node]":
     """(login node, job node) sharing a tunnel directory.
 
     "local": both are this machine, on a local directory.
-    "nfs": the two emulated NFS nodes of tests/nfs_harness (0.5 ms per request, 2 s
-    caches); the login node is mount A in our network namespace, the job node is
+    "nfs": the two emulated NFS nodes of tests/nfs_harness, profile "nfs" (0.5 ms
+    per request, 2 s caches, write-behind, locks that exclude across nodes: mode
+    locks); the login node is mount A in our network namespace, the job node is
     mount B in a namespace of its own (it cannot reach our loopback).
+    "lock-free" (only where a test asks for EVERY_MODE): the same nodes with the
+    harness's "beegfs" profile: node-local locks, writes flushed only at fsync and
+    close, a granted lock refreshes nothing.
     """
     if request.param == "local":
         shared = tmp_path / "tunnel"
         return Node("login", shared, []), Node("job", shared, [])
-    pair = request.getfixturevalue("two_nodes")
+    make = request.getfixturevalue("make_two_nodes")
+    pair = make(profile={"nfs": "nfs", "lock-free": "beegfs"}[request.param])
     return Node("login", pair.a / "tunnel", []), Node("job", pair.b / "tunnel", list(pair.b_prefix))

@@ -25,11 +25,13 @@ import pytest
 from fileforward import tunneldir
 from fileforward.chunks import DAMAGE_GRACE
 from fileforward.records import FORMAT_VERSION
+from tests.conftest import EVERY_MODE
 from tests.polling import wait_until
 from tests.tunnel_support import (free_port, one_line_error, recv_exactly, start_cli, start_service, tunnel_files, Proc,
                                   python)
 
 LIVENESS = "3"
+SLACK = 1.0  # the requirement is 2 s; the slack is for a loaded test machine
 
 
 class Tunnel:
@@ -95,6 +97,7 @@ def abort(sock: socket.socket) -> None:
     sock.close()
 
 
+@pytest.mark.parametrize("nodes", EVERY_MODE, indirect=True)
 def test_32mb_each_way_arrives_intact(tunnel):
     payload = os.urandom(32 * 1024 * 1024)
     with tunnel.connect() as sock, concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -105,6 +108,7 @@ def test_32mb_each_way_arrives_intact(tunnel):
         assert recv_all(sock) == b""
 
 
+@pytest.mark.parametrize("nodes", EVERY_MODE, indirect=True)
 def test_100_concurrent_echo_connections(tunnel):
     def session(seed: int) -> bool:
         rng = random.Random(seed)
@@ -226,6 +230,7 @@ def start_download(tunnel: "Tunnel") -> socket.socket:
     return sock
 
 
+@pytest.mark.parametrize("nodes", EVERY_MODE, indirect=True)
 def test_job_side_killed_mid_download_resets_the_download(nodes):
     tunnel = Tunnel(nodes, service="download", extra=["--liveness-timeout", LIVENESS])
     try:
@@ -236,7 +241,44 @@ def test_job_side_killed_mid_download_resets_the_download(nodes):
         tunnel.close()
 
 
-@pytest.mark.parametrize("nodes", ["local"], indirect=True)
+@pytest.mark.parametrize("victim", ["job", "login"])
+@pytest.mark.parametrize("nodes", EVERY_MODE, indirect=True)
+def test_a_killed_side_is_noticed_within_2s_where_locks_exclude(nodes, victim, request):
+    """SIGKILL of one side's process (its node stays up): the other side's
+    connections end within 2 s where locks exclude across the nodes (its lock is
+    freed by the kernel), within the liveness timeout where they do not; and a
+    restarted side is reached by the next connection."""
+    tunnel = Tunnel(nodes, service="echo", extra=["--liveness-timeout", "8"])
+    lock_free = request.node.callspec.params["nodes"] == "lock-free"
+    try:
+        with tunnel.connect() as sock:
+            sock.sendall(b"x")
+            assert recv_exactly(sock, 1) == b"x"
+            survivor = tunnel.login_side if victim == "job" else tunnel.job_side
+            proc = tunnel.job_side if victim == "job" else tunnel.login_side
+            killed = time.monotonic()
+            proc.kill()
+            line = survivor.wait_for(lambda l: "is gone" in l, timeout=20)
+            noticed = time.monotonic() - killed
+            if lock_free:
+                assert "no sign of life" in line and noticed > 4, (noticed, line)
+            else:
+                assert "its process ended" in line and noticed < 2 + SLACK, (noticed, line)
+            if victim == "job":
+                sock.settimeout(10)
+                with pytest.raises(ConnectionResetError):
+                    sock.recv(10)
+        if victim == "job":
+            tunnel.job_side = tunnel.start_job_side()
+        else:
+            tunnel.login_side = tunnel.start_login_side()
+        with tunnel.connect() as sock:
+            sock.sendall(b"again")
+            assert recv_exactly(sock, 5) == b"again"
+    finally:
+        tunnel.close()
+
+
 def tunnel_stalled(tunnel_dir: "pathlib.Path") -> bool:
     """Whether the connection files stopped growing for a moment (the reader paused)."""
     def sizes():
@@ -246,6 +288,7 @@ def tunnel_stalled(tunnel_dir: "pathlib.Path") -> bool:
     return bool(before) and sizes() == before
 
 
+@pytest.mark.parametrize("nodes", ["local"], indirect=True)
 def test_damaged_record_mid_download_resets_the_download(nodes):
     tunnel = Tunnel(nodes, service="download")
     try:
