@@ -467,12 +467,7 @@ class Endpoint:
         """Remove what crashed endpoints of this machine left behind. A free owner lock
         proves death only where locks are known to exclude: on one machine (or with
         coherence "locks"); another node's leftovers are not ours to judge."""
-        owners: Dict[str, List[str]] = {}
-        for name in os.listdir(self.tunnel_dir):
-            owner = tunneldir.owner_of(name)
-            if owner is not None and owner != self.eid:
-                owners.setdefault(owner, []).append(name)
-        for owner, names in owners.items():
+        for owner, names in tunneldir.files_by_owner(self.tunnel_dir, self.eid).items():
             bells = [n for n in names if n.endswith(tunneldir.BELL_SUFFIX)] or \
                     [n for n in names if n.endswith(tunneldir.NEW_SUFFIX)]
             if bells and not self._owner_dead(self.tunnel_dir / bells[0]):
@@ -560,8 +555,9 @@ class Endpoint:
         except FileNotFoundError:
             return
         who = pointer.describe(info)
-        log.info("tunnel directory %s: the server pointer names %s, whose lock is free, which here does not "
-                 "prove it exited: asking it (up to %g s)", self.tunnel_dir, who, self.opts.connect_timeout)
+        peer.announced = True  # not a peer of ours: only asked whether it runs
+        log.debug("tunnel directory %s: the server pointer names %s, whose lock is free, which here does not "
+                  "prove it exited: asking it (up to %g s)", self.tunnel_dir, who, self.opts.connect_timeout)
         deadline = time.monotonic() + self.opts.connect_timeout
         while time.monotonic() < deadline:
             self._poll_bell()

@@ -19,7 +19,7 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 from .errors import TunnelDirLostError, UnsafeTunnelDirError
 
@@ -153,6 +153,17 @@ def segment_path(first: Path, number: int) -> Path:
 def slot_claim_path(tunnel_dir: Path, owner: str, index: int) -> Path:
     """The file whose exclusive creation gives its creator slot `index` of `owner`'s bell."""
     return tunnel_dir / f"{owner}{SLOT_CLAIM}{index}"
+
+
+def files_by_owner(tunnel_dir: Path, but: str) -> Dict[str, List[str]]:
+    """The tunnel files of every endpoint but `but`, by owner (a listing: only for
+    cleaning up, never for anything a user waits for)."""
+    owners: Dict[str, List[str]] = {}
+    for name in os.listdir(tunnel_dir):
+        owner = owner_of(name)
+        if owner is not None and owner != but:
+            owners.setdefault(owner, []).append(name)
+    return owners
 
 
 def owner_of(name: str) -> Optional[str]:

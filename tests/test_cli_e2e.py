@@ -447,6 +447,21 @@ def test_second_job_side_is_refused_unless_forced(tunnel):
         forced.kill()
 
 
+@pytest.mark.parametrize("nodes", ["nfs", "lock-free"], indirect=True)
+def test_a_second_job_side_on_another_node_is_refused_even_where_locks_do_not_exclude(tunnel):
+    """The running job side is on node B; a second one starts on node A. Where locks
+    exclude across nodes, its held lock says it runs; where they do not (its lock
+    looks free from node A), the newcomer asks it through its bell and gets an
+    answer: refused all the same, and the first one keeps serving."""
+    second = start_cli("client", tunnel.service_port, tunnel.login.tunnel_dir, prefix=tunnel.login.prefix,
+                       ready=False)
+    line = one_line_error(second)
+    assert "already serves" in line and "--force" in line, line
+    with tunnel.connect() as sock:
+        sock.sendall(b"still the first")
+        assert recv_exactly(sock, 15) == b"still the first"
+
+
 def test_port_in_use_is_a_one_line_error(tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
