@@ -11,6 +11,7 @@ import logging
 import os
 import shlex
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Dict, Optional, Sequence, Tuple, Union
@@ -136,25 +137,23 @@ async def open_streams(ep: Endpoint, connect_timeout: float, liveness_timeout: f
     raise ValueError(f"{ep} is reached with connect_socket()")
 
 
-async def connect_socket(ep: Endpoint, connect_timeout: float) -> socket.socket:
+def connect_socket(ep: Endpoint, connect_timeout: float) -> socket.socket:
     """A blocking socket connected to a ``tcp`` or ``unix`` endpoint (TCP_NODELAY set).
 
     Refused connections are retried, with back-off, until ``connect_timeout``: a
     server that is still starting is waited for.
     """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + connect_timeout
+    deadline = time.monotonic() + connect_timeout
     delay = 0.01
     while True:
         try:
-            return await loop.run_in_executor(None, _connect_once, ep,
-                                              max(deadline - loop.time(), 0.01))
+            return _connect_once(ep, max(deadline - time.monotonic(), 0.01))
         except (ConnectionRefusedError, FileNotFoundError) as exc:
-            if loop.time() + delay > deadline:
+            if time.monotonic() + delay > deadline:
                 raise _not_running(ep, connect_timeout, exc) from exc
         except socket.timeout as exc:
             raise _not_running(ep, connect_timeout, exc) from exc
-        await asyncio.sleep(delay)  # back-off between connection attempts
+        time.sleep(delay)  # back-off between connection attempts
         delay = min(delay * 2, 0.25)
 
 

@@ -6,8 +6,8 @@ import time
 import pytest
 
 import rpc
-from rpc import auth, protocol, turns
-from rpc.protocol import Kind
+from rpc import auth, frames
+from rpc.frames import Kind
 from rpc.server import WORKER_THREAD_PREFIX
 from rpc_helpers import RawConnection, ServerThread, rpc_env, sock, sock_dir, wait_until  # noqa: F401
 
@@ -74,33 +74,15 @@ def test_no_more_than_workers_plain_functions_run_at_once(sock):
         srv.stop()
 
 
-def test_threads_of_a_burst_leave_when_idle_and_all_leave_with_the_client(sock, monkeypatch):
-    monkeypatch.setattr(turns, "IDLE_THREAD_LIFETIME", 0.2)
-    gate = Gate()
-    srv = ServerThread({"hold": gate.hold}, unix=sock, workers=8)
-    try:
-        with rpc.connect(unix=sock) as client:
-            futures = [client.submit("hold", i, 0.3) for i in range(20)]
-            assert [f.result(30) for f in futures] == list(range(20))
-            assert gate.most == 8  # the worker slots bound the threads running calls
-            assert len(connection_threads()) <= 8 + 2
-            wait_until(lambda: len(connection_threads()) == 1,
-                       what="idle threads to leave but one")
-            assert client.call("hold", "again", 0) == "again"
-        wait_until(lambda: not connection_threads(), what="the threads to leave with the client")
-    finally:
-        srv.stop()
-
-
 def test_a_call_sent_with_the_authentication_is_not_lost(sock, rpc_env):
     srv = ServerThread({"echo": lambda x: x}, unix=sock)
     try:
         raw = RawConnection(sock)
-        head, args = protocol.encode_call("echo", ("pipelined",), {})
-        raw.authenticate(auth.load_key(), then=protocol.encode_frame(Kind.CALL, 1, head + args))
+        head, args = frames.encode_call("echo", ("pipelined",), {})
+        raw.authenticate(auth.load_key(), then=frames.encode_frame(Kind.CALL, 1, head + args))
         reply = raw.recv()
         assert (reply.kind, reply.request_id) == (Kind.RESULT, 1)
-        assert protocol.loads(reply.payload) == "pipelined"
+        assert frames.loads(reply.payload) == "pipelined"
         raw.close()
     finally:
         srv.stop()
@@ -111,8 +93,8 @@ def test_a_refused_frame_after_a_call_in_one_packet_leaks_no_worker_slot(sock, r
     try:
         raw = RawConnection(sock)
         raw.authenticate(auth.load_key())
-        head, args = protocol.encode_call("echo", ("lost",), {})
-        call = protocol.encode_frame(Kind.CALL, 1, head + args)
+        head, args = frames.encode_call("echo", ("lost",), {})
+        call = frames.encode_frame(Kind.CALL, 1, head + args)
         raw.sock.sendall(call + call)  # the same request id twice: refused
         assert raw.closed_by_peer()
         raw.close()
