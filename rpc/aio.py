@@ -155,10 +155,11 @@ class AioDriver:
             await asyncio.wait({self._writer_task}, timeout=grace)
             self._writer_task.cancel()
         self.writer.close()
-        try:
-            await asyncio.wait_for(self.writer.wait_closed(), grace)
-        except (asyncio.TimeoutError, OSError, RuntimeError):
-            pass
+        closing = asyncio.ensure_future(self.writer.wait_closed())
+        await asyncio.wait({closing}, timeout=grace)  # raises only our own cancellation
+        if closing.done() and not closing.cancelled():
+            closing.exception()  # whatever it is (the peer may be gone), it is no news
+        closing.cancel()
 
     @property
     def reading(self) -> Optional[asyncio.Task]:

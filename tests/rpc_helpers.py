@@ -158,12 +158,14 @@ def client_sigkill_cancels(address, liveness_timeout=15.0, client_address=None, 
 def sigkill_and_restart(start_server, record, log, pending, within=15.0):
     """Kill the server with calls in flight through the lazy proxy ``record``.
 
-    Every pending call must raise ConnectionLost; after a restart the next call
-    through the same proxy succeeds, and no call ran twice (``log`` counts runs).
+    Every pending call must raise ConnectionLost within ``within`` seconds. A call
+    made after that, while no server runs, goes to the server started next, through
+    the same proxy (give it a ``connect_timeout`` long enough for a server to start);
+    and no call ran twice (``log`` counts runs).
     """
     srv = start_server()
     try:
-        with cf.ThreadPoolExecutor(pending) as pool:
+        with cf.ThreadPoolExecutor(pending + 1) as pool:
             calls = [pool.submit(record, str(log), True) for _ in range(pending)]
             wait_until(lambda: log.exists() and log.read_text().count("called") == pending,
                        what="the calls to run")
@@ -173,10 +175,13 @@ def sigkill_and_restart(start_server, record, log, pending, within=15.0):
                 with pytest.raises(rpc.ConnectionLost):
                     future.result(timeout=within + 10)
             assert time.monotonic() - killed < within
-        srv.stop()
-        srv = start_server()
-        assert record(str(log), False) == "recorded"
+            srv.stop()
+            after_the_death = pool.submit(record, str(log), False)
+            srv = start_server()
+            assert after_the_death.result(timeout=60) == "recorded"
         assert log.read_text().count("called") == pending + 1
+        assert record(str(log), False) == "recorded"
+        assert log.read_text().count("called") == pending + 2
     finally:
         record.close()
         srv.stop()
