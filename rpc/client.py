@@ -25,12 +25,12 @@ from .auth import load_key
 from .errors import ConnectionLost, ProtocolError, RPCError, SerializationError, ServerNotRunningError
 from .frames import Buffer, Kind, Payload, loads, payload_size, unpack_error
 from .protocol import ClientProtocol, Opened, Replied, StreamEnded, StreamItem, StreamOpened
-from .sync import SyncDriver
+from .sync import SyncClientDriver
 from .transports import SOCKET_KINDS, Endpoint, connect_socket, open_streams
 
 log = logging.getLogger(__name__)
 
-Driver = Union[AioDriver, SyncDriver]
+Driver = Union[AioDriver, SyncClientDriver]
 
 
 class ClientConnection:
@@ -68,7 +68,7 @@ class ClientConnection:
                 raise
         sock = connect_socket(ep, connect_timeout)
         core.peer = _describe(sock)
-        driver = SyncDriver(core, sock)
+        driver = SyncClientDriver(core, sock)
         conn = cls(driver, liveness_timeout=liveness_timeout)
         try:
             conn.handle(driver.handshake(connect_timeout))
@@ -109,7 +109,7 @@ class ClientConnection:
     def error(self) -> Optional[RPCError]:
         """Why the connection is unusable, or None while it works (a server that
         closed the connection is noticed here)."""
-        if self._error is None and isinstance(self.driver, SyncDriver):
+        if self._error is None and isinstance(self.driver, SyncClientDriver):
             self.driver.notice_end()
         return self._error
 
@@ -130,13 +130,13 @@ class ClientConnection:
 
     def attending(self) -> ContextManager[None]:
         """Around a blocking call: its thread may read its reply itself (sockets)."""
-        if isinstance(self.driver, SyncDriver):
+        if isinstance(self.driver, SyncClientDriver):
             return self.driver.attending()
         return contextlib.nullcontext()
 
     def wait(self, future: cf.Future, timeout: Optional[float]) -> Any:
         """``future.result(timeout)`` of a request made inside :meth:`attending`."""
-        if isinstance(self.driver, SyncDriver):
+        if isinstance(self.driver, SyncClientDriver):
             return self.driver.wait(future, timeout)
         return future.result(timeout)
 
@@ -254,7 +254,7 @@ class ClientConnection:
 
     def close(self) -> None:
         """Close the connection; calls still in flight fail with ConnectionLost."""
-        if isinstance(self.driver, SyncDriver):
+        if isinstance(self.driver, SyncClientDriver):
             self.driver.close()
             return
         assert self._loop_thread is not None

@@ -9,16 +9,18 @@ A call whose client cancels it, times out or disconnects is cancelled here too.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import os
+import select
 import signal
 import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import (Any, AsyncIterator, Awaitable, Callable, Coroutine, Dict, List, Mapping,
-                    Optional, Set, Tuple)
+                    Optional, Set, Tuple, Union)
 
 from . import execution
 from .aio import AioDriver, describe_peer
@@ -30,14 +32,19 @@ from .frames import (DEFAULT_MAX_FRAME, Buffer, check_max_frame, describe_error,
                      pack_error, pack_value)
 from .protocol import (CallCancelled, CallReceived, CreditGranted, InfoRequested, Opened,
                        ServerProtocol, versions)
+from .sync import SyncServerDriver, describe_socket
 from .throttle import ThrottledLog
-from .transports import (DEFAULT_LIVENESS_TIMEOUT, Listener, claim_stdio, endpoint, listen,
-                         stdio_streams)
+from .transports import (DEFAULT_LIVENESS_TIMEOUT, STREAM_LIMIT, Listener, claim_stdio, endpoint,
+                         listen, stdio_streams)
 
 log = logging.getLogger(__name__)
 
 Functions = Mapping[str, Callable[..., Any]]
 WORKER_THREAD_PREFIX = "rpc-worker"
+#: Calls whose arguments are larger go to the worker pool, even from a reading
+#: thread: copying dwarfs a hand-off, and glibc trims the heap of a thread that
+#: frees megabytes on every call (measured: +1 ms for a 1 MiB echo).
+INLINE_LIMIT = 1 << 16
 #: Connections that may be in their handshake at once; a newer one drops the oldest,
 #: so that strangers who connect and say nothing cannot exhaust the server.
 DEFAULT_MAX_PENDING_HANDSHAKES = 64
@@ -70,9 +77,10 @@ class RPCServer:
         self.in_flight = 0
         self.listeners: List[Listener] = []
         self._key = key
-        #: Runs plain functions (and plain generators, in turns): at most ``workers``
-        #: at once.
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix=WORKER_THREAD_PREFIX)
+        #: Held by each plain function running (in the pool or in a socket's reading
+        #: thread): no more than ``workers`` run at once.
+        self._slots = threading.Semaphore(workers)
         self.hostname = socket.gethostname()
         #: Guards the books (calls, in_flight, calls_served): threads update them too.
         self._books = threading.Lock()
@@ -83,8 +91,24 @@ class RPCServer:
     # -------------------------------------------------------------- lifecycle
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Serve one connection until it ends (the callback for every transport)."""
-        conn = _Connection(self, reader, writer)
+        """Serve one connection over a stream pair until it ends (the tunnel, stdio)."""
+        core = self._core(describe_peer(writer))
+        await self._serve(_Connection(self, core, AioDriver(core, reader, writer)))
+
+    async def handle_socket(self, sock: socket.socket) -> None:
+        """Serve one TCP or Unix socket connection until it ends."""
+        if not hasattr(select, "epoll"):  # reading threads wait together in Linux's epoll
+            await self.handle(*await asyncio.open_connection(sock=sock, limit=STREAM_LIMIT))
+            return
+        core = self._core(describe_socket(sock))
+        driver = SyncServerDriver(core, sock, f"{WORKER_THREAD_PREFIX} {core.peer}")
+        await self._serve(_Connection(self, core, driver))
+
+    def _core(self, peer: str) -> ServerProtocol:
+        return ServerProtocol(self._key, max_frame=self.max_frame, hostname=self.hostname,
+                              peer=peer)
+
+    async def _serve(self, conn: "_Connection") -> None:
         self._connections.add(conn)
         if len(self._handshaking) >= self.max_pending_handshakes:
             oldest = next(iter(self._handshaking))
@@ -232,30 +256,35 @@ class _Call:
 
 
 class _Connection:
-    """One client connection: its protocol core, moved by the asyncio driver, and
-    the calls it asked for.
+    """One client connection: its protocol core, its driver, and the calls it asked for.
 
-    Everything here runs on the event loop, except plain functions (worker threads),
-    which hand their outcome back with the driver's one way in
-    (:meth:`~rpc.aio.AioDriver.run`). The books are kept under the server's lock.
+    Over a stream (the asyncio driver) everything runs on the event loop, except
+    plain functions, which run in worker threads and hand their outcome back to the
+    loop. Over a socket (the sync driver) the reading threads act on calls of plain
+    functions themselves (:meth:`take`) and pass everything else to the loop; a
+    worker or reading thread writes its reply itself, and the loop has its own
+    writes done in a thread, never waiting for a socket. The books are kept under
+    the server's lock.
     """
 
-    def __init__(self, server: RPCServer, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter) -> None:
+    def __init__(self, server: RPCServer, core: ServerProtocol,
+                 driver: Union[AioDriver, SyncServerDriver]) -> None:
         self.server = server
-        self.core = ServerProtocol(server._key, max_frame=server.max_frame,
-                                   hostname=server.hostname, peer=describe_peer(writer))
-        self.driver = AioDriver(self.core, reader, writer)
-        self.peer = self.core.peer
+        self.core = core
+        self.driver = driver
+        #: Threads write replies (sockets), or the loop does (streams).
+        self.threads_write = isinstance(driver, SyncServerDriver)
+        self.peer = core.peer
+        self.loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self.calls: Dict[int, _Call] = {}
         self.task: Optional[asyncio.Task] = None  # the one running run()
         #: Dropped before authentication to make room for a newer connection.
         self.evicted = False
-        loop = asyncio.get_running_loop()
         #: The client's HELLO once it is authenticated, or why the handshake failed.
-        self._opened: "asyncio.Future[Any]" = loop.create_future()
+        self._opened: "asyncio.Future[Any]" = self.loop.create_future()
         #: Why the connection ended.
-        self._ended: "asyncio.Future[BaseException]" = loop.create_future()
+        self._ended: "asyncio.Future[BaseException]" = self.loop.create_future()
 
     async def run(self) -> None:
         self.task = asyncio.current_task()
@@ -312,9 +341,50 @@ class _Connection:
                 if call is not None and call.credit_granted is not None:
                     call.credit_granted.set()
             elif kind is InfoRequested:
-                self.core.reply(event.request_id, True, dumps(self.server.info()))
+                self.reply(event.request_id, True, dumps(self.server.info()), "info")
             elif kind is Opened:
                 self._opened.set_result(event.hello)
+
+    def take(self, event: Any, free: bool) -> Optional[Callable[[], None]]:
+        """Reading thread (sockets): a small call of a plain function is this thread's
+        to run, if it is ``free`` and a worker slot is too, else the pool's;
+        everything else goes to the loop, in order."""
+        if type(event) is not CallReceived:
+            self.on_loop(self.handle, [event])
+            return None
+        call = _Call(event.request_id, event.name, event.args)
+        fn = self.server._plain.get(event.name)
+        if fn is None:  # a coroutine, or no such function
+            self.on_loop(self.begin, call)
+            return None
+        self.register(call)
+        if (free and len(event.args) <= INLINE_LIMIT
+                and self.server._slots.acquire(blocking=False)):
+            return functools.partial(execution.context_of(call.context).run,
+                                     self.run_here, fn, call)
+        self.submit(fn, call)
+        return None
+
+    def on_loop(self, action: Callable[..., None], *args: Any) -> None:
+        """From a thread: ``action(*args)`` on the loop; a ProtocolError it raises ends
+        the connection."""
+        try:
+            self.loop.call_soon_threadsafe(self._run_or_drop, action, *args)
+        except RuntimeError:
+            pass  # the loop is closed: the server has stopped
+
+    def _run_or_drop(self, action: Callable[..., None], *args: Any) -> None:
+        try:
+            action(*args)
+        except ProtocolError as exc:
+            self.end(exc)
+
+    def end(self, error: BaseException) -> None:
+        """Loop thread: end the connection with ``error``."""
+        if isinstance(self.driver, SyncServerDriver):
+            self.driver.stop(error)  # its threads leave, then it calls fail()
+        else:
+            self.fail(error)
 
     def fail(self, error: BaseException) -> None:
         """The driver stopped reading: the connection is over."""
@@ -366,26 +436,47 @@ class _Connection:
             fn = self.server.lookup(call.context.name)
         except FunctionNotFoundError as exc:
             self.finish(call)
-            self.reply(call, False, pack_error(exc))
+            self.reply(call.request_id, False, pack_error(exc), call.context.name)
             return
         if call.context.name in self.server._plain:
-            try:
-                call.job = self.server._pool.submit(
-                    execution.context_of(call.context).run, self.work, fn, call)
-            except RuntimeError:  # the pool is shut down: the server is closing
-                self.finish(call)
+            self.submit(fn, call)
         else:
             self.run_task(call, self.run_on_loop(call, fn))
 
+    def submit(self, fn: Callable[..., Any], call: _Call) -> None:
+        """Any thread: queue a plain function's call for the worker pool."""
+        try:
+            call.job = self.server._pool.submit(execution.context_of(call.context).run,
+                                                self.run_in_pool, fn, call)
+        except RuntimeError:  # the pool is shut down: the server is closing
+            self.finish(call)
+
+    def run_in_pool(self, fn: Callable[..., Any], call: _Call) -> None:
+        """Worker thread: wait for a slot, then run the call."""
+        with self.server._slots:
+            self.work(fn, call)
+
+    def run_here(self, fn: Callable[..., Any], call: _Call) -> None:
+        """Reading thread: run the call with the slot :meth:`take` got for it."""
+        try:
+            self.work(fn, call)
+        finally:
+            self.server._slots.release()
+
     def work(self, fn: Callable[..., Any], call: _Call) -> None:
-        """Worker thread: unpickle, call, pickle, then hand the outcome to the loop."""
+        """Any thread: unpickle, call, pickle; then send the reply (sockets), or hand
+        the outcome to the loop (streams, generators)."""
         outcome: Any = None  # a call cancelled before it started is not run
         if not call.context.cancelled:
             try:
                 outcome = _run_and_pack(fn, call)
             except BaseException as exc:  # the function's own error, for the client
                 outcome = _Packed(False, pack_error(exc))
-        self.driver.run(self.complete, call, outcome)
+        if self.threads_write and isinstance(outcome, _Packed) and not call.context.cancelled:
+            self.finish(call)  # booked before the client can see the reply (and ask info())
+            self.reply(call.request_id, outcome.ok, outcome.payload, call.context.name)
+            return
+        self.on_loop(self.complete, call, outcome)
 
     def complete(self, call: _Call, outcome: Any) -> None:
         """Loop thread: send a worker's outcome (or stream the generator it returned)."""
@@ -393,7 +484,7 @@ class _Connection:
             self.finish(call)  # the client gave up: the result is discarded
         elif isinstance(outcome, _Packed):
             self.finish(call)  # booked before the client can see the reply (and ask info())
-            self.reply(call, outcome.ok, outcome.payload)
+            self.reply(call.request_id, outcome.ok, outcome.payload, call.context.name)
         else:
             self.run_task(call, self.stream(call, outcome if inspect.isasyncgen(outcome) else
                                             execution.iterate_in_thread(
@@ -409,7 +500,7 @@ class _Connection:
             await self.stream(call, outcome)
             return
         ok, payload = pack_value(await outcome, f"the result of {call.context.name}()")
-        self.reply(call, ok, payload)
+        await self.send(self.core.reply, call.request_id, ok, payload)
 
     def run_task(self, call: _Call, work: Coroutine[Any, Any, None]) -> None:
         """Run a call's work as a task; finished however it ends, even if it is
@@ -428,24 +519,53 @@ class _Connection:
         except asyncio.CancelledError:
             log.debug("call %d (%s) cancelled", call.request_id, call.context.name)
         except Exception as exc:
-            self.reply(call, False, pack_error(exc))
+            await self.send(self.core.reply, call.request_id, False, pack_error(exc))
 
-    def reply(self, call: _Call, ok: bool, payload: Buffer) -> None:
-        """Loop thread: answer ``call``; a connection that cannot carry even an error
-        cut down to the client's frame limit is dropped."""
+    def reply(self, request_id: int, ok: bool, payload: Buffer, name: str) -> None:
+        """Any thread: answer request ``request_id`` (of function ``name``)."""
+        if self.threads_write and threading.get_ident() == self._loop_thread:
+            try:  # the loop never waits for a socket
+                self.loop.run_in_executor(None, self._reply_now, request_id, ok, payload, name)
+            except RuntimeError:
+                pass  # the executor is shut down: the server is closing
+        else:
+            self._reply_now(request_id, ok, payload, name)
+
+    def _reply_now(self, request_id: int, ok: bool, payload: Buffer, name: str) -> None:
+        """A connection that cannot carry even an error cut down to the client's frame
+        limit is dropped."""
         try:
-            self.driver.run(self.core.reply, call.request_id, ok, payload)
+            self.driver.run(self.core.reply, request_id, ok, payload)
         except ProtocolError as exc:
             log.warning("dropping connection from %s: cannot answer %s(): %s",
-                        self.peer, call.context.name, exc)
-            self.abort()
+                        self.peer, name, exc)
+            self.on_loop(self.end, exc)
+        except ConnectionLost:
+            pass  # the reader notices too, and cancels what is left
+
+    async def send(self, op: Callable[..., Any], *args: Any) -> Any:
+        """Loop thread: ``op(*args)`` on the core, and wait until what it sends is
+        written (over a socket, by a thread: the loop never waits for a socket). A
+        ProtocolError (nothing can be answered) ends the connection."""
+        try:
+            if self.threads_write:
+                return await self.loop.run_in_executor(None, self.driver.run, op, *args)
+            result = self.driver.run(op, *args)
+            await self.driver.drained()  # type: ignore[union-attr]
+            return result
+        except ProtocolError as exc:
+            log.warning("dropping connection from %s: %s", self.peer, exc)
+            self.end(exc)
+        except ConnectionLost:
+            pass  # the reader notices too
+        return None
 
     async def stream(self, call: _Call, items: AsyncIterator[Any]) -> None:
         """Send a generator's items, each only once the client has granted credit."""
         what = f"an item streamed by {call.context.name}()"
         rid = call.request_id
         try:
-            if not self.driver.run(self.core.start_stream, rid):
+            if not await self.send(self.core.start_stream, rid):
                 return  # cancelled meanwhile
             while True:
                 while not self.core.credit(rid):
@@ -460,12 +580,11 @@ class _Connection:
                 ok, payload = pack_value(item, what)
                 del item
                 if not ok:
-                    self.reply(call, False, payload)
+                    await self.send(self.core.reply, rid, False, payload)
                     return
-                if not self.driver.run(self.core.send_item, rid, payload):
+                if not await self.send(self.core.send_item, rid, payload):
                     return  # cancelled, or too large (sent as an error instead)
-                await self.driver.drained()
-            self.driver.run(self.core.end_stream, rid)
+            await self.send(self.core.end_stream, rid)
         finally:
             await items.aclose()  # type: ignore[attr-defined]
 
@@ -527,8 +646,8 @@ async def start_server(functions: Functions, *, tunnel_dir: Any = None, tcp: Any
         task = asyncio.ensure_future(server.handle(reader, writer))
         task.add_done_callback(lambda _: server.close())
     else:
-        server.listeners.append(await listen(ep, server.handle, force=force,
-                                             liveness_timeout=liveness_timeout))
+        server.listeners.append(await listen(ep, server.handle, server.handle_socket,
+                                             force=force, liveness_timeout=liveness_timeout))
     log.info("serving %d functions on %s (%s)", len(server.functions),
              ", ".join(server.addresses) or "stdio", ", ".join(sorted(server.functions)))
     return server

@@ -19,6 +19,7 @@ the threads that wait for it (the client's driver for sockets; no event loop).
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import concurrent.futures as cf
 import logging
@@ -31,13 +32,18 @@ from typing import Any, Callable, Deque, List, Optional, Protocol
 from .aio import Receiver
 from .errors import ConnectionLost, RPCError
 from .frames import Buffer
-from .protocol import JOIN_LIMIT, ClientProtocol, State
+from .protocol import JOIN_LIMIT, ClientProtocol, State, _Protocol
 
 log = logging.getLogger(__name__)
 
 #: Bytes asked of one ``recv``; one buffer, reused (a fresh large one per read would
 #: be mapped and unmapped by malloc every time).
 READ_SIZE = 1 << 18
+#: The loop writes the handshake's few small frames with this timeout (seconds).
+HANDSHAKE_SEND_TIMEOUT = 1.0
+#: A server's reading thread that waited this long for a turn leaves, unless no other
+#: one waits.
+IDLE_THREAD_LIFETIME = 10.0
 #: A large frame is sent in slices of this size; each slice the peer takes is a sign
 #: of life (a live server may be busy reading a large argument for a long time).
 SEND_SLICE = 1 << 20
@@ -52,9 +58,10 @@ class TickingReceiver(Receiver, Protocol):
 
 
 class SyncDriver:
-    """Moves the bytes of ``core`` over the blocking socket ``sock``, from any thread."""
+    """Moves the bytes of ``core`` over the blocking socket ``sock``, from any thread:
+    the one way to write (:meth:`run`) and the one way to read (:meth:`read_once`)."""
 
-    def __init__(self, core: ClientProtocol, sock: socket.socket) -> None:
+    def __init__(self, core: _Protocol, sock: socket.socket) -> None:
         self.core = core
         self.sock = sock
         #: When the peer last showed life (monotonic clock).
@@ -66,19 +73,8 @@ class SyncDriver:
         self._nesting = 0  # operations on the core in progress (in this one thread)
         self._write_lock = threading.Lock()
         self._writer: Optional[int] = None  # the thread holding _write_lock
-        #: Held by the one thread that reads the socket.
-        self._reading = threading.Lock()
-        self._reader: Optional[int] = None  # the thread holding _reading
-        self._line: Deque[threading.Event] = collections.deque()  # followers, first first
-        self._line_lock = threading.Lock()
-        self._callers = 0  # threads inside attending(): they read for themselves
-        self._background_wake = threading.Event()
-        self._background: Optional[threading.Thread] = None
-        self._receiver: Optional[TickingReceiver] = None
-        self._interval = 1.0
-        self._next_tick = 0.0
-        self._closing = False
-        self._ended = False
+        #: The thread reading now (one at a time: the subclasses see to it).
+        self._reader: Optional[int] = None
         self._buffer = memoryview(bytearray(READ_SIZE))
         self._poller = select.poll()
         self._poller.register(sock, select.POLLIN)
@@ -101,8 +97,10 @@ class SyncDriver:
                         # wait for the peer, which may wait for us to read
                         self._send_queued(wait=threading.get_ident() != self._reader)
         finally:
-            if self._callers == 0:  # no caller will read the reply: the background must
-                self._pass_reading()
+            self._sent()
+
+    def _sent(self) -> None:
+        """After an operation: what the reading side may need to do about it."""
 
     def _send_queued(self, wait: bool) -> None:
         """Send the outgoing queue, unless another thread holds the write lock (it sends
@@ -134,7 +132,8 @@ class SyncDriver:
                 for start in range(0, len(view), SEND_SLICE):
                     self.sock.sendall(view[start:start + SEND_SLICE])
                     self.last_activity = time.monotonic()
-        except OSError as exc:
+        except OSError as exc:  # what the peer never got: its requests fail
+            log.warning("writing to %s failed, closing the connection: %s", self.core.peer, exc)
             self._shutdown()
             raise ConnectionLost(f"connection to {self.core.peer} lost: {exc}") from exc
         except BaseException:  # e.g. Ctrl-C: part of a frame may have gone out,
@@ -143,11 +142,12 @@ class SyncDriver:
 
     # ------------------------------------------------------------ reading
 
-    def _read_once(self, wait: Optional[float]) -> List[Any]:
-        """Holding the reading: wait up to ``wait`` s for bytes, feed them to the core,
-        send what it answers; returns its events. Raises RPCError at the end."""
+    def read_once(self, wait: Optional[float]) -> Optional[List[Any]]:
+        """As the reading thread: wait up to ``wait`` s for bytes, feed them to the core,
+        send what it answers; returns its events, or None if nothing arrived. Raises
+        RPCError at the end of the stream, or on garbage."""
         if not self._poller.poll(None if wait is None else max(wait, 0) * 1000):
-            return []
+            return None
         try:
             size = self.sock.recv_into(self._buffer)
         except OSError as exc:
@@ -165,6 +165,39 @@ class SyncDriver:
                 self._send_queued(wait=False)
             return self.core.events_received()
 
+    def _shutdown(self) -> None:
+        """Wake a blocked reader and any blocked sender; both see the end."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # not connected any more, or already closed
+
+
+class SyncClientDriver(SyncDriver):
+    """The client's side: the threads waiting for replies read, one at a time
+    (leader/follower), and a background thread reads for futures nobody waits on."""
+
+    core: ClientProtocol
+
+    def __init__(self, core: ClientProtocol, sock: socket.socket) -> None:
+        super().__init__(core, sock)
+        #: Held by the one thread that reads the socket.
+        self._reading = threading.Lock()
+        self._line: Deque[threading.Event] = collections.deque()  # followers, first first
+        self._line_lock = threading.Lock()
+        self._callers = 0  # threads inside attending(): they read for themselves
+        self._background_wake = threading.Event()
+        self._background: Optional[threading.Thread] = None
+        self._receiver: Optional[TickingReceiver] = None
+        self._interval = 1.0
+        self._next_tick = 0.0
+        self._closing = False
+        self._ended = False
+
+    def _sent(self) -> None:
+        if self._callers == 0:  # no caller will read the reply: the background must
+            self._pass_reading()
+
     def handshake(self, timeout: float) -> List[Any]:
         """Send the core's first frames and read until the handshake is over (the
         calling thread, before :meth:`start`); returns the events. Raises
@@ -176,7 +209,7 @@ class SyncDriver:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise socket.timeout(f"no handshake within {timeout:g} s")
-            events += self._read_once(remaining)
+            events += self.read_once(remaining) or []
         return events
 
     def start(self, receiver: TickingReceiver, interval: float) -> None:
@@ -265,7 +298,7 @@ class SyncDriver:
                         self._end(ConnectionLost("the server is presumed dead"))
                         return
                 until = self._next_tick if deadline is None else min(self._next_tick, deadline)
-                self._receiver.handle(self._read_once(until - now))
+                self._receiver.handle(self.read_once(until - now) or [])
             except Exception as exc:
                 self._end(ConnectionLost("the connection was closed by this client")
                           if self._closing else _reading_error(exc))
@@ -278,7 +311,7 @@ class SyncDriver:
         if self._ended or self._receiver is None or not self._take_reading():
             return
         try:
-            self._receiver.handle(self._read_once(0))
+            self._receiver.handle(self.read_once(0) or [])
         except Exception as exc:
             self._end(_reading_error(exc))
         finally:
@@ -322,13 +355,6 @@ class SyncDriver:
         for woken in line:
             woken.set()
 
-    def _shutdown(self) -> None:
-        """Wake a blocked reader and any blocked sender; both see the end."""
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass  # not connected any more, or already closed
-
     def close(self) -> None:
         """Close the socket and wait for the background thread to finish."""
         self._closing = True
@@ -341,12 +367,202 @@ class SyncDriver:
             self._background.join(5.0)
 
 
+class ServerReceiver(Receiver, Protocol):
+    """What the sync driver serves on the server (the server's connection)."""
+
+    def take(self, event: Any, free: bool) -> Optional[Callable[[], None]]:
+        """Reading thread: act on one event; return the work this thread is to do
+        (only if it is ``free``: one piece of work per turn), or None."""
+
+
+class SyncServerDriver(SyncDriver):
+    """The server's side. The handshake is read on the event loop (``add_reader``:
+    no thread waits for a stranger). Then a few threads take turns reading through
+    one epoll instance, with the socket registered EPOLLONESHOT: when bytes arrive
+    the kernel wakes one of them, and no other until that one re-arms. The woken
+    thread feeds the core and hands each event to the receiver's ``take``; if one is
+    a call it can run itself, it re-arms, runs it and writes the reply, like
+    ``multiprocessing.connection``'s single thread, while bytes arriving meanwhile
+    wake another thread. A small call costs one wake-up, and nothing is woken for
+    nothing. A thread that waits ``IDLE_THREAD_LIFETIME`` seconds for a turn leaves,
+    unless it is the last one waiting.
+
+    The receiver's ``handle`` and ``fail`` run on the event loop; ``fail`` once, when
+    no thread reads or waits on the socket any more.
+    """
+
+    def __init__(self, core: _Protocol, sock: socket.socket, thread_name: str) -> None:
+        super().__init__(core, sock)
+        self.loop = asyncio.get_running_loop()
+        self._thread_name = thread_name
+        self._receiver: Optional[ServerReceiver] = None
+        self._epoll: Optional[Any] = None  # made once authenticated
+        self._state = threading.Lock()
+        self._watching = 0  # threads waiting in epoll, or reading
+        self._ended = False
+        self._error: BaseException = ConnectionLost("the server closed the connection")
+        self._reported = False
+        self._left: "asyncio.Future[None]" = self.loop.create_future()
+        sock.settimeout(HANDSHAKE_SEND_TIMEOUT)  # the loop writes the handshake
+
+    def start(self, receiver: ServerReceiver) -> None:
+        """Read the handshake on the loop (loop thread)."""
+        self._receiver = receiver
+        self.loop.add_reader(self.sock.fileno(), self._handshake_readable)
+
+    def _handshake_readable(self) -> None:
+        assert self._receiver is not None
+        try:
+            events = self.read_once(0)
+            if events is None:
+                return
+            opened = self.core.state is State.OPEN
+            if opened:
+                self.loop.remove_reader(self.sock.fileno())
+                self.sock.settimeout(None)
+            self._receiver.handle(events)
+        except Exception as exc:
+            self._stop_handshake()
+            self._report(exc)
+            return
+        if opened:
+            self._start_threads()
+
+    def _stop_handshake(self) -> None:
+        if self._epoll is None and not self._reported:
+            self.loop.remove_reader(self.sock.fileno())
+
+    def _start_threads(self) -> None:
+        self._epoll = select.epoll()
+        self._epoll.register(self.sock.fileno(), select.EPOLLIN | select.EPOLLONESHOT)
+        if not self._spawn():
+            self.stop(ConnectionLost("no thread could be started to serve it"))
+            self._leave()
+
+    def stop(self, error: Optional[BaseException] = None) -> None:
+        """End the connection (from any thread); ``fail`` follows, once."""
+        with self._state:
+            if self._ended:
+                return
+            self._ended = True
+            if error is not None:
+                self._error = error
+        self._shutdown()  # readable for good: waiting threads wake one after the other
+
+    def _spawn(self) -> bool:
+        try:
+            threading.Thread(target=self._serve, name=self._thread_name, daemon=True).start()
+            return True
+        except RuntimeError as exc:  # no thread to be had: nobody reads until a call returns
+            log.warning("cannot start a thread to read %s (%s); its frames wait until "
+                        "the call in progress returns", self.core.peer, exc)
+            return False
+
+    def _serve(self) -> None:
+        assert self._epoll is not None
+        while self._start_watching():
+            while not self._epoll.poll(IDLE_THREAD_LIFETIME):
+                if self._ended:
+                    break
+                if self._retire():
+                    return
+            work = None if self._ended else self._read_work()
+            self._rearm()  # the next bytes (or the end) wake the next thread
+            alone = self._stop_watching()
+            if work is not None:  # even after the end: it releases what it holds
+                if alone and not self._ended:
+                    self._spawn()
+                work()
+        self._leave()
+
+    def _start_watching(self) -> bool:
+        with self._state:
+            if self._ended:
+                return False
+            self._watching += 1
+            return True
+
+    def _stop_watching(self) -> bool:
+        """True if no other thread watches now."""
+        with self._state:
+            self._watching -= 1
+            return self._watching == 0
+
+    def _retire(self) -> bool:
+        """After a long wait: leave (True) if another thread watches."""
+        with self._state:
+            if self._watching > 1 and not self._ended:
+                self._watching -= 1
+                return True
+            return False
+
+    def _read_work(self) -> Optional[Callable[[], None]]:
+        """Read and hand over what has arrived; the work for this thread, if any."""
+        assert self._receiver is not None
+        work: Optional[Callable[[], None]] = None
+        self._reader = threading.get_ident()
+        try:
+            while work is None:
+                events = self.read_once(0)
+                if events is None:
+                    break
+                for event in events:
+                    mine = self._receiver.take(event, work is None)
+                    work = work or mine
+        except BaseException as exc:  # the end of the stream, or garbage
+            self.stop(exc)
+        finally:
+            self._reader = None
+        return work
+
+    def _rearm(self) -> None:
+        try:
+            self._epoll.modify(self.sock.fileno(),  # type: ignore[union-attr]
+                               select.EPOLLIN | select.EPOLLONESHOT)
+        except (OSError, ValueError):
+            pass  # the epoll is closed: the connection is over
+
+    def _leave(self) -> None:
+        """A thread leaves after the end; the last one out reports it."""
+        with self._state:
+            if self._reported or self._watching:
+                return
+            self._epoll.close()  # type: ignore[union-attr]
+        try:
+            self.loop.call_soon_threadsafe(self._report, self._error)
+        except RuntimeError:
+            pass  # the loop is closed: the server has stopped
+
+    def _report(self, error: BaseException) -> None:
+        """Loop thread: tell the receiver, once, that the connection is over."""
+        if self._reported:
+            return
+        self._reported = True
+        with self._core_lock:
+            self.core.close()
+        assert self._receiver is not None
+        self._receiver.fail(error)
+        self._left.set_result(None)
+
+    async def aclose(self, grace: float = 5.0) -> None:
+        """Stop reading, wait for the reading threads to leave, close the socket."""
+        if self._epoll is None:  # still in the handshake
+            self._stop_handshake()
+            if not self._reported:
+                self._report(ConnectionLost("the connection was closed by this side"))
+        else:
+            self.stop()
+            await asyncio.wait({self._left}, timeout=grace)
+        with self._write_lock:  # no thread is writing to it any more
+            self.sock.close()
+
+
 class _Attendance:
     """``with driver.attending():`` (a class: cheaper than a generator, per call)."""
 
     __slots__ = ("_driver",)
 
-    def __init__(self, driver: SyncDriver) -> None:
+    def __init__(self, driver: SyncClientDriver) -> None:
         self._driver = driver
 
     def __enter__(self) -> None:
@@ -373,6 +589,17 @@ class _released:
 
     def __exit__(self, *exc_info: Any) -> None:
         self._lock.acquire()
+
+
+def describe_socket(sock: socket.socket) -> str:
+    """A short name for log messages: the peer address, or where it connected."""
+    try:
+        peer = sock.getpeername()
+        if isinstance(peer, tuple):
+            return ":".join(map(str, peer[:2]))
+        return str(peer) if peer else f"peer on {sock.getsockname()}"
+    except OSError:
+        return "peer"
 
 
 def _reading_error(exc: Exception) -> RPCError:
