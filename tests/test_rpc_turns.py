@@ -1,12 +1,12 @@
-"""The server's reading threads on TCP and Unix sockets (rpc/turns.py): the thread
-that reads a plain function's call runs it, while another one reads on."""
+"""The server's reading threads on TCP and Unix sockets (the sync driver, rpc/sync.py):
+the thread that reads a plain function's call runs it, while another one reads on."""
 import threading
 import time
 
 import pytest
 
 import rpc
-from rpc import auth, frames
+from rpc import auth, frames, sync
 from rpc.frames import Kind
 from rpc.server import WORKER_THREAD_PREFIX
 from rpc_helpers import RawConnection, ServerThread, rpc_env, sock, sock_dir, wait_until  # noqa: F401
@@ -70,6 +70,24 @@ def test_no_more_than_workers_plain_functions_run_at_once(sock):
             futures = [c.submit("hold", i, 0.2) for i in range(3) for c in (one, two)]
             assert sorted(f.result(30) for f in futures) == [0, 0, 1, 1, 2, 2]
         assert gate.most == 2
+    finally:
+        srv.stop()
+
+
+def test_threads_of_a_burst_leave_when_idle_and_all_leave_with_the_client(sock, monkeypatch):
+    monkeypatch.setattr(sync, "IDLE_THREAD_LIFETIME", 0.2)
+    gate = Gate()
+    srv = ServerThread({"hold": gate.hold}, unix=sock, workers=8)
+    try:
+        with rpc.connect(unix=sock) as client:
+            futures = [client.submit("hold", i, 0.3) for i in range(20)]
+            assert [f.result(30) for f in futures] == list(range(20))
+            assert gate.most == 8  # the worker slots bound the threads running calls
+            assert len(connection_threads()) <= 8 + 2
+            wait_until(lambda: len(connection_threads()) == 1,
+                       what="idle threads to leave but one")
+            assert client.call("hold", "again", 0) == "again"
+        wait_until(lambda: not connection_threads(), what="the threads to leave with the client")
     finally:
         srv.stop()
 
