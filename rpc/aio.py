@@ -6,10 +6,11 @@ the server's driver for every connection, and the client's for the tunnel and
 
 - reading: one task reads the stream and feeds the core, then hands its events to
   the :class:`Receiver`;
-- writing: :meth:`AioDriver.flush` moves what the core has to send to one writer
-  task, which writes it in slices of at most ``WRITE_SLICE`` bytes and waits for
-  the transport to drain after each (a 256 MiB payload never sits twice in a
-  transport buffer, and smaller frames queue behind it instead of blocking);
+- writing: :meth:`AioDriver.flush` writes what the core has to send to the stream
+  writer, in order: at once when nothing is queued ahead and it is small, else
+  through one writer task, which writes in slices of at most ``WRITE_SLICE`` bytes
+  and waits for the transport to drain after each (a 256 MiB payload never sits
+  twice in a transport buffer, and smaller frames queue behind it);
 - waking: another thread reaches the loop with ``call_soon_threadsafe``
   (:meth:`AioDriver.run`), and nothing else.
 """
@@ -88,15 +89,21 @@ class AioDriver:
             self.flush()
 
     def flush(self) -> None:
-        """Hand what the core has to send to the writer task (loop thread)."""
+        """Write what the core has to send (loop thread): at once if nothing is queued
+        ahead of it and it is small, else through the writer task, in order."""
         out = self.core.data_to_send()
-        if not out:
+        if not out or self.writer.is_closing():  # closing: the reader sees the end
+            return
+        if self._writer_task is None and all(len(buffer) <= WRITE_SLICE for buffer in out):
+            for buffer in out:
+                self.writer.write(buffer)
             return
         self._queue.extend(out)
         if self._writer_task is None:
             self._writer_task = asyncio.ensure_future(self._write())
 
     async def _write(self) -> None:
+        """The writer task: the queue in slices, each followed by a drain; then a drain."""
         try:
             while self._queue:
                 view = memoryview(self._queue.popleft()).cast("B")
@@ -106,6 +113,7 @@ class AioDriver:
                     if len(view) > WRITE_SLICE:
                         self.last_activity = time.monotonic()
                 del view  # let a large payload go as soon as it is written
+            await self.writer.drain()
         except (ConnectionError, OSError) as exc:  # what the peer never got: its calls fail
             log.warning("writing to %s failed, closing the connection: %s", self.core.peer, exc)
             self._queue.clear()
@@ -116,8 +124,9 @@ class AioDriver:
     async def drained(self) -> None:
         """Wait until everything flushed so far is written and the transport's buffer
         is low again (a stream's producer waits here before the next item)."""
-        if self._writer_task is not None:
-            await asyncio.wait({self._writer_task})
+        if self._writer_task is None:
+            self._writer_task = asyncio.ensure_future(self._write())  # just the drain
+        await asyncio.wait({self._writer_task})
 
     async def _read(self, receiver: Receiver) -> None:
         error: BaseException
