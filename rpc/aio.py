@@ -170,11 +170,6 @@ class AioDriver:
             closing.exception()  # whatever it is (the peer may be gone), it is no news
         closing.cancel()
 
-    @property
-    def reading(self) -> Optional[asyncio.Task]:
-        """The reading task (done once the connection is over)."""
-        return self._reader_task
-
 
 def describe_peer(writer: asyncio.StreamWriter) -> str:
     """A short name for log messages: the peer address, or the transport kind."""

@@ -101,11 +101,6 @@ class ClientConnection:
     # ------------------------------------------------------------ any thread
 
     @property
-    def server_hello(self) -> dict:
-        """The server's HELLO."""
-        return self.core.peer_hello
-
-    @property
     def error(self) -> Optional[RPCError]:
         """Why the connection is unusable, or None while it works (a server that
         closed the connection is noticed here)."""

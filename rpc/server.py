@@ -1,9 +1,12 @@
 """The RPC server: authenticates connections and runs the calls they send.
 
-Every connection is a protocol core (``protocol.py``) moved by the asyncio driver
-(``aio.py``) on the server's event loop. Plain functions run in a pool of worker
-threads, at most ``workers`` at once; coroutine functions run on the event loop;
-generators (plain or async) stream their items under the client's credit.
+Every connection is a protocol core (``protocol.py``) moved by a driver: the asyncio
+driver (``aio.py``) on the server's event loop for the tunnel and stdio, the sync
+driver (``sync.py``) for TCP and Unix sockets, whose reading threads run small calls
+of plain functions themselves. Plain functions run in threads (the pool, or a
+socket's reading thread), at most ``workers`` at once; coroutine functions run on
+the event loop; generators (plain or async) stream their items under the client's
+credit.
 A call whose client cancels it, times out or disconnects is cancelled here too.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The sync driver: one protocol core over one blocking TCP or Unix socket, moved by
-the threads that wait for it (the client's driver for sockets; no event loop).
+threads, with no event loop on the path of a call (both sides of a socket).
 
 - Writing (:meth:`SyncDriver.run`, any thread): under the core lock, an operation
   changes the core and its output joins the outgoing queue; then the thread that
@@ -7,15 +7,20 @@ the threads that wait for it (the client's driver for sockets; no event loop).
   thread that finds the write lock taken leaves its bytes to the holder, which
   sends them before it lets go: frames never interleave, go out in the core's
   order, and a reader never blocks behind a large write.
-- Reading (leader/follower): one thread at a time reads the socket and feeds the
-  core. A thread waiting for its reply reads itself if nobody does, and delivers
-  every frame it reads, so the replies of other threads reach them too; when it has
-  its own, it hands the reading to the first thread in line. Like
-  ``multiprocessing.connection``, a small call costs one thread wake-up. A
-  background thread reads when nobody else does and something still waits (a
-  future from ``submit()``, ``acall``, a stream), and checks liveness while idle.
-- Waking: every waiting thread (followers, the background thread) waits on its own
-  ``threading.Event``, set by its reply's arrival or to hand it the reading.
+- Reading (:meth:`SyncDriver.read_once`): ``recv_into`` one buffer, fed to the core
+  under the core lock, by whichever thread holds the turn. On the client
+  (:class:`SyncClientDriver`, leader/follower) a thread waiting for its reply reads
+  itself if nobody does, and delivers every event it reads, so the replies of
+  other threads reach them too; when it has its own, it hands the turn to the
+  first thread in line. A background thread reads when nobody else does and
+  something still waits (a future from ``submit()``, ``acall``, a stream), and
+  checks liveness while idle. On the server (:class:`SyncServerDriver`) the event
+  loop reads the handshake, then reading threads take turns through epoll.
+- Waking: a waiting client thread (follower, background) waits on its own
+  ``threading.Event``, set by its reply's arrival or to hand it the turn; a
+  server's reading threads wait in epoll, which wakes one of them.
+
+Like ``multiprocessing.connection``, a small call costs one thread wake-up per side.
 """
 from __future__ import annotations
 
