@@ -18,14 +18,15 @@ import logging
 import socket
 import threading
 import time
-from typing import Any, Callable, ContextManager, Coroutine, Deque, List, Optional, Tuple, Union
+from typing import (Any, Callable, ContextManager, Coroutine, Deque, List, NoReturn, Optional,
+                    Tuple, Union)
 
 from .aio import AioDriver, describe_peer
 from .auth import load_key
 from .errors import ConnectionLost, ProtocolError, RPCError, SerializationError, ServerNotRunningError
 from .frames import Buffer, Kind, Payload, loads, payload_size, unpack_error
 from .protocol import ClientProtocol, Opened, Replied, StreamEnded, StreamItem, StreamOpened
-from .sync import SyncClientDriver
+from .sync import SyncClientDriver, describe_socket
 from .transports import SOCKET_KINDS, Endpoint, connect_socket, open_streams
 
 log = logging.getLogger(__name__)
@@ -67,14 +68,14 @@ class ClientConnection:
                 loop_thread.stop()
                 raise
         sock = connect_socket(ep, connect_timeout)
-        core.peer = _describe(sock)
+        core.peer = describe_socket(sock)
         driver = SyncClientDriver(core, sock)
         conn = cls(driver, liveness_timeout=liveness_timeout)
         try:
             conn.handle(driver.handshake(connect_timeout))
         except BaseException as exc:
             driver.close()
-            raise _handshake_error(exc, ep, connect_timeout, None) from exc
+            _raise_handshake_error(exc, ep, connect_timeout, None)
         driver.start(conn, liveness_timeout / 4)
         return conn
 
@@ -94,7 +95,7 @@ class ClientConnection:
             await driver.aclose(1.0)
             if process is not None:
                 await _reap(process, 1.0)
-            raise _handshake_error(exc, ep, connect_timeout, process) from exc
+            _raise_handshake_error(exc, ep, connect_timeout, process)
         conn._beat = asyncio.ensure_future(conn._beat_on_loop(liveness_timeout / 4))
         return conn
 
@@ -430,17 +431,18 @@ async def _cancel_other_tasks() -> None:
     await asyncio.gather(*others, return_exceptions=True)
 
 
-def _handshake_error(exc: BaseException, ep: Endpoint, connect_timeout: float,
-                     process: Optional[asyncio.subprocess.Process]) -> BaseException:
-    """What a failed handshake means to the user."""
+def _raise_handshake_error(exc: BaseException, ep: Endpoint, connect_timeout: float,
+                           process: Optional[asyncio.subprocess.Process]) -> NoReturn:
+    """Raise what a failed handshake means to the user (call in ``except``)."""
     if isinstance(exc, (asyncio.TimeoutError, socket.timeout)):
-        return ServerNotRunningError(
+        raise ServerNotRunningError(
             f"{ep} accepted the connection but did not complete the handshake "
-            f"within {connect_timeout:g} s")
+            f"within {connect_timeout:g} s") from None
     if isinstance(exc, ConnectionLost) and not isinstance(exc, ProtocolError):
         detail = f" (exit code {process.returncode})" if process else ""
-        return ServerNotRunningError(f"{ep} closed the connection during the handshake{detail}")
-    return exc
+        raise ServerNotRunningError(
+            f"{ep} closed the connection during the handshake{detail}") from exc
+    raise exc
 
 
 def _settle(future: cf.Future, *, value: Any = None, error: Optional[BaseException] = None
@@ -468,14 +470,6 @@ def _fresh(error: RPCError) -> RPCError:
     clone = type(error)(str(error))
     clone.__cause__ = error.__cause__
     return clone
-
-
-def _describe(sock: socket.socket) -> str:
-    try:
-        peer = sock.getpeername()
-    except OSError:
-        return "server"
-    return ":".join(map(str, peer[:2])) if isinstance(peer, tuple) else str(peer or "server")
 
 
 async def _reap(process: asyncio.subprocess.Process, grace: float) -> None:
