@@ -489,8 +489,8 @@ class ServerProtocol(_Protocol):
                                           "key file")
         except (AuthenticationError, ProtocolError) as exc:
             error = "auth" if isinstance(exc, AuthenticationError) else "protocol"
-            self._out.append(encode_frame(Kind.REJECT, payload=encode_json(
-                {"reason": str(exc), "error": error})))
+            self._out.append(encode_frame(Kind.REJECT, payload=encode_json(  # unchecked:
+                {"reason": str(exc), "error": error})))  # the error is what matters
             raise
         self._send(Kind.AUTH_OK, payload=encode_json(
             {"mac": auth.answer(self._key, "server", self.peer_hello["nonce"], self._nonce)}))

@@ -342,9 +342,8 @@ def test_random_bytes_give_a_protocol_error_or_need_more_never_another_exception
             data = frames.HEADER.pack(length, rng.choice([0, 1, 2]), rng.choice(kinds),
                                       rng.getrandbits(16), rng.getrandbits(64))
             data += bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 48)))
-        server = ServerProtocol(KEY)
-        client, opened_server = opened() if attempt % 3 == 0 else (None, None)
-        for core in filter(None, [server, client, opened_server]):
+        fresh = [ServerProtocol(KEY), ClientProtocol(lambda: KEY)]
+        for core in fresh + list(opened() if attempt % 3 == 0 else ()):
             try:
                 core.receive_data(data)
             except rpc.ProtocolError:
