@@ -266,8 +266,8 @@ class _Connection:
     loop. Over a socket (the sync driver) the reading threads act on calls of plain
     functions themselves (:meth:`take`) and pass everything else to the loop; a
     worker or reading thread writes its reply itself, and the loop has its own
-    writes done in a thread, never waiting for a socket. The books are kept under
-    the server's lock.
+    writes done by the connection's writer thread, never waiting for a socket. The
+    books are kept under the server's lock.
     """
 
     def __init__(self, server: RPCServer, core: ServerProtocol,
@@ -288,6 +288,7 @@ class _Connection:
         self._opened: "asyncio.Future[Any]" = self.loop.create_future()
         #: Why the connection ended.
         self._ended: "asyncio.Future[BaseException]" = self.loop.create_future()
+        self._writer: Optional[ThreadPoolExecutor] = None  # see _loop_writer()
 
     async def run(self) -> None:
         self.task = asyncio.current_task()
@@ -325,6 +326,8 @@ class _Connection:
             for call in calls:
                 self.cancel(call)
             await self.driver.aclose()
+            if self._writer is not None:
+                self._writer.shutdown(wait=False)
 
     # -------------------------------------------------------------- the driver's events
 
@@ -528,9 +531,10 @@ class _Connection:
         """Any thread: answer request ``request_id`` (of function ``name``)."""
         if self.threads_write and threading.get_ident() == self._loop_thread:
             try:  # the loop never waits for a socket
-                self.loop.run_in_executor(None, self._reply_now, request_id, ok, payload, name)
+                self.loop.run_in_executor(self._loop_writer(), self._reply_now, request_id,
+                                          ok, payload, name)
             except RuntimeError:
-                pass  # the executor is shut down: the server is closing
+                pass  # the connection is over
         else:
             self._reply_now(request_id, ok, payload, name)
 
@@ -546,13 +550,22 @@ class _Connection:
         except ConnectionLost:
             pass  # the reader notices too, and cancels what is left
 
+    def _loop_writer(self) -> ThreadPoolExecutor:
+        """The thread that writes for the loop on this socket (made on first use: most
+        connections call only plain functions), in order. One per connection: a
+        client that stops reading holds up its own connection only."""
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"rpc-writer {self.peer}")
+        return self._writer
+
     async def send(self, op: Callable[..., Any], *args: Any) -> Any:
         """Loop thread: ``op(*args)`` on the core, and wait until what it sends is
         written (over a socket, by a thread: the loop never waits for a socket). A
         ProtocolError (nothing can be answered) ends the connection."""
         try:
             if self.threads_write:
-                return await self.loop.run_in_executor(None, self.driver.run, op, *args)
+                return await self.loop.run_in_executor(self._loop_writer(), self.driver.run,
+                                                       op, *args)
             result = self.driver.run(op, *args)
             await self.driver.drained()  # type: ignore[union-attr]
             return result

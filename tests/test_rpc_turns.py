@@ -1,5 +1,8 @@
 """The server's reading threads on TCP and Unix sockets (the sync driver, rpc/sync.py):
 the thread that reads a plain function's call runs it, while another one reads on."""
+import fcntl
+import struct
+import termios
 import threading
 import time
 
@@ -169,4 +172,41 @@ def test_mixed_calls_and_cancellations_from_many_threads_leave_the_books_clean()
             wait_until(lambda: gate.most == 2, what="both slots to be used")
             assert sorted(f.result(10) for f in held) == [0, 1]
     finally:
+        srv.stop()
+
+
+def unread_bytes(sock):
+    """How many bytes wait in ``sock``'s receive buffer."""
+    return struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0" * 4))[0]
+
+
+def test_clients_that_stop_reading_hold_up_their_own_connections_only(sock, rpc_env):
+    # What the loop sends on a socket (an async generator's items) is written by a
+    # thread; ten clients that stop reading a stream block ten such writes, and a
+    # coroutine call on another connection is still answered.
+    async def chunks():
+        while True:
+            yield b"x" * (1 << 20)
+
+    async def aecho(x):
+        return x
+
+    srv = ServerThread({"chunks": chunks, "aecho": aecho}, unix=sock)
+    stalled = []
+    try:
+        for _ in range(10):
+            raw = RawConnection(sock)
+            raw.authenticate(auth.load_key())
+            head, args = frames.encode_call("chunks", (), {})
+            raw.send(Kind.CALL, 1, head + args)
+            assert raw.recv().kind is Kind.RESULT  # the stream begins
+            raw.send(Kind.CREDIT, 1, frames.encode_credit(1000))
+            stalled.append(raw)
+        for raw in stalled:  # the server has filled what the socket holds
+            wait_until(lambda: unread_bytes(raw.sock) >= 1 << 17, what="the socket to fill")
+        with rpc.connect(unix=sock, timeout=20) as client:
+            assert client.call("aecho", "still answered") == "still answered"
+    finally:
+        for raw in stalled:
+            raw.close()
         srv.stop()
