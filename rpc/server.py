@@ -423,7 +423,10 @@ class _Connection:
             self.finish(call)
 
     def abort(self) -> None:
-        """Drop the connection (server shutdown)."""
+        """Drop the connection (server shutdown): a socket's reading threads stop
+        taking calls at once, whatever the task is doing."""
+        if isinstance(self.driver, SyncServerDriver):
+            self.driver.stop(ConnectionLost("the server is closing"))
         if self.task is not None:
             self.task.cancel()
 
