@@ -222,9 +222,15 @@ class Endpoint:
 
         def command() -> None:
             try:
-                started.set_result(self._begin_connect())
+                pending = self._begin_connect()
             except BaseException as exc:  # handed to the caller
-                started.set_exception(exc)
+                with contextlib.suppress(concurrent.futures.InvalidStateError):
+                    started.set_exception(exc)
+                return
+            try:
+                started.set_result(pending)
+            except concurrent.futures.InvalidStateError:  # the caller stopped waiting (Ctrl-C)
+                self._abandon_connect(pending, ConnectionAbortedError("the connecting side stopped waiting"))
 
         self.call(command)
         pending = await asyncio.wrap_future(started)
@@ -477,9 +483,10 @@ class Endpoint:
             for name in names:
                 TABLE.unlink(self.tunnel_dir / name)
 
-    def _owner_dead(self, path: Path) -> bool:
+    def _owner_dead(self, path: Path, trusted: bool = False) -> bool:
         """Whether the owner of a bell is known dead: its owner lock is free, and its
-        lock would exclude ours (it ran on this machine, or coherence is "locks")."""
+        lock would exclude ours (`trusted`: seen to when we met; or it ran with our
+        view of the directory, or coherence is "locks")."""
         if TABLE.local_alive_holder(path):
             return False
         try:
@@ -487,7 +494,7 @@ class Endpoint:
         except FileNotFoundError:
             return False
         try:
-            if self.opts.coherence != LOCKS:
+            if self.opts.coherence != LOCKS and not trusted:
                 owner = read_owner(self._buffer.read(shared.reading_fd(self._data.direct), 0, SLOT_SIZE))
                 if owner is not None and owner.boot != self._view:
                     return False
@@ -673,8 +680,8 @@ class Endpoint:
             self._abandon_connect(pending, exc)
             return
         eid = pointer.server_eid(info)
-        if eid is None or eid == pending.sent_to or eid == self.eid:
-            return
+        if eid is None or eid == pending.sent_to or eid == self.eid or eid in self._gone:
+            return  # (a server we saw die is not asked again: the pointer will name its successor)
         if pending.offered:  # another server had it: it may answer too, so this one gets a new id
             self._renew(pending)
         try:
@@ -722,7 +729,10 @@ class Endpoint:
         """Give a waiting connection a new id and new files (its old ones are removed)."""
         old = pending.link
         del self._connects[old.conn.cid]
-        self._discard(old)
+        del self._links[old.conn.cid]
+        old.close()
+        TABLE.unlink(old.into.path)
+        TABLE.unlink(old.out.path)
         link = self._new_link(old.conn)
         pending.link = link
         self._connects[link.conn.cid] = pending
@@ -1160,7 +1170,7 @@ class Endpoint:
         self._gone.add(peer.eid)
         self._drop_peer(peer)
         bell = tunneldir.bell_path(self.tunnel_dir, peer.eid)
-        if self._owner_dead(bell):
+        if self._owner_dead(bell, peer.locks_trusted):
             TABLE.unlink(bell)
 
 
