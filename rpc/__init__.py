@@ -20,7 +20,7 @@ from .errors import (AuthenticationError, ConnectionLost, FunctionNotFoundError,
                      ProtocolError, RemoteSerializationError, RemoteTraceback, RPCError,
                      SerializationError, ServerNotRunningError, TruncatedFrameError)
 from .execution import CallContext, cancelled, current_call
-from .protocol import PROTOCOL_VERSION
+from .frames import PROTOCOL_VERSION
 from .server import RPCServer, serve, start_server
 from .transports import TUNNEL_DIR_ENV, default_tunnel_dir
 

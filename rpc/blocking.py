@@ -1,8 +1,9 @@
 """The blocking front-end: ``connect``, ``Client``, ``proxy`` and ``status``.
 
-Each client runs its connection on a private event loop in a daemon thread, so
-the same API works in plain scripts, from many threads at once, and inside Jupyter
-(whose own event loop is already running in the calling thread).
+The same API works in plain scripts, from many threads at once, and inside Jupyter
+(whose own event loop is already running in the calling thread): a connection over
+a socket is moved by the calling threads themselves (``sync.py``), one over the
+tunnel or a pipe by a private event loop in a daemon thread (``aio.py``).
 """
 from __future__ import annotations
 
@@ -11,52 +12,16 @@ import atexit
 import concurrent.futures as cf
 import os
 import threading
-from typing import Any, Callable, Coroutine, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 from .client import ClientConnection, RemoteStream
 from .errors import SerializationError, ServerNotRunningError
-from .protocol import DEFAULT_MAX_FRAME, Kind, check_max_frame, encode_call
+from .frames import DEFAULT_MAX_FRAME, Kind, check_max_frame, encode_call
+from .protocol import DEFAULT_STREAM_WINDOW
 from .transports import DEFAULT_LIVENESS_TIMEOUT, endpoint
 
-#: Stream items the server may send ahead of the consumer.
-DEFAULT_STREAM_WINDOW = 64
 #: Seconds to wait for a server to answer (connect, proxy, status).
 DEFAULT_CONNECT_TIMEOUT = 10.0
-
-
-class _LoopThread:
-    """An event loop running in a daemon thread, owned by one client."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever,
-                                        name="rpc-client-loop", daemon=True)
-        self._thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, Any], timeout: Optional[float] = None) -> Any:
-        """Run ``coro`` on the loop and wait for its result in this thread."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stop(self) -> None:
-        """Cancel what still runs on the loop (e.g. a connect interrupted by Ctrl-C:
-        it must end, not be destroyed pending), then stop the loop and its thread."""
-        if threading.current_thread() is not self._thread:
-            try:
-                self.run(_cancel_other_tasks(), timeout=5.0)
-            except (cf.TimeoutError, RuntimeError):
-                pass  # a task that ignores cancellation is left behind
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        if threading.current_thread() is not self._thread:
-            self._thread.join(5.0)
-            if not self.loop.is_running():
-                self.loop.close()
-
-
-async def _cancel_other_tasks() -> None:
-    others = asyncio.all_tasks() - {asyncio.current_task()}
-    for task in others:
-        task.cancel()
-    await asyncio.gather(*others, return_exceptions=True)
 
 
 class Client:
@@ -65,10 +30,8 @@ class Client:
     Thread-safe: any number of threads may call through one client concurrently.
     """
 
-    def __init__(self, conn: ClientConnection, loop_thread: _LoopThread,
-                 timeout: Optional[float] = None) -> None:
+    def __init__(self, conn: ClientConnection, timeout: Optional[float] = None) -> None:
         self._conn = conn
-        self._loop_thread = loop_thread
         self._closed = False
         #: Default timeout in seconds of every call (None: wait as long as it takes).
         self.timeout = timeout
@@ -114,13 +77,10 @@ class Client:
             return
         self._closed = True
         atexit.unregister(self._close_at_exit)
-        try:
-            self._loop_thread.run(self._conn.aclose(), timeout=10.0)
-        finally:
-            self._loop_thread.stop()
+        self._conn.close()
 
     def _close_at_exit(self) -> None:
-        if os.getpid() == self._pid:  # a forked child's copy has no loop thread
+        if os.getpid() == self._pid:  # a forked child's copy has no threads
             self.close()
 
     def __enter__(self) -> "Client":
@@ -210,15 +170,10 @@ def connect(*, tunnel_dir: Any = None, tcp: Any = None, unix: Any = None,
     presumed dead.
     """
     ep = endpoint(tunnel_dir=tunnel_dir, tcp=tcp, unix=unix, command=command)
-    thread = _LoopThread()
-    try:
-        conn = thread.run(ClientConnection.open(
-            ep, key_file=key_file, connect_timeout=connect_timeout, liveness_timeout=liveness_timeout,
-            max_frame=check_max_frame(max_frame), stream_window=stream_window))
-    except BaseException:
-        thread.stop()
-        raise
-    client = Client(conn, thread, timeout)
+    conn = ClientConnection.open(
+        ep, key_file=key_file, connect_timeout=connect_timeout, liveness_timeout=liveness_timeout,
+        max_frame=check_max_frame(max_frame), stream_window=stream_window)
+    client = Client(conn, timeout)
     if ep.kind == "tunnel":  # a job that ends without closing (e.g. through rpc.proxy)
         # closes at exit: the server sees a client leave, not the reset of a stopping
         # file transport (the kernel closes sockets and pipes the same way by itself)

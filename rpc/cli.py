@@ -17,7 +17,7 @@ from fileforward.cliargs import (Parser, add_job_option, add_logging_options, jo
 
 from .blocking import DEFAULT_CONNECT_TIMEOUT, status
 from .errors import RPCError
-from .protocol import DEFAULT_MAX_FRAME
+from .frames import DEFAULT_MAX_FRAME
 from .server import DEFAULT_MAX_PENDING_HANDSHAKES, check_functions, serve
 from .transports import DEFAULT_LIVENESS_TIMEOUT, TUNNEL_DIR_ENV
 

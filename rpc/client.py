@@ -1,89 +1,103 @@
-"""The client core: one authenticated connection, usable from any thread.
+"""The client: one authenticated connection, usable from any thread.
 
-Frames move through a link (``links.py``): on the connection's event loop, or,
-for sockets, straight from the calling thread and a reader thread. Requests may
-start from any thread; each outcome arrives through a
-``concurrent.futures.Future``, so the blocking front-end and ``acall`` share this
-one implementation.
+The rules (request ids, which replies are expected, credit) are the protocol
+core's (:class:`~rpc.protocol.ClientProtocol`); the core is touched only through
+its driver, under the driver's lock (sockets: :mod:`rpc.sync`) or on the driver's
+event loop (the tunnel and pipes: :mod:`rpc.aio`, on a loop thread of its own), so
+the client's shared state is safe on free-threaded Python. Each request's outcome
+arrives through a ``concurrent.futures.Future``, so the blocking front-end and
+``acall`` share this one implementation.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
 import concurrent.futures as cf
-import itertools
+import contextlib
 import logging
+import socket
 import threading
 import time
-from typing import Any, Callable, ContextManager, Deque, Dict, Optional, Tuple, Union
+from typing import (Any, Callable, ContextManager, Coroutine, Deque, List, NoReturn, Optional,
+                    Tuple, Union)
 
+from .aio import AioDriver, describe_peer
 from .auth import load_key
-from .channel import Channel
-from .errors import (ConnectionLost, ProtocolError, RPCError, SerializationError,
-                     ServerNotRunningError)
-from .handshake import client_handshake
-from .protocol import (Buffer, Flag, Frame, Kind, Payload, encode_credit, loads,
-                       payload_size, unpack_error)
-from .links import LoopLink
-from .socketlink import SocketLink
+from .errors import ConnectionLost, ProtocolError, RPCError, SerializationError, ServerNotRunningError
+from .frames import Buffer, Kind, Payload, loads, payload_size, unpack_error
+from .protocol import ClientProtocol, Opened, Replied, StreamEnded, StreamItem, StreamOpened
+from .sync import SyncClientDriver, describe_socket
 from .transports import SOCKET_KINDS, Endpoint, connect_socket, open_streams
 
 log = logging.getLogger(__name__)
+
+Driver = Union[AioDriver, SyncClientDriver]
 
 
 class ClientConnection:
     """Requests, replies and streams of one connection to a server."""
 
-    def __init__(self, link: Union[LoopLink, SocketLink], hello: Dict[str, Any], *,
-                 liveness_timeout: float, stream_window: int,
+    def __init__(self, driver: Driver, *, liveness_timeout: float,
+                 loop_thread: Optional["LoopThread"] = None,
                  process: Optional[asyncio.subprocess.Process] = None) -> None:
-        self.link = link
-        self.server_hello = hello
+        self.driver = driver
+        self.core: ClientProtocol = driver.core  # type: ignore[assignment]
         self.liveness_timeout = liveness_timeout
-        self.stream_window = max(2, stream_window)
+        self._loop_thread = loop_thread
         self._process = process
-        self._lock = threading.Lock()
-        self._pending: Dict[int, cf.Future] = {}
-        self._streams: Dict[int, "RemoteStream"] = {}
-        self._ids = itertools.count(1)
+        self._opened: cf.Future = cf.Future()
         self._error: Optional[RPCError] = None
+        self._error_lock = threading.Lock()
         #: Until when nothing waited for the server: silence before it proves nothing.
         self._idle_until = time.monotonic()
-        link.start(self, liveness_timeout / 4)
+        self._beat: Optional[asyncio.Task] = None
 
     @classmethod
-    async def open(cls, ep: Endpoint, *, key_file: Any, connect_timeout: float,
-                   liveness_timeout: float, max_frame: int,
-                   stream_window: int) -> "ClientConnection":
-        """Connect to ``ep`` and authenticate; runs on the connection's loop."""
-        process = None
-        channel: Union[Channel, SocketLink]
-        if ep.kind in SOCKET_KINDS:
-            channel = SocketLink(await connect_socket(ep, connect_timeout))
-        else:
-            reader, writer, process = await open_streams(ep, connect_timeout,
-                                                         liveness_timeout)
-            channel = Channel(reader, writer)
+    def open(cls, ep: Endpoint, *, key_file: Any, connect_timeout: float,
+             liveness_timeout: float, max_frame: int, stream_window: int) -> "ClientConnection":
+        """Connect to ``ep`` and authenticate (blocking)."""
+        log.debug("connecting to %s", ep)
+        core = ClientProtocol(lambda: load_key(key_file), max_frame=max_frame,
+                              stream_window=stream_window, hostname=socket.gethostname())
+        if ep.kind not in SOCKET_KINDS:
+            loop_thread = LoopThread()
+            try:
+                return loop_thread.run(cls._open_streams(
+                    ep, core, loop_thread, connect_timeout, liveness_timeout))
+            except BaseException:
+                loop_thread.stop()
+                raise
+        sock = connect_socket(ep, connect_timeout)
+        core.peer = describe_socket(sock)
+        driver = SyncClientDriver(core, sock)
+        conn = cls(driver, liveness_timeout=liveness_timeout)
         try:
-            hello = await asyncio.wait_for(
-                client_handshake(channel, lambda: load_key(key_file), max_frame),
-                connect_timeout)
+            conn.handle(driver.handshake(connect_timeout))
         except BaseException as exc:
-            await channel.aclose()
+            driver.close()
+            _raise_handshake_error(exc, ep, connect_timeout, None)
+        driver.start(conn, liveness_timeout / 4)
+        return conn
+
+    @classmethod
+    async def _open_streams(cls, ep: Endpoint, core: ClientProtocol, loop_thread: "LoopThread",
+                            connect_timeout: float, liveness_timeout: float
+                            ) -> "ClientConnection":
+        reader, writer, process = await open_streams(ep, connect_timeout, liveness_timeout)
+        core.peer = describe_peer(writer)
+        driver = AioDriver(core, reader, writer)
+        conn = cls(driver, liveness_timeout=liveness_timeout, loop_thread=loop_thread,
+                   process=process)
+        driver.start(conn)
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(conn._opened), connect_timeout)
+        except BaseException as exc:
+            await driver.aclose(1.0)
             if process is not None:
                 await _reap(process, 1.0)
-            if isinstance(exc, asyncio.TimeoutError):
-                raise ServerNotRunningError(
-                    f"{ep} accepted the connection but did not complete the handshake "
-                    f"within {connect_timeout:g} s") from None
-            if isinstance(exc, ConnectionLost) and not isinstance(exc, ProtocolError):
-                detail = f" (exit code {process.returncode})" if process else ""
-                raise ServerNotRunningError(
-                    f"{ep} closed the connection during the handshake{detail}") from exc
-            raise
-        link = channel if isinstance(channel, SocketLink) else LoopLink(channel)
-        return cls(link, hello, liveness_timeout=liveness_timeout,
-                   stream_window=stream_window, process=process)
+            _raise_handshake_error(exc, ep, connect_timeout, process)
+        conn._beat = asyncio.ensure_future(conn._beat_on_loop(liveness_timeout / 4))
+        return conn
 
     # ------------------------------------------------------------ any thread
 
@@ -91,8 +105,8 @@ class ClientConnection:
     def error(self) -> Optional[RPCError]:
         """Why the connection is unusable, or None while it works (a server that
         closed the connection is noticed here)."""
-        if self._error is None:
-            self.link.notice_end()
+        if self._error is None and isinstance(self.driver, SyncClientDriver):
+            self.driver.notice_end()
         return self._error
 
     def request(self, kind: Kind, payload: Payload, what: str) -> cf.Future:
@@ -100,133 +114,155 @@ class ClientConnection:
 
         Cancelling the future cancels the call on the server.
         """
-        self.link.check_size(payload_size(payload), what)
-        with self._lock:
-            if self._error is not None:
-                raise _fresh(self._error)
-            request_id = next(self._ids)
-            future = self._pending[request_id] = _Request(self, request_id)
-        self.soon(self._send_request, kind, request_id, payload)
+        self.core.check_size(payload_size(payload), what)
+        if self._error is not None:
+            raise _fresh(self._error)
+        future = _Request(self)
+        try:
+            self.driver.run(self._send_request, future, kind, payload, what)
+        except RPCError as exc:  # the socket broke: the reader fails the rest
+            _settle(future, error=exc)
         return future
 
     def attending(self) -> ContextManager[None]:
         """Around a blocking call: its thread may read its reply itself (sockets)."""
-        return self.link.attending()
+        if isinstance(self.driver, SyncClientDriver):
+            return self.driver.attending()
+        return contextlib.nullcontext()
 
     def wait(self, future: cf.Future, timeout: Optional[float]) -> Any:
         """``future.result(timeout)`` of a request made inside :meth:`attending`."""
-        return self.link.wait(future, timeout)
+        if isinstance(self.driver, SyncClientDriver):
+            return self.driver.wait(future, timeout)
+        return future.result(timeout)
 
-    def soon(self, fn: Callable[..., None], *args: Any) -> None:
-        """Run ``fn(*args)`` where the link sends frames (the loop, or right here)."""
-        self.link.soon(fn, *args)
-
-    # ------------------------------------------------------------ where the link sends
-
-    def _send_request(self, kind: Kind, request_id: int, payload: Payload) -> None:
+    def cancel(self, request: "_Request") -> None:
+        """Give up on a request (or its stream): CANCEL, unless it is over already."""
         try:
-            self.link.send(kind, request_id, payload)
-        except RPCError as exc:
-            future = self._pending.pop(request_id, None)
-            if future is not None:
-                _settle(future, error=exc)
+            self.driver.run(self._cancel, request)
+        except RPCError:
+            pass  # the connection is gone: nothing runs on the server any more
 
-    def _cancel(self, request_id: int) -> None:
-        had = self._pending.pop(request_id, None) or self._streams.pop(request_id, None)
-        if had is not None and self._error is None:
-            try:
-                self.link.send(Kind.CANCEL, request_id)
-            except RPCError:
-                pass
+    def grant(self, request: "_Request", count: int) -> None:
+        """The application consumed ``count`` items: the server may send more."""
+        try:
+            self.driver.run(self._grant, request, count)
+        except RPCError:
+            pass
 
-    def grant(self, request_id: int, count: int) -> None:
-        """Let the server send ``count`` more items of a stream (see :meth:`soon`)."""
-        if request_id in self._streams and self._error is None:
-            try:
-                self.link.send(Kind.CREDIT, request_id, encode_credit(count))
-            except RPCError:
-                pass
+    # ------------------------------------------------------------ where the driver runs
 
-    # ------------------------------------------------------------ the link's reader
-
-    def receive(self, frame: Frame) -> None:
-        """Deliver a reply, stream item or error to whoever waits for it."""
-        kind, request_id = frame.kind, frame.request_id
-        if kind is Kind.RESULT or kind is Kind.ERROR:
-            future = self._pending.pop(request_id, None)
-            if future is not None:
-                self._settle_reply(future, frame)
-                return
-        if kind in (Kind.STREAM_ITEM, Kind.STREAM_END, Kind.ERROR):
-            stream = (self._streams.get(request_id) if kind is Kind.STREAM_ITEM
-                      else self._streams.pop(request_id, None))
-            if stream is not None:
-                stream.push(kind, frame.payload)
-            return  # otherwise: a late reply to a call cancelled here; drop it
-        if kind not in (Kind.PONG, Kind.RESULT):
-            raise ProtocolError(f"unexpected {kind.name} message from the server")
-
-    def _settle_reply(self, future: cf.Future, frame: Frame) -> None:
-        if frame.kind is Kind.RESULT and frame.flags & Flag.STREAM:
-            stream = RemoteStream(self, frame.request_id)
-            self._streams[frame.request_id] = stream
-            if future.cancelled():  # while the reply was on its way (reader thread)
-                self._cancel(frame.request_id)
-                return
-            self.grant(frame.request_id, self.stream_window)
-            _settle(future, value=stream)
+    def _send_request(self, future: "_Request", kind: Kind, payload: Payload,
+                      what: str) -> None:
+        if future.cancelled():
             return
         try:
-            if frame.kind is Kind.ERROR:
-                _settle(future, error=_decode(unpack_error, frame.payload, "an error"))
+            if kind is Kind.CALL:
+                future.request_id = self.core.call(payload, future, what)
             else:
-                _settle(future, value=_decode(loads, frame.payload, "the result"))
-        except SerializationError as exc:
+                future.request_id = self.core.info(future)
+        except RPCError as exc:
             _settle(future, error=exc)
+
+    def _cancel(self, request: "_Request") -> None:
+        if request.request_id is not None:
+            self.core.cancel(request.request_id)
+
+    def _grant(self, request: "_Request", count: int) -> None:
+        if request.request_id is not None:
+            self.core.grant(request.request_id, count)
+
+    # ------------------------------------------------------------ the driver's reader
+
+    def handle(self, events: List[Any]) -> None:
+        """Deliver replies, stream items and errors to whoever waits for them."""
+        for event in events:
+            kind = type(event)
+            if kind is Replied:
+                self._settle_reply(event)
+            elif kind is StreamItem:
+                event.token.stream.push(Kind.STREAM_ITEM, event.payload)
+            elif kind is StreamEnded:
+                if event.error is None:
+                    event.token.stream.push(Kind.STREAM_END, b"")
+                else:
+                    event.token.stream.push(Kind.ERROR, event.error)
+            elif kind is StreamOpened:
+                request = event.token
+                request.stream = RemoteStream(self, request)
+                if request.cancelled():  # while the reply was on its way
+                    self.driver.run(self.core.cancel, event.request_id)
+                else:
+                    _settle(request, value=request.stream)
+            elif kind is Opened:
+                _settle(self._opened, value=event.hello)
+
+    def _settle_reply(self, event: Replied) -> None:
+        try:
+            if event.ok:
+                _settle(event.token, value=_decode(loads, event.payload, "the result"))
+            else:
+                _settle(event.token, error=_decode(unpack_error, event.payload, "an error"))
+        except SerializationError as exc:
+            _settle(event.token, error=exc)
 
     def tick(self) -> bool:
         """While calls wait, ping the server; False once it stayed silent too long."""
         now = time.monotonic()
-        if not (self._pending or self._streams):
+        if not self.core.busy:
             self._idle_until = now
-        elif now - max(self._idle_until, self.link.last_activity) > self.liveness_timeout:
+        elif now - max(self._idle_until, self.driver.last_activity) > self.liveness_timeout:
             self.fail(ConnectionLost(
                 f"the server sent nothing for {self.liveness_timeout:g} s, not even "
                 f"an answer to a ping; it is presumed dead"))
             return False
         else:
-            self.soon(self._ping)
+            try:
+                self.driver.run(self.core.ping)
+            except RPCError:
+                pass  # the reader sees the end too
         return True
 
-    def busy(self) -> bool:
-        """True while calls or streams wait for frames."""
-        return bool(self._pending or self._streams)
+    async def _beat_on_loop(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            if not self.tick():
+                await self.driver.aclose()  # type: ignore[union-attr]
+                return
 
-    def _ping(self) -> None:
-        try:
-            self.link.ping()
-        except RPCError:
-            pass
-
-    def fail(self, error: RPCError) -> None:
+    def fail(self, error: BaseException) -> None:
         """Mark the connection dead and fail every request and stream in flight."""
-        with self._lock:
+        if not isinstance(error, RPCError):
+            error = ConnectionLost(f"the connection failed: {error!r}")
+        with self._error_lock:
             if self._error is not None:
                 return
             self._error = error
-            pending, self._pending = self._pending, {}
-            streams, self._streams = self._streams, {}
-        for future in pending.values():
-            _settle(future, error=_fresh(error))
-        for stream in streams.values():
-            stream.push(None, _fresh(error))
-        if pending or streams:
-            log.warning("RPC connection lost with %d calls in flight: %s",
-                        len(pending) + len(streams), error)
+        _settle(self._opened, error=error)
+        waiting = self.driver.run(self.core.abandon) or []
+        for request in waiting:
+            if request.stream is not None:
+                request.stream.push(None, _fresh(error))
+            else:
+                _settle(request, error=_fresh(error))
+        if waiting:
+            log.warning("RPC connection lost with %d calls in flight: %s", len(waiting), error)
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
         """Close the connection; calls still in flight fail with ConnectionLost."""
-        await self.link.aclose()
+        if isinstance(self.driver, SyncClientDriver):
+            self.driver.close()
+            return
+        assert self._loop_thread is not None
+        try:
+            self._loop_thread.run(self._aclose(), timeout=10.0)
+        finally:
+            self._loop_thread.stop()
+
+    async def _aclose(self) -> None:
+        if self._beat is not None:
+            self._beat.cancel()
+        await self.driver.aclose()  # type: ignore[union-attr]
         if self._process is not None:
             await _reap(self._process, 5.0)
 
@@ -238,10 +274,10 @@ class RemoteStream:
     consumed. Closing the stream (or dropping it) cancels the generator remotely.
     """
 
-    def __init__(self, conn: ClientConnection, request_id: int,
+    def __init__(self, conn: ClientConnection, request: "_Request",
                  timeout: Optional[float] = None) -> None:
         self._conn = conn
-        self._request_id = request_id
+        self._request = request
         #: Seconds to wait for each item (None: no limit); set by the caller.
         self.timeout = timeout
         self._lock = threading.Lock()
@@ -251,7 +287,7 @@ class RemoteStream:
         self._finished = False
 
     def push(self, kind: Optional[Kind], payload: Any) -> None:
-        """Deliver a frame (or, with kind None, a connection error); loop thread."""
+        """Deliver a frame (or, with kind None, a connection error); reading thread."""
         with self._lock:
             self._items.append((kind, payload))
             waiter, self._waiter = self._waiter, None
@@ -267,11 +303,12 @@ class RemoteStream:
             return self._waiter
 
     def _next_item(self, end: type) -> Any:
-        kind, payload = self._items.popleft()
+        with self._lock:
+            kind, payload = self._items.popleft()
         if kind is Kind.STREAM_ITEM:
             self._consumed += 1
-            if self._consumed * 2 >= self._conn.stream_window:
-                self._conn.soon(self._conn.grant, self._request_id, self._consumed)
+            if self._consumed * 2 >= self._conn.core.stream_window:  # half the window
+                self._conn.grant(self._request, self._consumed)
                 self._consumed = 0
             return _decode(loads, payload, "a streamed item")
         self._finished = True
@@ -323,7 +360,7 @@ class RemoteStream:
         """Stop consuming; the generator is cancelled on the server."""
         if not self._finished:
             self._finished = True
-            self._conn.soon(self._conn._cancel, self._request_id)
+            self._conn.cancel(self._request)
 
     async def aclose(self) -> None:
         """Same as :meth:`close` (for ``async for`` users and contextlib.aclosing)."""
@@ -342,16 +379,70 @@ class RemoteStream:
 class _Request(cf.Future):
     """The future of one request: cancelling it cancels the call on the server."""
 
-    def __init__(self, conn: ClientConnection, request_id: int) -> None:
+    def __init__(self, conn: ClientConnection) -> None:
         super().__init__()
         self._conn = conn
-        self._request_id = request_id
+        #: Set where the driver runs, when the request is sent.
+        self.request_id: Optional[int] = None
+        #: Set when the reply says the result is a stream.
+        self.stream: Optional[RemoteStream] = None
 
     def cancel(self) -> bool:
         if not super().cancel():
             return False
-        self._conn.soon(self._conn._cancel, self._request_id)
+        self._conn.cancel(self)
         return True
+
+
+class LoopThread:
+    """An event loop running in a daemon thread, owned by one client connection over
+    the tunnel or a pipe, so that the blocking API works in plain scripts, from many
+    threads, and inside Jupyter (whose own loop already runs in the calling thread)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever,
+                                        name="rpc-client-loop", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, Any], timeout: Optional[float] = None) -> Any:
+        """Run ``coro`` on the loop and wait for its result in this thread."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        """Cancel what still runs on the loop (e.g. a connect interrupted by Ctrl-C:
+        it must end, not be destroyed pending), then stop the loop and its thread."""
+        if threading.current_thread() is not self._thread:
+            try:
+                self.run(_cancel_other_tasks(), timeout=5.0)
+            except (cf.TimeoutError, RuntimeError):
+                pass  # a task that ignores cancellation is left behind
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(5.0)
+            if not self.loop.is_running():
+                self.loop.close()
+
+
+async def _cancel_other_tasks() -> None:
+    others = asyncio.all_tasks() - {asyncio.current_task()}
+    for task in others:
+        task.cancel()
+    await asyncio.gather(*others, return_exceptions=True)
+
+
+def _raise_handshake_error(exc: BaseException, ep: Endpoint, connect_timeout: float,
+                           process: Optional[asyncio.subprocess.Process]) -> NoReturn:
+    """Raise what a failed handshake means to the user (call in ``except``)."""
+    if isinstance(exc, (asyncio.TimeoutError, socket.timeout)):
+        raise ServerNotRunningError(
+            f"{ep} accepted the connection but did not complete the handshake "
+            f"within {connect_timeout:g} s") from None
+    if isinstance(exc, ConnectionLost) and not isinstance(exc, ProtocolError):
+        detail = f" (exit code {process.returncode})" if process else ""
+        raise ServerNotRunningError(
+            f"{ep} closed the connection during the handshake{detail}") from exc
+    raise exc
 
 
 def _settle(future: cf.Future, *, value: Any = None, error: Optional[BaseException] = None

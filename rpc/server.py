@@ -1,9 +1,12 @@
 """The RPC server: authenticates connections and runs the calls they send.
 
-Plain functions run in threads (a pool, or on TCP and Unix sockets the thread that
-read the call: see rpc.turns), at most ``workers`` at once; coroutine functions run
-on the event loop; generators (plain or async) stream their items under the
-client's credit.
+Every connection is a protocol core (``protocol.py``) moved by a driver: the asyncio
+driver (``aio.py``) on the server's event loop for the tunnel and stdio, the sync
+driver (``sync.py``) for TCP and Unix sockets, whose reading threads run small calls
+of plain functions themselves. Plain functions run in threads (the pool, or a
+socket's reading thread), at most ``workers`` at once; coroutine functions run on
+the event loop; generators (plain or async) stream their items under the client's
+credit.
 A call whose client cancels it, times out or disconnects is cancelled here too.
 """
 from __future__ import annotations
@@ -13,30 +16,29 @@ import functools
 import inspect
 import logging
 import os
+import select
 import signal
 import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import (Any, AsyncIterator, Awaitable, Callable, Coroutine, Dict, List, Mapping,
-                    Optional, Set, Tuple)
+                    Optional, Set, Tuple, Union)
 
 from . import execution
+from .aio import AioDriver, describe_peer
 from .auth import load_key
-from .channel import Channel
 from .errors import (ConnectionLost, FunctionNotFoundError, ProtocolError, RPCError,
                      SerializationError)
 from .execution import CallContext
-from .handshake import server_handshake, versions
-from .protocol import (DEFAULT_MAX_FRAME, Buffer, Flag, Frame, Kind, check_max_frame,
-                       decode_call, decode_credit, describe_error, dumps, loads, pack_error,
-                       pack_value)
-from .socketreader import SocketReader
+from .frames import (DEFAULT_MAX_FRAME, Buffer, check_max_frame, describe_error, dumps, loads,
+                     pack_error, pack_value)
+from .protocol import (CallCancelled, CallReceived, CreditGranted, InfoRequested, Opened,
+                       ServerProtocol, versions)
+from .sync import SyncServerDriver, describe_socket
 from .throttle import ThrottledLog
-from .transports import (DEFAULT_LIVENESS_TIMEOUT, Listener, claim_stdio, endpoint, listen,
-                         stdio_streams)
-from . import turns
-from .turns import TakingTurns
+from .transports import (DEFAULT_LIVENESS_TIMEOUT, STREAM_LIMIT, Listener, claim_stdio, endpoint,
+                         listen, stdio_streams)
 
 log = logging.getLogger(__name__)
 
@@ -74,17 +76,15 @@ class RPCServer:
         self._evictions = ThrottledLog(
             log, f"dropped unauthenticated connections: more than {max_pending_handshakes} "
                  f"handshakes were pending (max_pending_handshakes)")
-        self._no_shortcut = ThrottledLog(
-            log, "serving connections through the event loop only: their socket cannot "
-                 "be duplicated (raise the descriptor limit)")
         self.calls_served = 0
         self.in_flight = 0
         self.listeners: List[Listener] = []
         self._key = key
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix=WORKER_THREAD_PREFIX)
-        #: Held by each plain function running (in the pool or in a reading thread,
-        #: see rpc.turns): no more than ``workers`` run at once.
+        #: Held by each plain function running (in the pool or in a socket's reading
+        #: thread): no more than ``workers`` run at once.
         self._slots = threading.Semaphore(workers)
+        self.hostname = socket.gethostname()
         #: Guards the books (calls, in_flight, calls_served): threads update them too.
         self._books = threading.Lock()
         self._connections: Set["_Connection"] = set()
@@ -94,14 +94,30 @@ class RPCServer:
     # -------------------------------------------------------------- lifecycle
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Serve one connection until it ends (the callback for every transport)."""
-        conn = _Connection(self, Channel(reader, writer))
+        """Serve one connection over a stream pair until it ends (the tunnel, stdio)."""
+        core = self._core(describe_peer(writer))
+        await self._serve(_Connection(self, core, AioDriver(core, reader, writer)))
+
+    async def handle_socket(self, sock: socket.socket) -> None:
+        """Serve one TCP or Unix socket connection until it ends."""
+        if not hasattr(select, "epoll"):  # reading threads wait together in Linux's epoll
+            await self.handle(*await asyncio.open_connection(sock=sock, limit=STREAM_LIMIT))
+            return
+        core = self._core(describe_socket(sock))
+        driver = SyncServerDriver(core, sock, f"{WORKER_THREAD_PREFIX} {core.peer}")
+        await self._serve(_Connection(self, core, driver))
+
+    def _core(self, peer: str) -> ServerProtocol:
+        return ServerProtocol(self._key, max_frame=self.max_frame, hostname=self.hostname,
+                              peer=peer)
+
+    async def _serve(self, conn: "_Connection") -> None:
         self._connections.add(conn)
         if len(self._handshaking) >= self.max_pending_handshakes:
             oldest = next(iter(self._handshaking))
             del self._handshaking[oldest]
             oldest.evict()
-            self._evictions.note(f"the oldest was from {oldest.channel.peer}")
+            self._evictions.note(f"the oldest was from {oldest.peer}")
         self._handshaking[conn] = None
         try:
             await conn.run()
@@ -182,7 +198,7 @@ class RPCServer:
     def info(self) -> Dict[str, Any]:
         """What ``client.info()`` and ``rpc.status()`` report."""
         return {
-            "alive": True, "pid": os.getpid(), "hostname": socket.gethostname(),
+            "alive": True, "pid": os.getpid(), "hostname": self.hostname,
             "functions": {name: _describe(fn) for name, fn in sorted(self.functions.items())},
             "calls_served": self.calls_served, "in_flight": self.in_flight,
             "connections": len(self._connections), "workers": self.workers,
@@ -211,29 +227,6 @@ def _describe(fn: Callable[..., Any]) -> Dict[str, str]:
             "doc": doc[0] if doc else ""}
 
 
-class _Credit:
-    """How many more stream items the client is ready to receive."""
-
-    def __init__(self) -> None:
-        self.available = 0
-        #: Made by the first wait (on the loop): most calls never stream, and the
-        #: call itself may be made by a reading thread.
-        self._granted: Optional[asyncio.Event] = None
-
-    def grant(self, count: int) -> None:
-        self.available += count
-        if self._granted is not None:
-            self._granted.set()
-
-    async def take(self) -> None:
-        while not self.available:
-            if self._granted is None:
-                self._granted = asyncio.Event()
-            self._granted.clear()
-            await self._granted.wait()
-        self.available -= 1
-
-
 class _Call:
     """A call in progress on one connection."""
 
@@ -241,7 +234,8 @@ class _Call:
         self.request_id = request_id
         self.context = CallContext(name)
         self.args = args  # pickled; dropped as soon as it is unpickled
-        self.credit = _Credit()
+        #: Set when the client grants credit to the call's stream (made on first use).
+        self.credit_granted: Optional[asyncio.Event] = None
         self.task: Optional[asyncio.Task] = None  # on the loop: coroutines and streams
         self.job: Optional[Future] = None  # in the worker pool: plain functions
 
@@ -265,141 +259,152 @@ class _Call:
 
 
 class _Connection:
-    """One client connection: handshake, then acting on its frames.
+    """One client connection: its protocol core, its driver, and the calls it asked for.
 
-    On TCP and Unix sockets (with epoll), threads read the frames and run small
-    calls of plain functions themselves (see rpc.turns); the rest is done on the
-    event loop, or in the pool. The books are kept under the server's lock.
+    Over a stream (the asyncio driver) everything runs on the event loop, except
+    plain functions, which run in worker threads and hand their outcome back to the
+    loop. Over a socket (the sync driver) the reading threads act on calls of plain
+    functions themselves (:meth:`take`) and pass everything else to the loop; a
+    worker or reading thread writes its reply itself, and the loop has its own
+    writes done by the connection's writer thread, never waiting for a socket. The
+    books are kept under the server's lock.
     """
 
-    def __init__(self, server: RPCServer, channel: Channel) -> None:
+    def __init__(self, server: RPCServer, core: ServerProtocol,
+                 driver: Union[AioDriver, SyncServerDriver]) -> None:
         self.server = server
-        self.channel = channel
+        self.core = core
+        self.driver = driver
+        #: Threads write replies (sockets), or the loop does (streams).
+        self.threads_write = isinstance(driver, SyncServerDriver)
+        self.peer = core.peer
+        self.loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self.calls: Dict[int, _Call] = {}
         self.task: Optional[asyncio.Task] = None  # the one running run()
-        self._turns: Optional[TakingTurns] = None
-        self._error: Optional[ProtocolError] = None  # a frame the loop refused
         #: Dropped before authentication to make room for a newer connection.
         self.evicted = False
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        #: The client's HELLO once it is authenticated, or why the handshake failed.
+        self._opened: "asyncio.Future[Any]" = self.loop.create_future()
+        #: Why the connection ended.
+        self._ended: "asyncio.Future[BaseException]" = self.loop.create_future()
+        self._writer: Optional[ThreadPoolExecutor] = None  # see _loop_writer()
 
     async def run(self) -> None:
         self.task = asyncio.current_task()
-        self._loop = asyncio.get_running_loop()
-        socket_reader: Optional[SocketReader] = None
-
-        def authenticated() -> None:
-            nonlocal socket_reader
-            try:
-                self.channel.attach_shortcut()
-            except OSError as exc:  # e.g. out of descriptors: serve it on the loop
-                self.server._no_shortcut.note(f"{self.channel.peer}: {exc}")
-                return
-            if turns.AVAILABLE:
-                socket_reader = self.channel.take_over_reading()
-
+        self.driver.start(self)
         try:
             try:
-                hello = await asyncio.wait_for(
-                    server_handshake(self.channel, self.server._key, self.server.max_frame,
-                                     authenticated),
-                    self.server.handshake_timeout)
+                hello = await asyncio.wait_for(asyncio.shield(self._opened),
+                                               self.server.handshake_timeout)
             except asyncio.TimeoutError:
                 log.warning("rejected connection from %s: no handshake within %g s",
-                            self.channel.peer, self.server.handshake_timeout)
-                return
-            except RPCError as exc:
-                log.warning("rejected connection from %s: %s", self.channel.peer, exc)
+                            self.peer, self.server.handshake_timeout)
                 return
             finally:
                 self.server._handshaking.pop(self, None)
-            log.info("client %s (%s) connected", self.channel.peer, hello.get("hostname"))
-            if socket_reader is None:
-                while True:
-                    self.dispatch(await self.channel.recv())
-            else:
-                await self.serve_in_threads(socket_reader)
+            if isinstance(hello, BaseException):
+                if isinstance(hello, RPCError):
+                    log.warning("rejected connection from %s: %s", self.peer, hello)
+                return
+            log.info("client %s (%s) connected", self.peer, hello.get("hostname"))
+            raise await asyncio.shield(self._ended)
         except ProtocolError as exc:
-            log.warning("dropping connection from %s: %s", self.channel.peer, exc)
+            log.warning("dropping connection from %s: %s", self.peer, exc)
         except ConnectionLost as exc:
             if _closed_by_client(exc):
-                log.info("client %s disconnected", self.channel.peer)
+                log.info("client %s disconnected", self.peer)
             else:
-                log.warning("connection from client %s lost: %s", self.channel.peer,
+                log.warning("connection from client %s lost: %s", self.peer,
                             exc.__cause__ or exc)
         except asyncio.CancelledError:
             if not self.evicted:
-                log.info("closing connection from %s", self.channel.peer)
+                log.info("closing connection from %s", self.peer)
         finally:
             with self.server._books:
                 calls = list(self.calls.values())
             for call in calls:
                 self.cancel(call)
-            await self.channel.aclose()
+            await self.driver.aclose()
+            if self._writer is not None:
+                self._writer.shutdown(wait=False)
 
-    async def serve_in_threads(self, reader: SocketReader) -> None:
-        """Let threads read the socket until the connection ends; raises how it ended."""
-        loop = self._loop
-        ended: "asyncio.Future[BaseException]" = loop.create_future()
+    # -------------------------------------------------------------- the driver's events
 
-        def on_end(error: BaseException) -> None:  # the reading thread's last act
-            try:
-                loop.call_soon_threadsafe(ended.set_result, error)
-            except RuntimeError:
-                pass  # the loop is closed: the server has stopped
+    def handle(self, events: List[Any]) -> None:
+        """Act on what the client sent (loop thread)."""
+        for event in events:
+            kind = type(event)
+            if kind is CallReceived:
+                self.begin(_Call(event.request_id, event.name, event.args))
+            elif kind is CallCancelled:
+                call = self.calls.get(event.request_id)
+                if call is not None:
+                    log.debug("client %s cancelled call %d", self.peer, event.request_id)
+                    self.cancel(call)
+            elif kind is CreditGranted:
+                call = self.calls.get(event.request_id)
+                if call is not None and call.credit_granted is not None:
+                    call.credit_granted.set()
+            elif kind is InfoRequested:
+                self.reply(event.request_id, True, dumps(self.server.info()), "info")
+            elif kind is Opened:
+                self._opened.set_result(event.hello)
 
-        self._turns = TakingTurns(reader, self.take, on_end,
-                                  f"{WORKER_THREAD_PREFIX} {self.channel.peer}")
-        self._turns.start()
-        try:
-            error = await asyncio.shield(ended)
-        finally:  # no thread may be reading the socket once the channel closes it
-            self._turns.stop()
-            await asyncio.wait({ended}, timeout=5.0)
-        if self._error is not None:
-            raise self._error
-        if isinstance(error, RPCError):
-            raise error
-        raise ConnectionLost(f"reading from {self.channel.peer} failed: "
-                             f"{type(error).__name__}: {error}") from error
-
-    def take(self, frame: Frame, free: bool) -> Optional[Callable[[], None]]:
-        """Reading thread: a small call of a plain function is this thread's to run,
-        if it is ``free`` and a worker slot is too, else the pool's; everything else
-        goes to the loop, in order."""
-        if frame.kind is not Kind.CALL:
-            self.on_loop(self.dispatch, frame)
+    def take(self, event: Any, free: bool) -> Optional[Callable[[], None]]:
+        """Reading thread (sockets): a small call of a plain function is this thread's
+        to run, if it is ``free`` and a worker slot is too, else the pool's;
+        everything else goes to the loop, in order."""
+        if type(event) is not CallReceived:
+            self.on_loop(self.handle, [event])
             return None
-        name, args = decode_call(frame.payload)
-        call = _Call(frame.request_id, name, args)
-        fn = self.server._plain.get(name)
+        call = _Call(event.request_id, event.name, event.args)
+        fn = self.server._plain.get(event.name)
         if fn is None:  # a coroutine, or no such function
             self.on_loop(self.begin, call)
             return None
         self.register(call)
-        if (free and len(frame.payload) <= INLINE_LIMIT
+        if (free and len(event.args) <= INLINE_LIMIT
                 and self.server._slots.acquire(blocking=False)):
-            return functools.partial(execution.context_of(call.context).run, self.run_here, fn, call)
+            return functools.partial(execution.context_of(call.context).run,
+                                     self.run_here, fn, call)
         self.submit(fn, call)
         return None
 
     def on_loop(self, action: Callable[..., None], *args: Any) -> None:
-        """Reading thread: ``action(*args)`` on the loop; a ProtocolError it raises
-        ends the connection."""
-        self._loop.call_soon_threadsafe(self._run_or_drop, action, *args)
+        """From a thread: ``action(*args)`` on the loop; a ProtocolError it raises ends
+        the connection."""
+        try:
+            self.loop.call_soon_threadsafe(self._run_or_drop, action, *args)
+        except RuntimeError:
+            pass  # the loop is closed: the server has stopped
 
     def _run_or_drop(self, action: Callable[..., None], *args: Any) -> None:
         try:
             action(*args)
         except ProtocolError as exc:
-            if self._error is None and self._turns is not None:
-                self._error = exc
-                self._turns.stop()
+            self.end(exc)
+
+    def end(self, error: BaseException) -> None:
+        """Loop thread: end the connection with ``error``."""
+        if isinstance(self.driver, SyncServerDriver):
+            self.driver.stop(error)  # its threads leave, then it calls fail()
+        else:
+            self.fail(error)
+
+    def fail(self, error: BaseException) -> None:
+        """The driver stopped reading: the connection is over."""
+        if not self._opened.done():
+            self._opened.set_result(error)
+        if not self._ended.done():
+            self._ended.set_result(error)
+
+    # -------------------------------------------------------------- books
 
     def register(self, call: _Call) -> None:
-        """Book a new call (from any thread)."""
+        """Book a new call."""
         with self.server._books:
-            if call.request_id in self.calls:
+            if call.request_id in self.calls:  # cancelled, but still running
                 raise ProtocolError(f"request id {call.request_id} is already in use")
             self.calls[call.request_id] = call
             self.server.in_flight += 1
@@ -418,7 +423,10 @@ class _Connection:
             self.finish(call)
 
     def abort(self) -> None:
-        """Drop the connection (server shutdown)."""
+        """Drop the connection (server shutdown): a socket's reading threads stop
+        taking calls at once, whatever the task is doing."""
+        if isinstance(self.driver, SyncServerDriver):
+            self.driver.stop(ConnectionLost("the server is closing"))
         if self.task is not None:
             self.task.cancel()
 
@@ -427,38 +435,17 @@ class _Connection:
         self.evicted = True
         self.abort()
 
-    def dispatch(self, frame: Frame) -> None:
-        """Act on one frame from the client."""
-        kind, rid = frame.kind, frame.request_id
-        if kind is Kind.CALL:
-            name, args = decode_call(frame.payload)
-            self.begin(_Call(rid, name, args))
-            return
-        call = self.calls.get(rid)
-        if kind is Kind.CANCEL:
-            if call is not None:
-                log.debug("client %s cancelled call %d", self.channel.peer, rid)
-                self.cancel(call)
-        elif kind is Kind.CREDIT:
-            count = decode_credit(frame.payload)
-            if call is not None:
-                call.credit.grant(count)
-        elif kind is Kind.PING:
-            self.channel.send(Kind.PONG, rid)
-        elif kind is Kind.INFO:
-            self.channel.send(Kind.RESULT, rid, dumps(self.server.info()))
-        else:
-            raise ProtocolError(f"unexpected {kind.name} message from a client")
+    # -------------------------------------------------------------- running calls
 
     def begin(self, call: _Call) -> None:
-        """Loop thread: book and start a call. Plain functions go straight to the
-        worker pool (no task), coroutine and async generator functions to a task."""
+        """Book and start a call. Plain functions go straight to the worker pool (no
+        task), coroutine and async generator functions to a task."""
         self.register(call)
         try:
             fn = self.server.lookup(call.context.name)
         except FunctionNotFoundError as exc:
-            self.reply(call, Kind.ERROR, pack_error(exc))
             self.finish(call)
+            self.reply(call.request_id, False, pack_error(exc), call.context.name)
             return
         if call.context.name in self.server._plain:
             self.submit(fn, call)
@@ -468,8 +455,8 @@ class _Connection:
     def submit(self, fn: Callable[..., Any], call: _Call) -> None:
         """Any thread: queue a plain function's call for the worker pool."""
         try:
-            call.job = self.server._pool.submit(execution.context_of(call.context).run, self.run_in_pool,
-                                                fn, call)
+            call.job = self.server._pool.submit(execution.context_of(call.context).run,
+                                                self.run_in_pool, fn, call)
         except RuntimeError:  # the pool is shut down: the server is closing
             self.finish(call)
 
@@ -486,31 +473,27 @@ class _Connection:
             self.server._slots.release()
 
     def work(self, fn: Callable[..., Any], call: _Call) -> None:
-        """Any thread: unpickle, call, pickle, then send the reply (or hand the
-        outcome to the loop, when it cannot be sent from here)."""
+        """Any thread: unpickle, call, pickle; then send the reply (sockets), or hand
+        the outcome to the loop (streams, generators)."""
         outcome: Any = None  # a call cancelled before it started is not run
         if not call.context.cancelled:
             try:
                 outcome = _run_and_pack(fn, call)
             except BaseException as exc:  # the function's own error, for the client
                 outcome = _Packed(False, pack_error(exc))
-        if isinstance(outcome, _Packed) and not call.context.cancelled:
+        if self.threads_write and isinstance(outcome, _Packed) and not call.context.cancelled:
             self.finish(call)  # booked before the client can see the reply (and ask info())
-            if self.channel.send_from_thread(Kind.RESULT if outcome.ok else Kind.ERROR,
-                                             call.request_id, outcome.payload):
-                return
-        try:
-            self._loop.call_soon_threadsafe(self.complete, call, outcome)
-        except RuntimeError:
-            pass  # the loop is closed: the server has stopped
+            self.reply(call.request_id, outcome.ok, outcome.payload, call.context.name)
+            return
+        self.on_loop(self.complete, call, outcome)
 
     def complete(self, call: _Call, outcome: Any) -> None:
         """Loop thread: send a worker's outcome (or stream the generator it returned)."""
         if call.context.cancelled:
             self.finish(call)  # the client gave up: the result is discarded
         elif isinstance(outcome, _Packed):
-            self.reply(call, Kind.RESULT if outcome.ok else Kind.ERROR, outcome.payload)
-            self.finish(call)
+            self.finish(call)  # booked before the client can see the reply (and ask info())
+            self.reply(call.request_id, outcome.ok, outcome.payload, call.context.name)
         else:
             self.run_task(call, self.stream(call, outcome if inspect.isasyncgen(outcome) else
                                             execution.iterate_in_thread(
@@ -526,7 +509,7 @@ class _Connection:
             await self.stream(call, outcome)
             return
         ok, payload = pack_value(await outcome, f"the result of {call.context.name}()")
-        self.reply(call, Kind.RESULT if ok else Kind.ERROR, payload)
+        await self.send(self.core.reply, call.request_id, ok, payload)
 
     def run_task(self, call: _Call, work: Coroutine[Any, Any, None]) -> None:
         """Run a call's work as a task; finished however it ends, even if it is
@@ -545,42 +528,82 @@ class _Connection:
         except asyncio.CancelledError:
             log.debug("call %d (%s) cancelled", call.request_id, call.context.name)
         except Exception as exc:
-            self.reply(call, Kind.ERROR, pack_error(exc))
+            await self.send(self.core.reply, call.request_id, False, pack_error(exc))
 
-    def reply(self, call: _Call, kind: Kind, payload: Buffer, flags: Flag = Flag.NONE) -> None:
-        """Send one frame for ``call``; one too large for the client becomes an error
-        cut down to the client's frame limit."""
+    def reply(self, request_id: int, ok: bool, payload: Buffer, name: str) -> None:
+        """Any thread: answer request ``request_id`` (of function ``name``)."""
+        if self.threads_write and threading.get_ident() == self._loop_thread:
+            try:  # the loop never waits for a socket
+                self.loop.run_in_executor(self._loop_writer(), self._reply_now, request_id,
+                                          ok, payload, name)
+            except RuntimeError:
+                pass  # the connection is over
+        else:
+            self._reply_now(request_id, ok, payload, name)
+
+    def _reply_now(self, request_id: int, ok: bool, payload: Buffer, name: str) -> None:
+        """A connection that cannot carry even an error cut down to the client's frame
+        limit is dropped."""
         try:
-            try:
-                self.channel.send(kind, call.request_id, payload, flags)
-            except ProtocolError as exc:  # larger than the client accepts
-                self.channel.send(Kind.ERROR, call.request_id,
-                                  pack_error(exc, self.channel.peer_max_frame))
-        except ProtocolError as exc:  # not even a bare error fits: nothing can be answered
+            self.driver.run(self.core.reply, request_id, ok, payload)
+        except ProtocolError as exc:
             log.warning("dropping connection from %s: cannot answer %s(): %s",
-                        self.channel.peer, call.context.name, exc)
-            self.abort()
+                        self.peer, name, exc)
+            self.on_loop(self.end, exc)
         except ConnectionLost:
             pass  # the reader notices too, and cancels what is left
+
+    def _loop_writer(self) -> ThreadPoolExecutor:
+        """The thread that writes for the loop on this socket (made on first use: most
+        connections call only plain functions), in order. One per connection: a
+        client that stops reading holds up its own connection only."""
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"rpc-writer {self.peer}")
+        return self._writer
+
+    async def send(self, op: Callable[..., Any], *args: Any) -> Any:
+        """Loop thread: ``op(*args)`` on the core, and wait until what it sends is
+        written (over a socket, by a thread: the loop never waits for a socket). A
+        ProtocolError (nothing can be answered) ends the connection."""
+        try:
+            if self.threads_write:
+                return await self.loop.run_in_executor(self._loop_writer(), self.driver.run,
+                                                       op, *args)
+            result = self.driver.run(op, *args)
+            await self.driver.drained()  # type: ignore[union-attr]
+            return result
+        except ProtocolError as exc:
+            log.warning("dropping connection from %s: %s", self.peer, exc)
+            self.end(exc)
+        except ConnectionLost:
+            pass  # the reader notices too
+        return None
 
     async def stream(self, call: _Call, items: AsyncIterator[Any]) -> None:
         """Send a generator's items, each only once the client has granted credit."""
         what = f"an item streamed by {call.context.name}()"
-        self.reply(call, Kind.RESULT, b"", Flag.STREAM)
+        rid = call.request_id
         try:
+            if not await self.send(self.core.start_stream, rid):
+                return  # cancelled meanwhile
             while True:
-                await call.credit.take()
+                while not self.core.credit(rid):
+                    if call.credit_granted is None:
+                        call.credit_granted = asyncio.Event()
+                    call.credit_granted.clear()
+                    await call.credit_granted.wait()
                 try:
                     item = await items.__anext__()
                 except StopAsyncIteration:
                     break
                 ok, payload = pack_value(item, what)
                 del item
-                self.reply(call, Kind.STREAM_ITEM if ok else Kind.ERROR, payload)
                 if not ok:
+                    await self.send(self.core.reply, rid, False, payload)
                     return
-                await self.channel.drain()
-            self.reply(call, Kind.STREAM_END, b"")
+                if not await self.send(self.core.send_item, rid, payload):
+                    return  # cancelled, or too large (sent as an error instead)
+            await self.send(self.core.end_stream, rid)
         finally:
             await items.aclose()  # type: ignore[attr-defined]
 
@@ -642,8 +665,8 @@ async def start_server(functions: Functions, *, tunnel_dir: Any = None, tcp: Any
         task = asyncio.ensure_future(server.handle(reader, writer))
         task.add_done_callback(lambda _: server.close())
     else:
-        server.listeners.append(await listen(ep, server.handle, force=force,
-                                             liveness_timeout=liveness_timeout))
+        server.listeners.append(await listen(ep, server.handle, server.handle_socket,
+                                             force=force, liveness_timeout=liveness_timeout))
     log.info("serving %d functions on %s (%s)", len(server.functions),
              ", ".join(server.addresses) or "stdio", ", ".join(sorted(server.functions)))
     return server

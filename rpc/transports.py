@@ -1,7 +1,7 @@
 """Where the byte streams come from: the file transport, TCP, Unix sockets, pipes.
 
-Everything above this module sees only an ``(asyncio.StreamReader,
-asyncio.StreamWriter)`` pair, whichever way it was opened.
+The tunnel and pipes give an ``(asyncio.StreamReader, asyncio.StreamWriter)`` pair
+(for the asyncio driver); TCP and Unix sockets give a socket (for the sync driver).
 """
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import logging
 import os
 import shlex
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Awaitable, Callable, Optional, Sequence, Set, Tuple, Union
 
 from fileforward.listeners import bind_unix, remove_socket
 
@@ -34,13 +35,9 @@ STREAM_LIMIT = 1 << 20
 #: (a long C call) silences its whole process; a process that dies is noticed at once
 #: over sockets, as its kernel closes them.
 DEFAULT_LIVENESS_TIMEOUT = 60.0
-#: Bytes per recv() of the server's socket transports. asyncio's default, 256 KiB,
-#: is above glibc's mmap threshold: every read then maps, remaps and unmaps its
-#: buffer, about 20 us, more than all the rest of the server's work on a small call.
-SOCKET_READ_SIZE = 1 << 16
-
 Streams = Tuple[asyncio.StreamReader, asyncio.StreamWriter]
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+SocketHandler = Callable[[socket.socket], Awaitable[None]]
 TcpAddress = Union[str, int, Tuple[str, int]]
 
 
@@ -136,25 +133,23 @@ async def open_streams(ep: Endpoint, connect_timeout: float, liveness_timeout: f
     raise ValueError(f"{ep} is reached with connect_socket()")
 
 
-async def connect_socket(ep: Endpoint, connect_timeout: float) -> socket.socket:
+def connect_socket(ep: Endpoint, connect_timeout: float) -> socket.socket:
     """A blocking socket connected to a ``tcp`` or ``unix`` endpoint (TCP_NODELAY set).
 
     Refused connections are retried, with back-off, until ``connect_timeout``: a
     server that is still starting is waited for.
     """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + connect_timeout
+    deadline = time.monotonic() + connect_timeout
     delay = 0.01
     while True:
         try:
-            return await loop.run_in_executor(None, _connect_once, ep,
-                                              max(deadline - loop.time(), 0.01))
+            return _connect_once(ep, max(deadline - time.monotonic(), 0.01))
         except (ConnectionRefusedError, FileNotFoundError) as exc:
-            if loop.time() + delay > deadline:
+            if time.monotonic() + delay > deadline:
                 raise _not_running(ep, connect_timeout, exc) from exc
         except socket.timeout as exc:
             raise _not_running(ep, connect_timeout, exc) from exc
-        await asyncio.sleep(delay)  # back-off between connection attempts
+        time.sleep(delay)  # back-off between connection attempts
         delay = min(delay * 2, 0.25)
 
 
@@ -213,20 +208,23 @@ class Listener:
         return getattr(self.server, "failure", None)
 
 
-async def listen(ep: Endpoint, handler: Handler, *, force: bool = False,
+async def listen(ep: Endpoint, handler: Handler, socket_handler: SocketHandler, *,
+                 force: bool = False,
                  liveness_timeout: float = DEFAULT_LIVENESS_TIMEOUT) -> Listener:
-    """Start accepting connections on ``ep`` (tunnel, tcp or unix)."""
+    """Start accepting connections on ``ep``: the tunnel's go to ``handler`` as stream
+    pairs, TCP and Unix sockets' to ``socket_handler`` as sockets."""
     if ep.kind == "tunnel":
         import fileforward
         server = await fileforward.start_server(handler, ep.address, limit=STREAM_LIMIT, force=force,
                                                 liveness_timeout=liveness_timeout, peer_name="RPC client")
         return Listener(server, str(Endpoint("tunnel", server.tunnel_dir)))  # absolute
-    handler = _with_small_reads(handler)
-    _throttle_accept_errors(asyncio.get_running_loop(), f"accepting connections on {ep} failed")
     if ep.kind == "tcp":
-        server = await asyncio.start_server(handler, *ep.address, limit=STREAM_LIMIT)
-        host, port = server.sockets[0].getsockname()[:2]
-        return Listener(server, str(Endpoint("tcp", (host, port))))
+        host, port = ep.address
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.create_server((host, port), family=family, backlog=BACKLOG)
+        host, port = sock.getsockname()[:2]
+        return Listener(SocketServer(sock, socket_handler, f"accepting connections on {ep}"),
+                        str(Endpoint("tcp", (host, port))))
     if ep.kind == "unix":
         try:
             sock = bind_unix(ep.address)
@@ -234,39 +232,60 @@ async def listen(ep: Endpoint, handler: Handler, *, force: bool = False,
             if exc.errno == errno.EADDRINUSE:
                 raise RPCError(f"a server is already listening on {ep.address}") from None
             raise
-        server = await asyncio.start_unix_server(handler, sock=sock, limit=STREAM_LIMIT)
-        return Listener(server, str(ep), lambda: remove_socket(ep.address))
+        sock.listen(BACKLOG)
+        return Listener(SocketServer(sock, socket_handler, f"accepting connections on {ep}"),
+                        str(ep), lambda: remove_socket(ep.address))
     raise ValueError(f"cannot listen on {ep}")
 
 
-def _throttle_accept_errors(loop: asyncio.AbstractEventLoop, what: str) -> None:
-    """Out of descriptors, asyncio logs a traceback for every failed ``accept()``
-    (about one per second and listener); log them counted, at most one line per
-    interval. Every other error goes to the handler that was there before."""
-    previous = loop.get_exception_handler()
-    failures = ThrottledLog(log, what + " (raise the descriptor limit: ulimit -n)")
-
-    def handle(loop: asyncio.AbstractEventLoop, context: Dict[str, Any]) -> None:
-        if context.get("message") == ACCEPT_ERROR_MESSAGE:
-            failures.note(context.get("exception"))
-        elif previous is not None:
-            previous(loop, context)
-        else:
-            loop.default_exception_handler(context)
-
-    loop.set_exception_handler(handle)
+#: Connections the kernel keeps waiting to be accepted (asyncio's default).
+BACKLOG = 100
+#: Seconds between attempts to accept a connection while out of descriptors.
+ACCEPT_RETRY_DELAY = 1.0
+#: ``accept()`` failures that mean "out of resources": retried, and logged counted.
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
-#: How asyncio reports an ``accept()`` that failed for lack of resources.
-ACCEPT_ERROR_MESSAGE = "socket.accept() out of system resource"
+class SocketServer:
+    """Accepts connections on a listening TCP or Unix socket, on the event loop, and
+    serves each with ``handler(socket)`` (TCP_NODELAY set) in a task of its own."""
 
+    def __init__(self, sock: socket.socket, handler: SocketHandler, what: str) -> None:
+        self.sock = sock
+        sock.setblocking(False)
+        self._failures = ThrottledLog(log, f"{what} failed (raise the descriptor limit: ulimit -n)")
+        self._what = what
+        self._serving: Set["asyncio.Task[None]"] = set()
+        self._accepting = asyncio.ensure_future(self._accept(handler))
 
-def _with_small_reads(handler: Handler) -> Handler:
-    """``handler``, on a socket transport that reads SOCKET_READ_SIZE bytes at a time."""
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.transport.max_size = SOCKET_READ_SIZE  # type: ignore[attr-defined]
-        await handler(reader, writer)
-    return handle
+    async def _accept(self, handler: SocketHandler) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(self.sock)
+            except ConnectionAbortedError:
+                continue  # the client gave up before we took it
+            except OSError as exc:
+                if exc.errno in _OUT_OF_RESOURCES:
+                    self._failures.note(exc)
+                else:
+                    log.warning("%s failed: %s", self._what, exc)
+                await asyncio.sleep(ACCEPT_RETRY_DELAY)  # back-off, as asyncio's servers do
+                continue
+            if conn.family != socket.AF_UNIX:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = asyncio.ensure_future(handler(conn))
+            self._serving.add(task)
+            task.add_done_callback(self._serving.discard)
+
+    def close(self) -> None:
+        """Stop accepting (the connections go on)."""
+        self._accepting.cancel()
+        self.sock.close()
+
+    async def wait_closed(self) -> None:
+        """Wait until :meth:`close` has been called."""
+        await asyncio.wait({self._accepting})
 
 
 async def stdio_streams(in_fd: int, out_fd: int) -> Streams:

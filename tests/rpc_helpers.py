@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 import rpc
-from rpc import auth, handshake, protocol
-from rpc.protocol import Kind
+from rpc import auth, frames, protocol
+from rpc.frames import Kind
 from tests.polling import wait_until
 
 TESTS = Path(__file__).resolve().parent
@@ -192,12 +192,14 @@ def client_sigkill_cancels(address, liveness_timeout=15.0, client_address=None, 
 def sigkill_and_restart(start_server, record, log, pending, within=15.0):
     """Kill the server with calls in flight through the lazy proxy ``record``.
 
-    Every pending call must raise ConnectionLost; after a restart the next call
-    through the same proxy succeeds, and no call ran twice (``log`` counts runs).
+    Every pending call must raise ConnectionLost within ``within`` seconds. A call
+    made after that, while no server runs, goes to the server started next, through
+    the same proxy (give it a ``connect_timeout`` long enough for a server to start);
+    and no call ran twice (``log`` counts runs).
     """
     srv = start_server()
     try:
-        with cf.ThreadPoolExecutor(pending) as pool:
+        with cf.ThreadPoolExecutor(pending + 1) as pool:
             calls = [pool.submit(record, str(log), True) for _ in range(pending)]
             wait_until(lambda: log.exists() and log.read_text().count("called") == pending,
                        what="the calls to run")
@@ -207,13 +209,61 @@ def sigkill_and_restart(start_server, record, log, pending, within=15.0):
                 with pytest.raises(rpc.ConnectionLost):
                     future.result(timeout=within + 10)
             assert time.monotonic() - killed < within
-        srv.stop()
-        srv = start_server()
-        assert record(str(log), False) == "recorded"
+            srv.stop()
+            after_the_death = pool.submit(record, str(log), False)
+            srv = start_server()
+            assert after_the_death.result(timeout=60) == "recorded"
         assert log.read_text().count("called") == pending + 1
+        assert record(str(log), False) == "recorded"
+        assert log.read_text().count("called") == pending + 2
     finally:
         record.close()
         srv.stop()
+
+
+class FrameStream:
+    """A hand-written peer's frames over asyncio streams (for fake servers), through
+    the wire codec; its handshake through the protocol core."""
+
+    def __init__(self, reader, writer):
+        self.reader = reader
+        self.writer = writer
+        self.decoder = frames.FrameDecoder(frames.DEFAULT_MAX_FRAME)
+        self.frames = []
+
+    async def recv(self):
+        """The next frame; ConnectionLost at EOF."""
+        while not self.frames:
+            data = await self.reader.read(65536)
+            if not data:
+                raise rpc.ConnectionLost("the peer closed the stream")
+            self.frames.extend(self.decoder.feed(data))
+        return self.frames.pop(0)
+
+    def send(self, kind, rid=0, payload=b""):
+        self.writer.write(frames.encode_frame(kind, rid, payload))
+
+    async def drain(self):
+        await self.writer.drain()
+
+    async def server_handshake(self, key):
+        """Authenticate the client as a real server does (one frame read at a time,
+        so that nothing after the handshake is taken from the stream)."""
+        core = protocol.ServerProtocol(key)
+        while core.state is protocol.State.HANDSHAKE:
+            frame = await self.recv()
+            core.receive_data(frames.encode_frame(frame.kind, frame.request_id,
+                                                  frame.payload, frame.flags))
+            for data in core.data_to_send():
+                self.writer.write(data)
+        await self.drain()
+
+    async def aclose(self):
+        self.writer.close()
+        try:
+            await asyncio.wait_for(self.writer.wait_closed(), 5)
+        except (OSError, asyncio.TimeoutError):
+            pass
 
 
 class RawConnection:
@@ -225,11 +275,11 @@ class RawConnection:
         self.sock = socket.socket(socket.AF_INET if tcp else socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(10)
         self.sock.connect(address if tcp else str(address))
-        self.decoder = protocol.FrameDecoder(protocol.DEFAULT_MAX_FRAME)
+        self.decoder = frames.FrameDecoder(frames.DEFAULT_MAX_FRAME)
         self.frames = []
 
     def send(self, kind, rid=0, payload=b""):
-        self.sock.sendall(protocol.encode_frame(kind, rid, payload))
+        self.sock.sendall(frames.encode_frame(kind, rid, payload))
 
     def recv(self):
         """The next frame, or None at EOF."""
@@ -249,20 +299,20 @@ class RawConnection:
         except ConnectionResetError:
             return True
 
-    def hello(self, proto=protocol.PROTOCOL_VERSION, versions=None):
+    def hello(self, proto=frames.PROTOCOL_VERSION, versions=None):
         nonce = auth.new_nonce()
-        body = {"proto": proto, "nonce": nonce, "max_frame": protocol.DEFAULT_MAX_FRAME,
-                "versions": versions or handshake.versions(), "hostname": "raw"}
-        payload = protocol.encode_json(body)
-        self.sock.sendall(protocol.HEADER.pack(len(payload), proto, Kind.HELLO, 0, 0) + payload)
+        body = {"proto": proto, "nonce": nonce, "max_frame": frames.DEFAULT_MAX_FRAME,
+                "versions": versions or protocol.versions(), "hostname": "raw"}
+        payload = frames.encode_json(body)
+        self.sock.sendall(frames.HEADER.pack(len(payload), proto, Kind.HELLO, 0, 0) + payload)
         return nonce
 
     def authenticate(self, key, versions=None, then=b""):
         """Complete the client side of the handshake by hand; ``then``: bytes sent in
         the same packet as the AUTH frame, before the server has accepted us."""
         nonce_c = self.hello(versions=versions)
-        server_hello = protocol.decode_json(self.recv().payload)
-        self.sock.sendall(protocol.encode_frame(Kind.AUTH, 0, protocol.encode_json(
+        server_hello = frames.decode_json(self.recv().payload)
+        self.sock.sendall(frames.encode_frame(Kind.AUTH, 0, frames.encode_json(
             {"mac": auth.answer(key, "client", nonce_c, server_hello["nonce"])})) + then)
         reply = self.recv()
         assert reply.kind is Kind.AUTH_OK, reply

@@ -16,11 +16,9 @@ import time
 import pytest
 
 import rpc
-from rpc import auth, protocol
-from rpc.channel import Channel
-from rpc.handshake import server_handshake
-from rpc.protocol import Kind
-from rpc_helpers import RawConnection, ServerThread
+from rpc import auth, frames
+from rpc.frames import Kind
+from rpc_helpers import FrameStream, RawConnection, ServerThread
 from tests.polling import wait_until
 
 pytestmark = pytest.mark.usefixtures("rpc_env")
@@ -191,15 +189,15 @@ SLOW_PIECE = 1 << 16
 async def slow_but_alive(reader, writer):
     """A server that takes its time: it reads a call's argument, and writes its result,
     a piece at a time, and never answers a PING (it is busy with the transfer)."""
-    channel = Channel(reader, writer)
+    channel = FrameStream(reader, writer)
     try:
-        await server_handshake(channel, auth.load_key(), protocol.DEFAULT_MAX_FRAME)
-        length, _, _, _, request_id = protocol.HEADER.unpack(await reader.readexactly(16))
+        await channel.server_handshake(auth.load_key())
+        length, _, _, _, request_id = frames.HEADER.unpack(await reader.readexactly(16))
         while length:
             length -= len(await reader.read(min(length, 8 * SLOW_PIECE)))
             await asyncio.sleep(0.05)
-        result = protocol.dumps(b"r" * (40 * SLOW_PIECE))
-        writer.write(protocol.encode_header(Kind.RESULT, request_id, len(result)))
+        result = frames.dumps(b"r" * (40 * SLOW_PIECE))
+        writer.write(frames.encode_header(Kind.RESULT, request_id, len(result)))
         for start in range(0, len(result), SLOW_PIECE):
             writer.write(result[start:start + SLOW_PIECE])
             await writer.drain()
@@ -330,18 +328,18 @@ def test_finding14_malformed_hello_gets_a_reject(sock, rpc_log, hello, reason):
     try:
         raw = RawConnection(sock)
         if isinstance(hello, dict):
-            body = {"proto": protocol.PROTOCOL_VERSION, "nonce": auth.new_nonce(),
+            body = {"proto": frames.PROTOCOL_VERSION, "nonce": auth.new_nonce(),
                     "max_frame": 1 << 20, "hostname": "raw", **hello}
-            hello = protocol.encode_json(body)
-        raw.send(Kind.HELLO, 0, hello[:protocol.HANDSHAKE_MAX_FRAME])
-        frames = []
+            hello = frames.encode_json(body)
+        raw.send(Kind.HELLO, 0, hello[:frames.HANDSHAKE_MAX_FRAME])
+        received = []
         while True:
             frame = raw.recv()
             if frame is None:
                 break
-            frames.append(frame)
-        assert frames and frames[-1].kind is Kind.REJECT, frames
-        assert reason in protocol.decode_json(frames[-1].payload)["reason"]
+            received.append(frame)
+        assert received and received[-1].kind is Kind.REJECT, received
+        assert reason in frames.decode_json(received[-1].payload)["reason"]
         raw.close()
         wait_until(lambda: logged(rpc_log, "rejected connection"), what="the log line")
         assert not logged(rpc_log, "Unhandled exception")
@@ -396,7 +394,7 @@ def test_finding14_a_failed_write_is_logged_as_a_warning(sock, rpc_log):
     try:
         raw = RawConnection(sock)
         raw.authenticate(auth.load_key())
-        head, args = protocol.encode_call("echo", (b"x" * (32 << 20),), {})
+        head, args = frames.encode_call("echo", (b"x" * (32 << 20),), {})
         raw.send(Kind.CALL, 1, head + args)
         raw.sock.recv(16)  # the result has started: leave in the middle of it
         raw.close()

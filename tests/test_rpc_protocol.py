@@ -7,14 +7,14 @@ import stat
 import pytest
 
 import rpc
-from rpc import auth, protocol
-from rpc.protocol import Flag, FrameDecoder, Kind
+from rpc import auth, frames
+from rpc.frames import Flag, FrameDecoder, Kind
 
 
 pytestmark = pytest.mark.usefixtures("rpc_env")
 
 
-def frames_of(chunks, max_frame=protocol.DEFAULT_MAX_FRAME):
+def frames_of(chunks, max_frame=frames.DEFAULT_MAX_FRAME):
     decoder = FrameDecoder(max_frame)
     out = []
     for chunk in chunks:
@@ -26,7 +26,7 @@ def test_frames_roundtrip_whatever_the_chunking():
     msgs = [(Kind.CALL, 1, b"a" * 10, Flag.NONE), (Kind.PING, 0, b"", Flag.NONE),
             (Kind.RESULT, 2**40, os.urandom(300_000), Flag.STREAM),
             (Kind.CANCEL, 7, b"", Flag.NONE)]
-    data = b"".join(protocol.encode_frame(k, r, p, f) for k, r, p, f in msgs)
+    data = b"".join(frames.encode_frame(k, r, p, f) for k, r, p, f in msgs)
     rng = random.Random(1)
     for size in (1, 7, 16, 4096, len(data)):
         chunks, pos = [], 0
@@ -34,27 +34,27 @@ def test_frames_roundtrip_whatever_the_chunking():
             step = rng.randint(1, size)
             chunks.append(data[pos:pos + step])
             pos += step
-        frames, decoder = frames_of(chunks)
-        assert [(f.kind, f.request_id, bytes(f.payload), f.flags) for f in frames] == msgs
+        decoded, decoder = frames_of(chunks)
+        assert [(f.kind, f.request_id, bytes(f.payload), f.flags) for f in decoded] == msgs
         assert not decoder.mid_frame()
 
 
 def test_payload_parts_are_sent_back_to_back():
-    frame = protocol.encode_frame(Kind.CALL, 3, (b"ab", b"cd"))
+    frame = frames.encode_frame(Kind.CALL, 3, (b"ab", b"cd"))
     [decoded], _ = frames_of([frame])
     assert bytes(decoded.payload) == b"abcd"
 
 
 def test_truncated_frame_is_visible_to_the_reader():
-    data = protocol.encode_frame(Kind.RESULT, 1, b"x" * 100)
-    frames, decoder = frames_of([data[:50]])
-    assert frames == [] and decoder.mid_frame()
+    data = frames.encode_frame(Kind.RESULT, 1, b"x" * 100)
+    decoded, decoder = frames_of([data[:50]])
+    assert decoded == [] and decoder.mid_frame()
 
 
 @pytest.mark.parametrize("header, message", [
-    (protocol.HEADER.pack(0, 1, 200, 0, 1), "unknown message kind 200"),
-    (protocol.HEADER.pack(0, 9, Kind.CALL, 0, 1), "protocol version 9"),
-    (protocol.HEADER.pack(2**32 - 1, 1, Kind.CALL, 0, 1), "exceeds the limit"),
+    (frames.HEADER.pack(0, 1, 200, 0, 1), "unknown message kind 200"),
+    (frames.HEADER.pack(0, 9, Kind.CALL, 0, 1), "protocol version 9"),
+    (frames.HEADER.pack(2**32 - 1, 1, Kind.CALL, 0, 1), "exceeds the limit"),
 ])
 def test_malformed_headers_raise_protocol_error(header, message):
     with pytest.raises(rpc.ProtocolError, match=message):
@@ -62,31 +62,31 @@ def test_malformed_headers_raise_protocol_error(header, message):
 
 
 def test_hello_of_another_version_is_readable_so_it_can_be_reported():
-    payload = protocol.encode_json({"proto": 2})
-    [frame], _ = frames_of([protocol.HEADER.pack(len(payload), 2, Kind.HELLO, 0, 0) + payload])
-    assert frame.version == 2 and protocol.decode_json(frame.payload) == {"proto": 2}
+    payload = frames.encode_json({"proto": 2})
+    [frame], _ = frames_of([frames.HEADER.pack(len(payload), 2, Kind.HELLO, 0, 0) + payload])
+    assert frame.version == 2 and frames.decode_json(frame.payload) == {"proto": 2}
 
 
 def test_handshake_limit_is_small():
     with pytest.raises(rpc.ProtocolError):
-        frames_of([protocol.encode_frame(Kind.HELLO, 0, b"x" * 70_000)],
-                  max_frame=protocol.HANDSHAKE_MAX_FRAME)
+        frames_of([frames.encode_frame(Kind.HELLO, 0, b"x" * 70_000)],
+                  max_frame=frames.HANDSHAKE_MAX_FRAME)
 
 
 def test_call_payload_keeps_the_name_outside_the_pickle():
-    head, args = protocol.encode_call("fn", (1, 2), {"k": 3})
-    name, pickled = protocol.decode_call(head + args)
+    head, args = frames.encode_call("fn", (1, 2), {"k": 3})
+    name, pickled = frames.decode_call(head + args)
     assert name == "fn" and pickle.loads(pickled) == ((1, 2), {"k": 3})
     with pytest.raises(rpc.ProtocolError):
-        protocol.decode_call(b"\x00\x09ab")
+        frames.decode_call(b"\x00\x09ab")
 
 
 def test_error_payload_keeps_type_message_and_traceback():
     try:
         raise KeyError("missing")
     except KeyError as exc:
-        payload = protocol.pack_error(exc)
-    exc = protocol.unpack_error(payload)
+        payload = frames.pack_error(exc)
+    exc = frames.unpack_error(payload)
     assert type(exc) is KeyError and exc.args == ("missing",)
     assert "raise KeyError" in exc.remote_traceback
     assert isinstance(exc.__cause__, rpc.RemoteTraceback)
@@ -95,27 +95,27 @@ def test_error_payload_keeps_type_message_and_traceback():
 def test_unpicklable_error_becomes_runtime_error():
     err = ValueError("locked")
     err.lock = __import__("threading").Lock()
-    exc = protocol.unpack_error(protocol.pack_error(err))
+    exc = frames.unpack_error(frames.pack_error(err))
     assert type(exc) is RuntimeError and str(exc) == "Server-side ValueError: locked"
 
 
 def test_unpicklable_value_becomes_remote_serialization_error():
-    ok, payload = protocol.pack_value(lambda: None, "x")
+    ok, payload = frames.pack_value(lambda: None, "x")
     assert ok
-    ok, payload = protocol.pack_value(__import__("threading").Lock(), "the result of f()")
+    ok, payload = frames.pack_value(__import__("threading").Lock(), "the result of f()")
     assert not ok
-    exc = protocol.unpack_error(payload)
+    exc = frames.unpack_error(payload)
     assert isinstance(exc, rpc.RemoteSerializationError) and "the result of f()" in str(exc)
 
 
 def test_credit_and_json_payloads_are_validated():
-    assert protocol.decode_credit(protocol.encode_credit(5)) == 5
+    assert frames.decode_credit(frames.encode_credit(5)) == 5
     with pytest.raises(rpc.ProtocolError):
-        protocol.decode_credit(b"\x00")
+        frames.decode_credit(b"\x00")
     with pytest.raises(rpc.ProtocolError):
-        protocol.decode_json(b"[1]")
+        frames.decode_json(b"[1]")
     with pytest.raises(rpc.ProtocolError):
-        protocol.decode_json(b"\xff")
+        frames.decode_json(b"\xff")
 
 
 # ---------------------------------------------------------------- key and HMAC

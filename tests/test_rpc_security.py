@@ -9,10 +9,9 @@ import socket
 import pytest
 
 import rpc
-from rpc import auth, handshake, protocol
-from rpc.channel import Channel
-from rpc.protocol import Kind
-from rpc_helpers import RawConnection, ServerThread
+from rpc import auth, frames, protocol
+from rpc.frames import Kind
+from rpc_helpers import FrameStream, RawConnection, ServerThread
 from tests.polling import wait_until
 
 pytestmark = pytest.mark.usefixtures("rpc_env")
@@ -56,7 +55,7 @@ class FakeServer:
         self.thread = ServerThread({}, unix=str(path) + ".unused")
 
         async def serve(reader, writer):
-            channel = Channel(reader, writer)
+            channel = FrameStream(reader, writer)
             try:
                 await handler(channel)
             finally:
@@ -72,10 +71,10 @@ class FakeServer:
 def test_impostor_server_without_the_key_is_detected(sock):
     async def impostor(channel):
         await channel.recv()
-        channel.send(Kind.HELLO, payload=protocol.encode_json(
+        channel.send(Kind.HELLO, payload=frames.encode_json(
             {"proto": 1, "nonce": auth.new_nonce(), "max_frame": 1 << 20, "versions": {}}))
         await channel.recv()
-        channel.send(Kind.AUTH_OK, payload=protocol.encode_json({"mac": "0" * 64}))
+        channel.send(Kind.AUTH_OK, payload=frames.encode_json({"mac": "0" * 64}))
         await channel.drain()
 
     auth.load_key(create=True)
@@ -90,8 +89,8 @@ def test_impostor_server_without_the_key_is_detected(sock):
 def test_client_reports_both_versions_of_an_incompatible_server(sock):
     async def future_server(channel):
         await channel.recv()
-        payload = protocol.encode_json({"proto": 99, "nonce": auth.new_nonce()})
-        channel.writer.write(protocol.HEADER.pack(len(payload), 99, Kind.HELLO, 0, 0) + payload)
+        payload = frames.encode_json({"proto": 99, "nonce": auth.new_nonce()})
+        channel.writer.write(frames.HEADER.pack(len(payload), 99, Kind.HELLO, 0, 0) + payload)
         await channel.drain()
 
     auth.load_key(create=True)
@@ -111,12 +110,12 @@ def test_server_rejects_an_incompatible_client_naming_both_versions(server, sock
     reject = raw.recv()
     assert reject.kind is Kind.REJECT
     assert "client speaks version 7, this side speaks version 1" in \
-        protocol.decode_json(reject.payload)["reason"]
+        frames.decode_json(reject.payload)["reason"]
     assert raw.closed_by_peer()
 
 
 def test_version_mismatch_that_may_break_unpickling_is_a_warning(server, sock, caplog_rpc):
-    versions = dict(handshake.versions(), python="2.7.18", cloudpickle="0.1")
+    versions = dict(protocol.versions(), python="2.7.18", cloudpickle="0.1")
     raw = RawConnection(sock)
     raw.authenticate(auth.load_key(), versions=versions)
     raw.close()
@@ -129,7 +128,7 @@ def test_client_garbage_from_the_server_is_protocol_error(sock):
     key = auth.load_key(create=True)
 
     async def garbage_after_auth(channel):
-        await handshake.server_handshake(channel, key, protocol.DEFAULT_MAX_FRAME)
+        await channel.server_handshake(key)
         await channel.recv()  # the CALL
         channel.writer.write(b"\xff" * 64)
         await channel.drain()
@@ -151,16 +150,16 @@ def _random_bytes():
 
 @pytest.mark.parametrize("authenticated, data, log_text", [
     (False, _random_bytes(), "malformed frame"),
-    (False, protocol.HEADER.pack(2**31, 1, Kind.HELLO, 0, 0), "exceeds the limit"),
-    (False, protocol.encode_frame(Kind.CALL, 1, b"x"), "expected a HELLO"),
-    (False, protocol.encode_frame(Kind.HELLO, 0, b"not json"), "malformed handshake"),
-    (False, protocol.encode_frame(Kind.HELLO, 0, b"x" * 100)[:60], "middle of a frame"),
+    (False, frames.HEADER.pack(2**31, 1, Kind.HELLO, 0, 0), "exceeds the limit"),
+    (False, frames.encode_frame(Kind.CALL, 1, b"x"), "expected a HELLO"),
+    (False, frames.encode_frame(Kind.HELLO, 0, b"not json"), "malformed handshake"),
+    (False, frames.encode_frame(Kind.HELLO, 0, b"x" * 100)[:60], "middle of a frame"),
     (True, _random_bytes(), "malformed frame"),
-    (True, protocol.HEADER.pack(2**32 - 1, 1, Kind.CALL, 0, 1), "exceeds the limit"),
-    (True, protocol.encode_frame(Kind.RESULT, 1, b""), "unexpected RESULT"),
-    (True, protocol.encode_frame(Kind.CALL, 1, b"\x00\x50ab"), "malformed CALL"),
-    (True, protocol.encode_frame(Kind.CREDIT, 1, b"\x01"), "malformed CREDIT"),
-    (True, protocol.encode_frame(Kind.CALL, 1, b"x" * 1000)[:500], "middle of a frame"),
+    (True, frames.HEADER.pack(2**32 - 1, 1, Kind.CALL, 0, 1), "exceeds the limit"),
+    (True, frames.encode_frame(Kind.RESULT, 1, b""), "unexpected RESULT"),
+    (True, frames.encode_frame(Kind.CALL, 1, b"\x00\x50ab"), "malformed CALL"),
+    (True, frames.encode_frame(Kind.CREDIT, 1, b"\x01"), "malformed CREDIT"),
+    (True, frames.encode_frame(Kind.CALL, 1, b"x" * 1000)[:500], "middle of a frame"),
 ], ids=["random", "huge-hello", "call-before-auth", "bad-json", "truncated-hello",
         "random-after-auth", "huge-frame", "unexpected-kind", "bad-call", "bad-credit",
         "truncated-call"])
@@ -187,7 +186,7 @@ def test_garbage_before_auth_is_never_unpickled(server, sock, tmp_path):
             return (os.system, (f"touch {marker}",))
 
     raw = RawConnection(sock)
-    raw.send(Kind.CALL, 1, protocol.encode_call("echo", (Exploit(),), {})[0]
+    raw.send(Kind.CALL, 1, frames.encode_call("echo", (Exploit(),), {})[0]
              + pickle.dumps(((Exploit(),), {})))
     assert raw.closed_by_peer()
     assert not marker.exists()
@@ -197,9 +196,9 @@ def test_garbage_before_auth_is_never_unpickled(server, sock, tmp_path):
 def test_cancel_in_the_same_packet_as_the_call_leaves_nothing_behind(server, sock, name):
     raw = RawConnection(sock)
     raw.authenticate(auth.load_key())
-    head, args = protocol.encode_call(name, (1,), {})
-    raw.sock.sendall(protocol.encode_frame(Kind.CALL, 5, head + args)
-                     + protocol.encode_frame(Kind.CANCEL, 5))
+    head, args = frames.encode_call(name, (1,), {})
+    raw.sock.sendall(frames.encode_frame(Kind.CALL, 5, head + args)
+                     + frames.encode_frame(Kind.CANCEL, 5))
     wait_until(lambda: server.stats()["calls_served"] == 1 and server.stats()["in_flight"] == 0,
                what="the call to be forgotten")
     raw.send(Kind.INFO, 6)

@@ -1,13 +1,16 @@
-"""The server's reading threads on TCP and Unix sockets (rpc/turns.py): the thread
-that reads a plain function's call runs it, while another one reads on."""
+"""The server's reading threads on TCP and Unix sockets (the sync driver, rpc/sync.py):
+the thread that reads a plain function's call runs it, while another one reads on."""
+import fcntl
+import struct
+import termios
 import threading
 import time
 
 import pytest
 
 import rpc
-from rpc import auth, protocol, turns
-from rpc.protocol import Kind
+from rpc import auth, frames, sync
+from rpc.frames import Kind
 from rpc.server import WORKER_THREAD_PREFIX
 from rpc_helpers import RawConnection, ServerThread
 from tests.polling import wait_until
@@ -76,7 +79,7 @@ def test_no_more_than_workers_plain_functions_run_at_once(sock):
 
 
 def test_threads_of_a_burst_leave_when_idle_and_all_leave_with_the_client(sock, monkeypatch):
-    monkeypatch.setattr(turns, "IDLE_THREAD_LIFETIME", 0.2)
+    monkeypatch.setattr(sync, "IDLE_THREAD_LIFETIME", 0.2)
     gate = Gate()
     srv = ServerThread({"hold": gate.hold}, unix=sock, workers=8)
     try:
@@ -97,11 +100,11 @@ def test_a_call_sent_with_the_authentication_is_not_lost(sock, rpc_env):
     srv = ServerThread({"echo": lambda x: x}, unix=sock)
     try:
         raw = RawConnection(sock)
-        head, args = protocol.encode_call("echo", ("pipelined",), {})
-        raw.authenticate(auth.load_key(), then=protocol.encode_frame(Kind.CALL, 1, head + args))
+        head, args = frames.encode_call("echo", ("pipelined",), {})
+        raw.authenticate(auth.load_key(), then=frames.encode_frame(Kind.CALL, 1, head + args))
         reply = raw.recv()
         assert (reply.kind, reply.request_id) == (Kind.RESULT, 1)
-        assert protocol.loads(reply.payload) == "pipelined"
+        assert frames.loads(reply.payload) == "pipelined"
         raw.close()
     finally:
         srv.stop()
@@ -112,8 +115,8 @@ def test_a_refused_frame_after_a_call_in_one_packet_leaks_no_worker_slot(sock, r
     try:
         raw = RawConnection(sock)
         raw.authenticate(auth.load_key())
-        head, args = protocol.encode_call("echo", ("lost",), {})
-        call = protocol.encode_frame(Kind.CALL, 1, head + args)
+        head, args = frames.encode_call("echo", ("lost",), {})
+        call = frames.encode_frame(Kind.CALL, 1, head + args)
         raw.sock.sendall(call + call)  # the same request id twice: refused
         assert raw.closed_by_peer()
         raw.close()
@@ -173,4 +176,41 @@ def test_mixed_calls_and_cancellations_from_many_threads_leave_the_books_clean(t
             wait_until(lambda: gate.most == 2, what="both slots to be used")
             assert sorted(f.result(10) for f in held) == [0, 1]
     finally:
+        srv.stop()
+
+
+def unread_bytes(sock):
+    """How many bytes wait in ``sock``'s receive buffer."""
+    return struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0" * 4))[0]
+
+
+def test_clients_that_stop_reading_hold_up_their_own_connections_only(sock, rpc_env):
+    # What the loop sends on a socket (an async generator's items) is written by a
+    # thread; ten clients that stop reading a stream block ten such writes, and a
+    # coroutine call on another connection is still answered.
+    async def chunks():
+        while True:
+            yield b"x" * (1 << 20)
+
+    async def aecho(x):
+        return x
+
+    srv = ServerThread({"chunks": chunks, "aecho": aecho}, unix=sock)
+    stalled = []
+    try:
+        for _ in range(10):
+            raw = RawConnection(sock)
+            raw.authenticate(auth.load_key())
+            head, args = frames.encode_call("chunks", (), {})
+            raw.send(Kind.CALL, 1, head + args)
+            assert raw.recv().kind is Kind.RESULT  # the stream begins
+            raw.send(Kind.CREDIT, 1, frames.encode_credit(1000))
+            stalled.append(raw)
+        for raw in stalled:  # the server has filled what the socket holds
+            wait_until(lambda: unread_bytes(raw.sock) >= 1 << 17, what="the socket to fill")
+        with rpc.connect(unix=sock, timeout=20) as client:
+            assert client.call("aecho", "still answered") == "still answered"
+    finally:
+        for raw in stalled:
+            raw.close()
         srv.stop()
