@@ -31,7 +31,7 @@ class Options:
     liveness_timeout: float = 15.0
     connect_timeout: float = 10.0
     poll_min: float = 0.0002
-    poll_max: float = 0.15
+    poll_max: float = 0.12
     window: int = 4 * MiB
     chunk: int = 1 * MiB
     slow_call_warning: float = 5.0

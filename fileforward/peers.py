@@ -34,7 +34,7 @@ from .files import TABLE, SharedFile, close_file, open_private, write_at
 
 log = logging.getLogger(__name__)
 
-DEATH_CHECK = 1.0  # how often a trusted peer's owner lock is tested while we have connections with it
+DEATH_CHECK = 1.5  # how often a trusted peer's owner lock is tested while we have connections with it
 MAX_SLOTS = 100_000
 
 
