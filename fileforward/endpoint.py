@@ -148,8 +148,6 @@ class Endpoint:
         self._damaged_slots: Dict[int, Optional[float]] = {}  # since when unreadable (None: reported)
         self._gone: Set[str] = set()  # peers declared gone: not met again through a stale pointer
         self._pings = 0  # the counter of our pings, to any peer: it rises across meetings with a peer
-        self._lease = 0
-        self._next_lease = 0.0
         self._commands: List[Callable[[], None]] = []
         self._commands_lock = threading.Lock()
         self._closed = False
@@ -356,7 +354,6 @@ class Endpoint:
             self._next_watch = now + POINTER_WATCH
             self._watch_server()
         self._keep_peers(now)
-        self._keep_lease(now)
         for link in [k for k in self._links.values() if k.conn.in_done and k.conn.out_done]:
             self._forget(link)
         return activity
@@ -503,16 +500,6 @@ class Endpoint:
             return False
         finally:
             TABLE.release(shared)
-
-    def _keep_lease(self, now: float) -> None:
-        """Raise the lease in our bell's slot 0 now and then: how a remote observer could
-        tell that we still run (not used for liveness between peers: pings are)."""
-        if now < self._next_lease or self._bell is None or self.silent:
-            return
-        self._next_lease = now + self.opts.liveness_timeout / 2
-        self._lease += 1
-        write_at(self._bell.fd, [OwnerSlot(self.eid, os.getpid(), self._view, self._host, self._lease).encode()],
-                 0, self._data.sync)
 
     # --- server pointer ---------------------------------------------------------------------
     def _claim_pointer(self) -> None:
@@ -975,7 +962,7 @@ class Endpoint:
             self._fail_loudly(link, _describe_gone(exc, "reading"), tell_peer=True)
             return True
         done = time.monotonic()
-        conn.in_next = done + (done - polled)  # leave the file server as long as the look took
+        conn.in_next = done + 2 * (done - polled)  # leave the file server twice as long as the look took
         looked, conn.looked = conn.looked, polled
         if not records:
             if (started - conn.last_seen > self.opts.cool_after and conn.cid not in self._connects
