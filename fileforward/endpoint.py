@@ -146,7 +146,7 @@ class Endpoint:
         self._peers: Dict[str, Peer] = {}
         self._slots: Dict[int, PeerSlot] = {}  # what each peer's slot in our bell said at our last look
         self._damaged_slots: Dict[int, Optional[float]] = {}  # since when unreadable (None: reported)
-        self._gone: Set[str] = set()  # peers declared gone: not met again through a stale pointer
+        self._gone: Set[str] = set()  # peers that left or whose process ended (not merely silent)  # peers declared gone: not met again through a stale pointer
         self._pings = 0  # the counter of our pings, to any peer: it rises across meetings with a peer
         self._commands: List[Callable[[], None]] = []
         self._commands_lock = threading.Lock()
@@ -1116,6 +1116,7 @@ class Endpoint:
                 peer.next_death_check = now + DEATH_CHECK
                 if peer.bell.alive_elsewhere() is False:
                     self._peer_lost(peer, "its process ended (it no longer holds its lock)")
+                    self._gone.add(peer.eid)  # proven: not asked again even if the pointer still names it
             if self._peers.get(peer.eid) is peer and now - peer.last_ping >= self.opts.ping_interval:
                 peer.last_ping = now
                 self._pings += 1
@@ -1154,7 +1155,8 @@ class Endpoint:
         for index, slot in self._slots.items():
             if slot.eid == peer.eid:
                 TABLE.unlink(tunneldir.slot_claim_path(self.tunnel_dir, self.eid, index))
-        self._gone.add(peer.eid)
+        if not why:  # it left: not asked again even if the pointer still names it
+            self._gone.add(peer.eid)
         self._drop_peer(peer)
         bell = tunneldir.bell_path(self.tunnel_dir, peer.eid)
         if self._owner_dead(bell, peer.locks_trusted):
