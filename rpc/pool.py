@@ -1,0 +1,334 @@
+"""A worker pool over the shared directory: ``rpc.Pool``, a ``concurrent.futures.Executor``.
+
+The side that has the work serves: the pool runs an RPC server on its tunnel
+directory, and workers (``python -m rpc worker``, ``worker.py``) are RPC clients
+that pull tasks. A worker first calls ``attach``, a call that stays open for as
+long as the worker lives: when its connection is lost (the worker was killed, its
+node died), the server cancels that call, and the pool knows at once which tasks
+were lost. Between them, ``take`` long-polls for one task, ``done`` returns its
+outcome, ``leave`` stops a worker's takes (SIGTERM) and ``give_back`` requeues what
+it could not finish.
+
+Every piece of the pool's state lives on its event loop thread (the server's loop):
+user threads only queue tasks there, and futures are resolved there.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures as cf
+import itertools
+import logging
+import threading
+from pathlib import Path
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+
+from .errors import RemoteTraceback, RPCError, SerializationError
+from .frames import describe_error, dumps, loads, unpack_error
+from .server import RPCServer, start_server
+from .transports import DEFAULT_LIVENESS_TIMEOUT
+
+log = logging.getLogger(__name__)
+
+#: Where a pool and its workers meet unless told otherwise.
+DEFAULT_POOL_DIR = Path("~/.cache/fileforward/pool")
+#: Seconds to wait for the pool's server thread to start or stop.
+LOOP_TIMEOUT = 60.0
+
+
+class WorkerLost(RPCError):
+    """The worker running a task was lost (killed, its node or job ended) and the
+    pool's ``retries`` did not allow running the task again."""
+
+
+class _Worker:
+    """One attached worker, as the pool sees it."""
+
+    def __init__(self, worker_id: str, info: Dict[str, Any]) -> None:
+        self.id = worker_id
+        self.info = dict(info)
+        self.tasks: Dict[int, "_Task"] = {}
+        self.leaving = False
+        self.gone = False
+
+    def __str__(self) -> str:
+        job = self.info.get("job")
+        where = f"{self.info.get('host')} pid {self.info.get('pid')}"
+        return f"{where}, SLURM job {job}" if job else f"{where}, no SLURM job"
+
+
+class _Task:
+    """A submitted call, pickled once, and the future of its outcome."""
+
+    def __init__(self, task_id: int, payload: bytes, future: cf.Future) -> None:
+        self.id = task_id
+        self.payload = payload
+        self.future = future
+        self.attempts = 0
+
+
+class _Board:
+    """The pool's books and the functions its workers call (all on the loop thread)."""
+
+    def __init__(self, retries: int, where: str) -> None:
+        self.retries = retries
+        self.where = where
+        self.workers: Dict[str, _Worker] = {}
+        self.queue: Deque[_Task] = collections.deque()
+        #: Takes waiting for a task, oldest first: (worker, the future of its task).
+        self.takers: Deque[Tuple[_Worker, "asyncio.Future[Optional[_Task]]"]] = collections.deque()
+        self.said_waiting = False
+        self.completed = 0
+        self.failed = 0
+
+    def functions(self) -> Dict[str, Callable[..., Any]]:
+        """What the pool serves to its workers."""
+        return {"attach": self.attach, "take": self.take, "done": self.done,
+                "leave": self.leave, "give_back": self.give_back}
+
+    # -------------------------------------------------------------- the pool's side
+
+    def add(self, task: _Task) -> None:
+        """Queue a submitted task (its future not yet running)."""
+        self.queue.append(task)
+        if not self.workers and not self.said_waiting:
+            self.said_waiting = True
+            log.info("waiting for a worker to join: run `python -m rpc worker --pool %s`",
+                     self.where)
+        self.dispatch()
+
+    def dispatch(self) -> None:
+        """Hand queued tasks to waiting takes, oldest first on both sides."""
+        while self.queue and self.takers:
+            worker, waiter = self.takers.popleft()
+            if waiter.done() or worker.gone or worker.leaving:
+                continue
+            task = self.queue.popleft()
+            if not task.future.running() and not task.future.set_running_or_notify_cancel():
+                self.takers.appendleft((worker, waiter))  # cancelled while queued
+                continue
+            task.attempts += 1
+            worker.tasks[task.id] = task
+            waiter.set_result(task)
+
+    def info(self) -> Dict[str, Any]:
+        """Workers, their jobs and what they run; the queue and the counters."""
+        return {
+            "tunnel_dir": self.where,
+            "workers": [dict(w.info, running=sorted(w.tasks), leaving=w.leaving)
+                        for w in self.workers.values()],
+            "queued": len(self.queue),
+            "running": sum(len(w.tasks) for w in self.workers.values()),
+            "completed": self.completed,
+            "failed": self.failed,
+        }
+
+    def fail_all(self, error: BaseException) -> None:
+        """The pool is closing: nothing left will run."""
+        tasks = list(self.queue) + [t for w in self.workers.values() for t in w.tasks.values()]
+        self.queue.clear()
+        for task in tasks:
+            if task.future.cancel() or task.future.done():
+                continue
+            task.future.set_exception(error)
+
+    # -------------------------------------------------------------- the workers' calls
+
+    async def attach(self, worker_id: str, info: Dict[str, Any]) -> None:
+        """Open for as long as the worker is connected; its end means the worker left."""
+        worker = self.workers[worker_id] = _Worker(worker_id, info)
+        self.said_waiting = False
+        log.info("worker %s joined (%d threads); %d worker(s) now", worker,
+                 info.get("threads", 1), len(self.workers))
+        try:
+            await asyncio.get_running_loop().create_future()  # never set: ends by cancel
+        finally:
+            self.lose(worker)
+
+    async def take(self, worker_id: str, timeout: float) -> Optional[Tuple[int, bytes]]:
+        """Long-poll for one task: ``(task id, pickled (fn, args, kwargs))`` or None."""
+        worker = self.workers.get(worker_id)
+        if worker is None or worker.leaving:
+            return None
+        waiter: "asyncio.Future[Optional[_Task]]" = asyncio.get_running_loop().create_future()
+        self.takers.append((worker, waiter))
+        self.dispatch()
+        try:
+            await asyncio.wait({waiter}, timeout=timeout)
+        finally:
+            if not waiter.done():
+                waiter.cancel()  # skipped by dispatch(); also when this call is cancelled
+        task = waiter.result()
+        return None if task is None else (task.id, task.payload)
+
+    async def done(self, worker_id: str, task_id: int, ok: bool, payload: bytes) -> None:
+        """A worker's outcome of a task: a pickled value, or a packed exception."""
+        worker = self.workers.get(worker_id)
+        task = worker.tasks.pop(task_id, None) if worker is not None else None
+        if task is None or task.future.done():
+            log.debug("ignoring the outcome of task %d from worker %s", task_id, worker_id)
+            return
+        if ok:
+            try:
+                task.future.set_result(loads(payload))
+            except Exception as exc:
+                self._fail(task, SerializationError(
+                    f"cannot unpickle the result of task {task_id} from worker {worker}: "
+                    f"{describe_error(exc)}"))
+                return
+            self.completed += 1
+            return
+        exc = unpack_error(payload)
+        exc.__cause__ = RemoteTraceback(f"on worker {worker}:\n{exc.__cause__.text}")
+        self._fail(task, exc)
+
+    async def leave(self, worker_id: str) -> None:
+        """The worker takes no new task (it got SIGTERM): its waiting takes return None."""
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            return
+        worker.leaving = True
+        log.info("worker %s is leaving: it takes no new task", worker)
+        for taker, waiter in self.takers:
+            if taker is worker and not waiter.done():
+                waiter.set_result(None)
+
+    async def give_back(self, worker_id: str, task_ids: List[int]) -> None:
+        """A leaving worker could not finish these tasks: they run elsewhere."""
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            return
+        tasks = [worker.tasks.pop(i) for i in task_ids if i in worker.tasks]
+        for task in reversed(tasks):
+            task.attempts -= 1  # handed back, not lost: it does not use up a retry
+            self.queue.appendleft(task)
+        if tasks:
+            log.warning("worker %s handed back %d unfinished task(s); they run elsewhere",
+                        worker, len(tasks))
+        self.dispatch()
+
+    # -------------------------------------------------------------- losing a worker
+
+    def lose(self, worker: _Worker) -> None:
+        """The worker's connection ended: its tasks are retried, or fail WorkerLost."""
+        worker.gone = True
+        self.workers.pop(worker.id, None)
+        lost = sorted(worker.tasks.values(), key=lambda t: t.id)
+        worker.tasks.clear()
+        if not lost:
+            log.info("worker %s left; %d worker(s) now", worker, len(self.workers))
+            return
+        for task in reversed(lost):
+            if task.attempts <= self.retries:
+                log.warning("worker %s was lost while running task %d; running it again "
+                            "(attempt %d of %d)", worker, task.id, task.attempts + 1,
+                            self.retries + 1)
+                self.queue.appendleft(task)
+            else:
+                log.warning("worker %s was lost while running task %d; not retried "
+                            "(retries=%d)", worker, task.id, self.retries)
+                self._fail(task, WorkerLost(
+                    f"task {task.id} was lost with its worker {worker} "
+                    f"after {task.attempts} attempt(s) (retries={self.retries})"))
+        self.dispatch()
+
+    def _fail(self, task: _Task, error: BaseException) -> None:
+        self.failed += 1
+        task.future.set_exception(error)
+
+
+class Pool(cf.Executor):
+    """Runs functions on workers that join through the shared directory ``tunnel_dir``.
+
+    A drop-in ``concurrent.futures.Executor`` (``submit``, ordered ``map``,
+    ``shutdown``, a context manager). Functions and arguments travel by value
+    (cloudpickle). Workers run ``python -m rpc worker --pool DIR`` and may join and
+    leave at any time. A task whose worker is lost runs again up to ``retries``
+    times, then fails with :class:`WorkerLost`; a task's own exception is re-raised
+    with its type and remote traceback, and never retried.
+    """
+
+    def __init__(self, tunnel_dir: Any = None, *, retries: int = 0, key_file: Any = None,
+                 liveness_timeout: float = DEFAULT_LIVENESS_TIMEOUT, force: bool = False) -> None:
+        if retries < 0:
+            raise ValueError(f"retries must be at least 0, got {retries}")
+        self.tunnel_dir = Path(tunnel_dir if tunnel_dir is not None else DEFAULT_POOL_DIR).expanduser()
+        self._board = _Board(retries, str(self.tunnel_dir))
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._shutdown = False
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="rpc-pool-loop",
+                                        daemon=True)
+        self._thread.start()
+        try:
+            self._server: RPCServer = self._run(start_server(
+                self._board.functions(), tunnel_dir=self.tunnel_dir, key_file=key_file,
+                workers=1, force=force, liveness_timeout=liveness_timeout))
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future:
+        """Queue ``fn(*args, **kwargs)`` for a worker; returns its future."""
+        try:
+            payload = dumps((fn, args, kwargs))
+        except Exception as exc:
+            raise SerializationError(f"cannot pickle the task {getattr(fn, '__name__', fn)!r}: "
+                                     f"{describe_error(exc)}") from exc
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot submit to a pool after shutdown")
+            task = _Task(next(self._ids), payload, cf.Future())
+            self._loop.call_soon_threadsafe(self._board.add, task)
+        return task.future
+
+    def info(self) -> Dict[str, Any]:
+        """The workers (host, pid, SLURM job, threads, running task ids), the queue,
+        and the counts of completed and failed tasks."""
+        return self._run(self._on_loop(self._board.info))
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop taking tasks; with ``wait``, let the submitted ones finish first.
+
+        Then the server closes and the workers leave. Tasks still unfinished then
+        (``wait=False``) fail with RuntimeError.
+        """
+        with self._lock:
+            if self._shutdown:
+                return
+            self._shutdown = True
+        if cancel_futures:
+            self._run(self._on_loop(self._cancel_queued))
+        if wait:
+            pending = self._run(self._on_loop(self._pending))
+            cf.wait(pending)
+        self._run(self._close())
+        self._stop_loop()
+
+    async def _on_loop(self, action: Callable[[], Any]) -> Any:
+        return action()
+
+    def _cancel_queued(self) -> None:
+        for task in self._board.queue:
+            task.future.cancel()
+        self._board.queue.clear()
+
+    def _pending(self) -> List[cf.Future]:
+        board = self._board
+        return ([t.future for t in board.queue]
+                + [t.future for w in board.workers.values() for t in w.tasks.values()])
+
+    async def _close(self) -> None:
+        self._board.fail_all(RuntimeError("the pool was shut down before this task ran"))
+        self._server.close()
+        await self._server.wait_closed()
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(LOOP_TIMEOUT)
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(LOOP_TIMEOUT)
+        self._loop.close()
+

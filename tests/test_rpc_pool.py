@@ -1,0 +1,221 @@
+"""rpc.Pool with real `python -m rpc worker` processes on a local tunnel directory.
+
+The tasks below travel by value (this module is registered with cloudpickle), as
+a notebook's functions would: the workers cannot import this module.
+"""
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import cloudpickle
+import pytest
+
+import rpc
+from tests.polling import wait_until
+
+pytestmark = pytest.mark.usefixtures("rpc_env")
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+#: Generous: the test machines are loaded.
+DEADLINE = 30.0
+
+
+# ------------------------------------------------------------------ tasks (run on workers)
+
+def square_and_pid(x):
+    time.sleep(0.05)  # long enough that one worker cannot take every task alone
+    return x * x, os.getpid()
+
+
+class TaskError(ValueError):
+    pass
+
+
+def fail_once_counted(log_path):
+    with open(log_path, "a") as log:
+        log.write("ran\n")
+    raise TaskError("the task's own error")
+
+
+def stall_first_time(marker):
+    """The first run announces itself and hangs; any later run returns its pid."""
+    if os.path.exists(marker):
+        return os.getpid()
+    with open(marker, "w"):
+        pass
+    time.sleep(600)
+
+
+def announce_then_finish(marker, seconds):
+    with open(marker, "w"):
+        pass
+    time.sleep(seconds)
+    return "finished"
+
+
+# ------------------------------------------------------------------ helpers
+
+class Workers:
+    """`python -m rpc worker` subprocesses; killed at teardown if still running."""
+
+    def __init__(self, pool_dir, log_dir):
+        self.pool_dir = pool_dir
+        self.log_dir = log_dir
+        self.procs = []
+
+    def start(self, *flags, env=None):
+        log = open(self.log_dir / f"worker{len(self.procs)}.log", "w")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rpc", "worker", "--pool", str(self.pool_dir), *flags],
+            stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, **(env or {})})
+        log.close()
+        proc.log_path = log.name
+        self.procs.append(proc)
+        return proc
+
+    def log_of(self, proc):
+        with open(proc.log_path) as log:
+            return log.read()
+
+    def stop_all(self):
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+
+
+@pytest.fixture
+def pool_dir(tmp_path):
+    return tmp_path / "pool"
+
+
+@pytest.fixture
+def workers(pool_dir, tmp_path):
+    started = Workers(pool_dir, tmp_path)
+    yield started
+    started.stop_all()
+
+
+def wait_for_workers(pool, count):
+    wait_until(lambda: len(pool.info()["workers"]) == count, DEADLINE,
+               what=f"{count} worker(s) attached")
+
+
+def marker_path(tmp_path, name="started"):
+    return str(tmp_path / name)
+
+
+# ------------------------------------------------------------------ tests
+
+def test_map_is_ordered_and_spread_over_two_workers(pool_dir, workers):
+    with rpc.Pool(tunnel_dir=pool_dir) as pool:
+        pids = {workers.start().pid, workers.start().pid}
+        wait_for_workers(pool, 2)
+        results = list(pool.map(square_and_pid, range(20), timeout=DEADLINE))
+    assert [value for value, _ in results] == [x * x for x in range(20)]
+    assert {pid for _, pid in results} == pids  # each worker ran some
+
+
+def test_a_task_error_keeps_type_and_remote_traceback_and_is_never_retried(
+        pool_dir, workers, tmp_path):
+    runs = tmp_path / "runs"
+    with rpc.Pool(tunnel_dir=pool_dir, retries=2) as pool:
+        workers.start("--threads", "2", env={"SLURM_JOB_ID": "4242"})
+        future = pool.submit(fail_once_counted, str(runs))
+        with pytest.raises(TaskError, match="the task's own error") as caught:
+            future.result(DEADLINE)
+        # the next task runs only after the failed one was answered: a retry would be seen
+        assert pool.submit(sum, [1, 2]).result(DEADLINE) == 3
+    remote = str(caught.value.__cause__)
+    assert "fail_once_counted" in remote and 'raise TaskError("the task\'s own error")' in remote
+    assert "SLURM job 4242" in remote
+    assert runs.read_text() == "ran\n"
+
+
+def test_sigkilled_worker_loses_its_task_with_retries_0(pool_dir, workers, tmp_path):
+    marker = marker_path(tmp_path)
+    with rpc.Pool(tunnel_dir=pool_dir, retries=0) as pool:
+        victim = workers.start(env={"SLURM_JOB_ID": "777"})
+        future = pool.submit(stall_first_time, marker)
+        wait_until(lambda: os.path.exists(marker), DEADLINE, what="the task to start")
+        victim.kill()
+        with pytest.raises(rpc.WorkerLost) as caught:
+            future.result(DEADLINE)
+        assert pool.info()["workers"] == []
+    message = str(caught.value)
+    assert "SLURM job 777" in message and f"pid {victim.pid}" in message
+    assert "retries=0" in message
+
+
+def test_sigkilled_worker_task_completes_on_a_later_worker_with_retries_1(
+        pool_dir, workers, tmp_path, caplog):
+    marker = marker_path(tmp_path)
+    with rpc.Pool(tunnel_dir=pool_dir, retries=1) as pool:
+        with caplog.at_level(logging.INFO, logger="rpc.pool"):
+            future = pool.submit(stall_first_time, marker)  # no worker yet
+            victim = workers.start()
+            wait_until(lambda: os.path.exists(marker), DEADLINE, what="the task to start")
+        victim.kill()
+        rescuer = workers.start()  # joins late, mid-map
+        assert future.result(DEADLINE) == rescuer.pid
+    waiting = [r for r in caplog.records if "waiting for a worker" in r.getMessage()]
+    assert len(waiting) == 1 and waiting[0].levelno == logging.INFO
+    assert any("was lost while running task" in r.getMessage() and r.levelno == logging.WARNING
+               for r in caplog.records)
+
+
+def test_sigterm_lets_the_running_task_finish_takes_no_new_one_and_exits_0(
+        pool_dir, workers, tmp_path):
+    marker = marker_path(tmp_path)
+    with rpc.Pool(tunnel_dir=pool_dir) as pool:
+        worker = workers.start("--grace", "30")
+        first = pool.submit(announce_then_finish, marker, 1.0)
+        second = pool.submit(sum, [1, 2])
+        wait_until(lambda: os.path.exists(marker), DEADLINE, what="the task to start")
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(DEADLINE) == 0
+        assert first.result(0) == "finished"  # answered before the worker exited
+        assert not second.done() and pool.info()["queued"] == 1
+        workers.start()
+        assert second.result(DEADLINE) == 3
+    assert "left the pool" in workers.log_of(worker)
+
+
+def test_sigterm_hands_back_a_task_that_outlives_the_grace(pool_dir, workers, tmp_path, caplog):
+    marker = marker_path(tmp_path)
+    with rpc.Pool(tunnel_dir=pool_dir, retries=0) as pool:
+        worker = workers.start("--grace", "0.5")
+        future = pool.submit(stall_first_time, marker)
+        wait_until(lambda: os.path.exists(marker), DEADLINE, what="the task to start")
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(DEADLINE) == 0
+        assert "handing them back" in workers.log_of(worker)
+        assert pool.info()["queued"] == 1  # handed back, not lost: retries=0 does not apply
+        rescuer = workers.start()
+        assert future.result(DEADLINE) == rescuer.pid
+
+
+def test_pool_exit_makes_workers_exit_and_leaves_no_files(pool_dir, workers):
+    with rpc.Pool(tunnel_dir=pool_dir) as pool:
+        started = [workers.start(), workers.start("--threads", "3")]
+        wait_for_workers(pool, 2)
+        assert pool.submit(sum, [4, 5]).result(DEADLINE) == 9
+    for proc in started:
+        assert proc.wait(DEADLINE) == 0
+        assert "closed; exiting" in workers.log_of(proc)
+    # the transport's empty server pointer stays (it anchors the lock); nothing else
+    leftovers = {p.name: p.stat().st_size for p in pool_dir.iterdir()}
+    assert leftovers == {"server": 0}
+
+
+def test_submit_after_shutdown_and_unpicklable_task_raise_at_once(pool_dir):
+    pool = rpc.Pool(tunnel_dir=pool_dir)
+    with pytest.raises(rpc.SerializationError, match="cannot pickle the task"):
+        pool.submit(square_and_pid, threading.Lock())
+    pool.shutdown()
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        pool.submit(sum, [1])
