@@ -41,6 +41,10 @@ class WorkerLost(RPCError):
     pool's ``retries`` did not allow running the task again."""
 
 
+class PoolClosed(RPCError):
+    """Raised by ``take`` to a worker: the pool is closing, the worker should leave."""
+
+
 class _Worker:
     """One attached worker, as the pool sees it."""
 
@@ -78,6 +82,9 @@ class _Board:
         #: Takes waiting for a task, oldest first: (worker, the future of its task).
         self.takers: Deque[Tuple[_Worker, "asyncio.Future[Optional[_Task]]"]] = collections.deque()
         self.said_waiting = False
+        self.closing = False
+        #: Set when the last worker is gone (made by :meth:`release_workers`).
+        self.emptied: "Optional[asyncio.Event]" = None
         self.completed = 0
         self.failed = 0
 
@@ -123,6 +130,22 @@ class _Board:
             "failed": self.failed,
         }
 
+    async def release_workers(self, timeout: float) -> None:
+        """The pool closes: every worker's take raises :class:`PoolClosed`, and the
+        pool waits (at most ``timeout``) until they have disconnected, so that they
+        leave cleanly, with no call in flight."""
+        self.closing = True
+        self.emptied = asyncio.Event()
+        for taker, waiter in self.takers:
+            if not waiter.done():
+                waiter.set_exception(PoolClosed())
+        if self.workers:
+            try:
+                await asyncio.wait_for(self.emptied.wait(), timeout)
+            except asyncio.TimeoutError:
+                log.warning("%d worker(s) did not leave within %g s of the pool closing",
+                            len(self.workers), timeout)
+
     def fail_all(self, error: BaseException) -> None:
         """The pool is closing: nothing left will run."""
         tasks = list(self.queue) + [t for w in self.workers.values() for t in w.tasks.values()]
@@ -135,7 +158,8 @@ class _Board:
     # -------------------------------------------------------------- the workers' calls
 
     async def attach(self, worker_id: str, info: Dict[str, Any]) -> None:
-        """Open for as long as the worker is connected; its end means the worker left."""
+        """Open for as long as the worker is connected: its cancellation means that
+        the worker left, or was lost."""
         worker = self.workers[worker_id] = _Worker(worker_id, info)
         self.said_waiting = False
         log.info("worker %s joined (%d threads); %d worker(s) now", worker,
@@ -146,7 +170,10 @@ class _Board:
             self.lose(worker)
 
     async def take(self, worker_id: str, timeout: float) -> Optional[Tuple[int, bytes]]:
-        """Long-poll for one task: ``(task id, pickled (fn, args, kwargs))`` or None."""
+        """Long-poll for one task: ``(task id, pickled (fn, args, kwargs))`` or None;
+        raises :class:`PoolClosed` once the pool closes."""
+        if self.closing:
+            raise PoolClosed()
         worker = self.workers.get(worker_id)
         if worker is None or worker.leaving:
             return None
@@ -215,6 +242,8 @@ class _Board:
         self.workers.pop(worker.id, None)
         lost = sorted(worker.tasks.values(), key=lambda t: t.id)
         worker.tasks.clear()
+        if self.emptied is not None and not self.workers:
+            self.emptied.set()
         if not lost:
             log.info("worker %s left; %d worker(s) now", worker, len(self.workers))
             return
@@ -257,6 +286,7 @@ class Pool(cf.Executor):
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._shutdown = False
+        self._release_timeout = liveness_timeout
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="rpc-pool-loop",
                                         daemon=True)
@@ -320,6 +350,7 @@ class Pool(cf.Executor):
                 + [t.future for w in board.workers.values() for t in w.tasks.values()])
 
     async def _close(self) -> None:
+        await self._board.release_workers(self._release_timeout)
         self._board.fail_all(RuntimeError("the pool was shut down before this task ran"))
         self._server.close()
         await self._server.wait_closed()

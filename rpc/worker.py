@@ -21,7 +21,7 @@ from typing import Any, Dict, Set, Tuple
 from .blocking import Client, connect
 from .errors import RPCError
 from .frames import loads, pack_error, pack_value
-from .pool import DEFAULT_POOL_DIR
+from .pool import DEFAULT_POOL_DIR, PoolClosed
 from .transports import DEFAULT_LIVENESS_TIMEOUT
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,8 @@ class Worker:
         self.handed_back: Set[int] = set()
         self.reporting = 0
         self.pool_error: BaseException = RPCError("the pool is gone")
+        #: The pool said it closes (rather than vanished).
+        self.pool_closed = False
 
     def run_thread(self) -> None:
         """One runner: take a task, run it, report it, until stopping or the pool is gone."""
@@ -76,6 +78,9 @@ class Worker:
                 got = self.client.call("take", self.id, TAKE_POLL)
                 if got is not None:
                     self._run_task(*got)
+        except PoolClosed:
+            self.pool_closed = True
+            self.wake.set()
         except RPCError as exc:  # the connection to the pool is lost
             self.pool_error = exc
             self.wake.set()
@@ -109,8 +114,10 @@ class Worker:
         if running:
             log.warning("the pool at %s is gone (%s); abandoning %d running task(s)",
                         where, self.pool_error, running)
-        else:
+        elif self.pool_closed:
             log.info("the pool at %s closed; exiting", where)
+        else:
+            log.warning("the pool at %s is gone (%s); exiting", where, self.pool_error)
 
     def hand_back(self) -> None:
         """After the grace period: return the unfinished tasks to the pool, and wait
@@ -152,8 +159,11 @@ def run_worker(pool_dir: Any = None, *, threads: int = 1, grace: float = 30.0,
         if worker.stopping.is_set():
             _leave(worker, runners, grace)
         else:
+            if worker.pool_closed:  # the other runners are told too: let them see it
+                _join(runners, REPORT_TIMEOUT)
             worker.say_pool_gone(where)
     finally:
+        attached.cancel()  # the pool sees the worker leave; no call is left in flight
         client.close()
     return 0
 
@@ -162,12 +172,17 @@ def _leave(worker: Worker, runners: list, grace: float) -> None:
     log.info("stopping: no new task; giving the running ones %g s", grace)
     try:
         worker.client.call("leave", worker.id)
-        deadline = time.monotonic() + grace
-        for runner in runners:
-            runner.join(max(0.0, deadline - time.monotonic()))
+        _join(runners, grace)
         worker.hand_back()
     except RPCError as exc:
         log.warning("the pool was lost while this worker was leaving: %s", exc)
         return
     log.info("left the pool")
 
+
+
+def _join(threads: list, timeout: float) -> None:
+    """Wait at most ``timeout`` seconds in all for ``threads`` to end."""
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))

@@ -206,10 +206,35 @@ def test_pool_exit_makes_workers_exit_and_leaves_no_files(pool_dir, workers):
         assert pool.submit(sum, [4, 5]).result(DEADLINE) == 9
     for proc in started:
         assert proc.wait(DEADLINE) == 0
-        assert "closed; exiting" in workers.log_of(proc)
+        log = workers.log_of(proc)
+        assert "closed; exiting" in log and "WARNING" not in log  # a clean leave
     # the transport's empty server pointer stays (it anchors the lock); nothing else
     leftovers = {p.name: p.stat().st_size for p in pool_dir.iterdir()}
     assert leftovers == {"server": 0}
+
+
+POOL_SCRIPT = """
+import sys, time, rpc
+with rpc.Pool(tunnel_dir=sys.argv[1]) as pool:
+    print(pool.submit(sum, [1, 2]).result(60), flush=True)
+    time.sleep(600)
+"""
+
+
+def test_workers_exit_when_the_pool_process_is_killed(pool_dir, workers):
+    pool = subprocess.Popen([sys.executable, "-c", POOL_SCRIPT, str(pool_dir)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: (pool_dir / "server").exists(), DEADLINE, what="the pool to serve")
+        started = [workers.start(), workers.start()]
+        assert pool.stdout.readline() == "3\n"  # a worker ran a task: the pool is up
+        pool.kill()
+        for proc in started:  # locks exclude here: the death is seen within seconds
+            assert proc.wait(DEADLINE) == 0
+            assert "WARNING" in workers.log_of(proc) and "is gone" in workers.log_of(proc)
+    finally:
+        pool.kill()
+        pool.wait(10)
 
 
 def test_submit_after_shutdown_and_unpicklable_task_raise_at_once(pool_dir):
