@@ -20,11 +20,13 @@ import concurrent.futures as cf
 import itertools
 import logging
 import threading
+import time
 from pathlib import Path
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
 
 from .errors import RemoteTraceback, RPCError, SerializationError
 from .frames import describe_error, dumps, loads, unpack_error
+from .progress import MapProgress
 from .server import RPCServer, start_server
 from .transports import DEFAULT_LIVENESS_TIMEOUT
 
@@ -145,6 +147,10 @@ class _Board:
             except asyncio.TimeoutError:
                 log.warning("%d worker(s) did not leave within %g s of the pool closing",
                             len(self.workers), timeout)
+
+    def census(self) -> Tuple[int, int]:
+        """Workers online, and how many of them run a task."""
+        return len(self.workers), sum(1 for w in self.workers.values() if w.tasks)
 
     def fail_all(self, error: BaseException) -> None:
         """The pool is closing: nothing left will run."""
@@ -313,6 +319,15 @@ class Pool(cf.Executor):
             self._loop.call_soon_threadsafe(self._board.add, task)
         return task.future
 
+    def map(self, fn: Callable[..., Any], *iterables: Any, timeout: Optional[float] = None,
+            chunksize: int = 1, progress: bool = False) -> Iterator[Any]:
+        """``fn`` over the arguments, results in order (as ``Executor.map``; ``chunksize``
+        is ignored). With ``progress``, one line on stderr shows how the map goes."""
+        futures = [self.submit(fn, *args) for args in zip(*iterables)]
+        if progress:
+            MapProgress(futures, self._board.census, self._loop).start()
+        return _in_order(futures, timeout)
+
     def info(self) -> Dict[str, Any]:
         """The workers (host, pid, SLURM job, threads, running task ids), the queue,
         and the counts of completed and failed tasks."""
@@ -363,3 +378,17 @@ class Pool(cf.Executor):
         self._thread.join(LOOP_TIMEOUT)
         self._loop.close()
 
+
+
+def _in_order(futures: List[cf.Future], timeout: Optional[float]) -> Iterator[Any]:
+    """The results of ``futures`` in order, within ``timeout`` seconds in all; the
+    futures not yet waited for are cancelled if the caller stops early."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    waiting = futures[::-1]
+    try:
+        while waiting:
+            left = None if deadline is None else deadline - time.monotonic()
+            yield waiting.pop().result(left)
+    finally:
+        for future in waiting:
+            future.cancel()

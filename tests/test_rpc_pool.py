@@ -3,6 +3,9 @@
 The tasks below travel by value (this module is registered with cloudpickle), as
 a notebook's functions would: the workers cannot import this module.
 """
+import asyncio
+import concurrent.futures as cf
+import io
 import logging
 import os
 import signal
@@ -15,6 +18,7 @@ import cloudpickle
 import pytest
 
 import rpc
+from rpc.progress import MapProgress
 from tests.polling import wait_until
 
 pytestmark = pytest.mark.usefixtures("rpc_env")
@@ -244,3 +248,38 @@ def test_submit_after_shutdown_and_unpicklable_task_raise_at_once(pool_dir):
     pool.shutdown()
     with pytest.raises(RuntimeError, match="after shutdown"):
         pool.submit(sum, [1])
+
+
+def test_map_progress_reports_done_failed_and_workers_on_stderr(pool_dir, workers, capsys):
+    with rpc.Pool(tunnel_dir=pool_dir) as pool:
+        workers.start()
+        wait_for_workers(pool, 1)
+        results = pool.map(square_and_pid, [1, 2, "x"], progress=True, timeout=DEADLINE)
+        assert next(results)[0] == 1 and next(results)[0] == 4
+        with pytest.raises(TypeError):
+            next(results)
+    lines = capsys.readouterr().err.splitlines()  # not a terminal: whole lines
+    assert lines[-1].startswith("pool: 3/3 done, 1 failed, ")
+    assert lines[-1].endswith("ETA -, workers 1 online / 0 busy")
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_line_is_rewritten_in_place_in_a_terminal():
+    loop = asyncio.new_event_loop()
+    futures = [cf.Future() for _ in range(2)]
+    terminal = Terminal()
+    progress = MapProgress(futures, lambda: (3, 1), loop, terminal)
+    progress.start()
+    loop.run_until_complete(asyncio.sleep(0))
+    futures[0].set_result(1)
+    futures[1].set_exception(ValueError())
+    loop.run_until_complete(asyncio.sleep(0))
+    loop.close()
+    shown = terminal.getvalue()
+    assert shown.count("\n") == 1 and shown.endswith("\n")  # one line, ended once done
+    assert shown.startswith("\rpool: 0/2 done, 0 failed")
+    assert "\rpool: 2/2 done, 1 failed" in shown and "workers 3 online / 1 busy" in shown
