@@ -81,6 +81,14 @@ class Workers:
         self.procs.append(proc)
         return proc
 
+    def exit_code(self, proc):
+        """The worker's exit status; its log in the failure if it does not exit."""
+        try:
+            return proc.wait(DEADLINE)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"worker {proc.pid} did not exit within {DEADLINE:g} s; "
+                                 f"its log:\n{self.log_of(proc)}") from None
+
     def log_of(self, proc):
         with open(proc.log_path) as log:
             return log.read()
@@ -181,7 +189,7 @@ def test_sigterm_lets_the_running_task_finish_takes_no_new_one_and_exits_0(
         second = pool.submit(sum, [1, 2])
         wait_until(lambda: os.path.exists(marker), DEADLINE, what="the task to start")
         worker.send_signal(signal.SIGTERM)
-        assert worker.wait(DEADLINE) == 0
+        assert workers.exit_code(worker) == 0
         assert first.result(0) == "finished"  # answered before the worker exited
         assert not second.done() and pool.info()["queued"] == 1
         workers.start()
@@ -196,7 +204,7 @@ def test_sigterm_hands_back_a_task_that_outlives_the_grace(pool_dir, workers, tm
         future = pool.submit(stall_first_time, marker)
         wait_until(lambda: os.path.exists(marker), DEADLINE, what="the task to start")
         worker.send_signal(signal.SIGTERM)
-        assert worker.wait(DEADLINE) == 0
+        assert workers.exit_code(worker) == 0
         assert "handing them back" in workers.log_of(worker)
         assert pool.info()["queued"] == 1  # handed back, not lost: retries=0 does not apply
         rescuer = workers.start()
@@ -209,7 +217,7 @@ def test_pool_exit_makes_workers_exit_and_leaves_no_files(pool_dir, workers):
         wait_for_workers(pool, 2)
         assert pool.submit(sum, [4, 5]).result(DEADLINE) == 9
     for proc in started:
-        assert proc.wait(DEADLINE) == 0
+        assert workers.exit_code(proc) == 0
         log = workers.log_of(proc)
         assert "closed; exiting" in log and "WARNING" not in log  # a clean leave
     # the transport's empty server pointer stays (it anchors the lock); nothing else
@@ -220,6 +228,8 @@ def test_pool_exit_makes_workers_exit_and_leaves_no_files(pool_dir, workers):
 POOL_SCRIPT = """
 import sys, time, rpc
 with rpc.Pool(tunnel_dir=sys.argv[1]) as pool:
+    while len(pool.info()["workers"]) < 2:
+        time.sleep(0.05)
     print(pool.submit(sum, [1, 2]).result(60), flush=True)
     time.sleep(600)
 """
@@ -231,10 +241,10 @@ def test_workers_exit_when_the_pool_process_is_killed(pool_dir, workers):
     try:
         wait_until(lambda: (pool_dir / "server").exists(), DEADLINE, what="the pool to serve")
         started = [workers.start(), workers.start()]
-        assert pool.stdout.readline() == "3\n"  # a worker ran a task: the pool is up
+        assert pool.stdout.readline() == "3\n"  # both attached, and one ran a task
         pool.kill()
         for proc in started:  # locks exclude here: the death is seen within seconds
-            assert proc.wait(DEADLINE) == 0
+            assert workers.exit_code(proc) == 0
             assert "WARNING" in workers.log_of(proc) and "is gone" in workers.log_of(proc)
     finally:
         pool.kill()
