@@ -13,12 +13,14 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import cloudpickle
 import pytest
 
 import rpc
 from rpc.progress import MapProgress
+from test_readme import BLOCK_TIMEOUT, BLOCKS, assert_ran, block_env, run_block
 from tests.polling import wait_until
 
 pytestmark = pytest.mark.usefixtures("rpc_env")
@@ -293,3 +295,28 @@ def test_progress_line_is_rewritten_in_place_in_a_terminal():
     assert shown.count("\n") == 1 and shown.endswith("\n")  # one line, ended once done
     assert shown.startswith("\rpool: 0/2 done, 0 failed")
     assert "\rpool: 2/2 done, 1 failed" in shown and "workers 3 online / 1 busy" in shown
+
+
+def test_readme_pool_block_runs_against_a_worker(tmp_path):
+    """The README's pool block, as written, maps through a worker started as the
+    README says (once the pool has created the key in the fresh HOME)."""
+    name = "tests/test_rpc_pool.py::test_readme_pool_block_runs_against_a_worker"
+    [block] = [b for b in BLOCKS if b.covered_by() == name]
+    env = block_env(tmp_path)
+    home = Path(env["HOME"])
+    with cf.ThreadPoolExecutor(1) as runner:
+        ran = runner.submit(run_block, block, tmp_path, env)
+        wait_until(lambda: (home / ".cache/fileforward/rpc.key").exists() or ran.done(),
+                   DEADLINE, what="the pool block to create the key")
+        worker = subprocess.Popen([sys.executable, "-m", "rpc", "worker"],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            result = ran.result(BLOCK_TIMEOUT + 10)
+            assert worker.wait(DEADLINE) == 0
+        finally:
+            worker.kill()
+            worker.communicate(timeout=10)
+    out = assert_ran(block, result)
+    assert out.startswith("49 [0, 1, 4, 9, 16]\n{'tunnel_dir': "), out
+    assert "'completed': 101" in out and "'job': None" in out
+    assert "pool: 100/100 done, 0 failed" in result.stderr
