@@ -336,8 +336,9 @@ class Pool(cf.Executor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop taking tasks; with ``wait``, let the submitted ones finish first.
 
-        Then the server closes and the workers leave. Tasks still unfinished then
-        (``wait=False``) fail with RuntimeError.
+        Then the workers are told to leave (the pool waits for them at most
+        ``liveness_timeout``) and the server closes. Tasks unfinished by then
+        (``wait=False``) are cancelled if queued, else fail with RuntimeError.
         """
         with self._lock:
             if self._shutdown:
@@ -348,7 +349,7 @@ class Pool(cf.Executor):
         if wait:
             pending = self._run(self._on_loop(self._pending))
             cf.wait(pending)
-        self._run(self._close())
+        self._run(self._close(), LOOP_TIMEOUT + self._release_timeout)
         self._stop_loop()
 
     async def _on_loop(self, action: Callable[[], Any]) -> Any:
@@ -370,8 +371,8 @@ class Pool(cf.Executor):
         self._server.close()
         await self._server.wait_closed()
 
-    def _run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(LOOP_TIMEOUT)
+    def _run(self, coro: Any, timeout: float = LOOP_TIMEOUT) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     def _stop_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)

@@ -186,11 +186,13 @@ def test_sigterm_lets_the_running_task_finish_takes_no_new_one_and_exits_0(
         pool_dir, workers, tmp_path):
     marker = marker_path(tmp_path)
     with rpc.Pool(tunnel_dir=pool_dir) as pool:
-        worker = workers.start("--grace", "30")
+        worker = workers.start("--grace", "30", "--threads", "2")  # one thread stays idle
         first = pool.submit(announce_then_finish, marker, 1.0)
-        second = pool.submit(sum, [1, 2])
         wait_until(lambda: os.path.exists(marker), DEADLINE, what="the task to start")
         worker.send_signal(signal.SIGTERM)
+        wait_until(lambda: pool.info()["workers"][0]["leaving"], DEADLINE,
+                   what="the worker to announce that it leaves")
+        second = pool.submit(sum, [1, 2])  # its idle thread must not take it
         assert workers.exit_code(worker) == 0
         assert first.result(0) == "finished"  # answered before the worker exited
         assert not second.done() and pool.info()["queued"] == 1
