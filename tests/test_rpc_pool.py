@@ -21,6 +21,7 @@ import pytest
 import rpc
 from rpc.progress import MapProgress
 from test_readme import BLOCK_TIMEOUT, BLOCKS, assert_ran, block_env, run_block
+from test_slurm_examples import EXAMPLES, cluster, no_slurm_env, ws  # noqa: F401 (fixtures)
 from tests.polling import wait_until
 
 pytestmark = pytest.mark.usefixtures("rpc_env")
@@ -322,3 +323,67 @@ def test_readme_pool_block_runs_against_a_worker(tmp_path):
     assert out.startswith("49 [0, 1, 4, 9, 16]\n{'tunnel_dir': "), out
     assert "'completed': 101" in out and "'job': None" in out
     assert "pool: 100/100 done, 0 failed" in result.stderr
+
+
+# ------------------------------------------------------------------ under SLURM
+
+def test_pool_worker_sbatch_outside_slurm_says_how_to_run_it():
+    result = subprocess.run(["bash", str(EXAMPLES / "pool_worker.sbatch")], env=no_slurm_env(),
+                            capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == ("pool_worker.sbatch: not in a SLURM job; run it with sbatch: "
+                             "sbatch pool_worker.sbatch [WORKER OPTIONS]\n")
+
+
+@pytest.mark.timeout(180)
+def test_pool_worker_sbatch_array_maps_and_leaves_on_scancel_and_pool_exit(cluster, ws, tmp_path):
+    """A job array of pool_worker.sbatch, as written: both tasks join (with their job
+    ids), a map runs on them; scancel of one task makes it leave (exit 0) while the
+    pool goes on with the other; the pool closing completes the job, leaving nothing."""
+    pool_dir = Path(ws.env["HOME"]) / ".cache" / "fileforward" / "pool"
+    key = str(tmp_path / "rpc.key")
+    with rpc.Pool(tunnel_dir=pool_dir, key_file=key) as pool:
+        job_id = cluster.sbatch(ws.examples / "pool_worker.sbatch", "--key-file", key,
+                                options=["--array=0-1"], env=ws.env, cwd=ws.root)
+        wait_until(lambda: len(pool.info()["workers"]) == 2, 120, what="both array tasks to join",
+                   interval=0.2)
+        joined = pool.info()["workers"]
+        assert sorted(w["array_task"] for w in joined) == ["0", "1"]
+        assert all(w["job"] and w["job"].isdigit() for w in joined)
+        assert [v for v, _ in pool.map(square_and_pid, range(10), timeout=60)] == [
+            x * x for x in range(10)]
+
+        cluster.run(["scancel", f"{job_id}_0"])
+        wait_until(lambda: [w["array_task"] for w in pool.info()["workers"]] == ["1"], 60,
+                   what="array task 0 to leave")
+        assert [v for v, _ in pool.map(square_and_pid, range(5), timeout=60)] == [
+            x * x for x in range(5)]
+    cluster.wait_finished(job_id, timeout=60)
+    assert cluster.array_states(job_id) == {"0": "CANCELLED", "1": "COMPLETED"}
+    first, second = (ws.root / f"pool-worker-{job_id}_{n}.out" for n in (0, 1))
+    assert "left the pool" in first.read_text(), first.read_text()
+    assert "closed; exiting" in second.read_text(), second.read_text()
+    cluster.wait_no_job_processes(job_id)
+
+
+@pytest.mark.timeout(180)
+def test_pool_worker_sbatch_task_killed_mid_task_is_rerun_with_retries_1(cluster, ws, tmp_path):
+    """SIGKILL of the array task running a task (no grace, as a node failure): the
+    pool sees the loss, and the task completes on the other task's worker."""
+    pool_dir = Path(ws.env["HOME"]) / ".cache" / "fileforward" / "pool"
+    key, marker = str(tmp_path / "rpc.key"), marker_path(tmp_path)
+    with rpc.Pool(tunnel_dir=pool_dir, key_file=key, retries=1) as pool:
+        job_id = cluster.sbatch(ws.examples / "pool_worker.sbatch", "--key-file", key,
+                                options=["--array=0-1"], env=ws.env, cwd=ws.root)
+        wait_until(lambda: len(pool.info()["workers"]) == 2, 120, what="both array tasks to join",
+                   interval=0.2)
+        future = pool.submit(stall_first_time, marker)
+        wait_until(lambda: os.path.exists(marker), DEADLINE, what="the task to start")
+        [busy] = [w for w in pool.info()["workers"] if w["running"]]
+        [idle] = [w for w in pool.info()["workers"] if not w["running"]]
+        cluster.run(["scancel", "--batch", "--signal=KILL", f"{job_id}_{busy['array_task']}"])
+        assert future.result(DEADLINE) == idle["pid"]
+    cluster.wait_finished(job_id, timeout=60)
+    states = cluster.array_states(job_id)
+    assert states[idle["array_task"]] == "COMPLETED" and states[busy["array_task"]] != "COMPLETED"
+    cluster.wait_no_job_processes(job_id)
