@@ -69,15 +69,17 @@ def announce_then_finish(marker, seconds):
 class Workers:
     """`python -m rpc worker` subprocesses; killed at teardown if still running."""
 
-    def __init__(self, pool_dir, log_dir):
+    def __init__(self, pool_dir, log_dir, prefix=()):
         self.pool_dir = pool_dir
         self.log_dir = log_dir
+        self.prefix = list(prefix)  # runs them on another node (tests/conftest.py Node)
         self.procs = []
 
     def start(self, *flags, env=None):
         log = open(self.log_dir / f"worker{len(self.procs)}.log", "w")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "rpc", "worker", "--pool", str(self.pool_dir), *flags],
+            [*self.prefix, sys.executable, "-m", "rpc", "worker", "--pool", str(self.pool_dir),
+             *flags],
             stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, **(env or {})})
         log.close()
         proc.log_path = log.name
@@ -323,6 +325,30 @@ def test_readme_pool_block_runs_against_a_worker(tmp_path):
     assert out.startswith("49 [0, 1, 4, 9, 16]\n{'tunnel_dir': "), out
     assert "'completed': 101" in out and "'job': None" in out
     assert "pool: 100/100 done, 0 failed" in result.stderr
+
+
+def test_across_nodes_map_and_a_killed_worker_rerun(nodes, tmp_path):
+    """Pool on the login node, workers on the job node (on NFS: another mount, no
+    shared network): an ordered map over two workers, then a SIGKILLed worker's task
+    completes on the other with retries=1."""
+    login, job = nodes
+    workers = Workers(job.tunnel_dir, tmp_path, prefix=job.prefix)
+    marker = marker_path(tmp_path)
+    try:
+        with rpc.Pool(tunnel_dir=login.tunnel_dir, retries=1) as pool:
+            first, second = workers.start(), workers.start()
+            wait_for_workers(pool, 2)
+            results = list(pool.map(square_and_pid, range(10), timeout=DEADLINE))
+            assert [value for value, _ in results] == [x * x for x in range(10)]
+            future = pool.submit(stall_first_time, marker)
+            wait_until(lambda: os.path.exists(marker), DEADLINE, what="the task to start")
+            [busy] = [w for w in pool.info()["workers"] if w["running"]]
+            victim, rescuer = (first, second) if busy["pid"] == first.pid else (second, first)
+            victim.kill()
+            assert future.result(DEADLINE) == rescuer.pid
+        assert workers.exit_code(rescuer) == 0
+    finally:
+        workers.stop_all()
 
 
 # ------------------------------------------------------------------ under SLURM
