@@ -21,11 +21,13 @@ import itertools
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
 
 from .errors import RemoteTraceback, RPCError, SerializationError
 from .frames import describe_error, dumps, loads, unpack_error
+from .cache import ResultCache
 from .progress import MapProgress
 from .server import RPCServer, start_server
 from .transports import DEFAULT_LIVENESS_TIMEOUT
@@ -34,6 +36,8 @@ log = logging.getLogger(__name__)
 
 #: Where a pool and its workers meet unless told otherwise.
 DEFAULT_POOL_DIR = Path("~/.cache/fileforward/pool")
+#: ``cache`` values: use stored results, or compute again (and store the new ones).
+CACHE_MODES = ("use", "refresh")
 #: Seconds to wait for the pool's server thread to start or stop.
 LOOP_TIMEOUT = 60.0
 
@@ -66,18 +70,23 @@ class _Worker:
 class _Task:
     """A submitted call, pickled once, and the future of its outcome."""
 
-    def __init__(self, task_id: int, payload: bytes, future: cf.Future) -> None:
+    def __init__(self, task_id: int, payload: bytes, future: cf.Future,
+                 cache_key: Optional[str]) -> None:
         self.id = task_id
         self.payload = payload
         self.future = future
         self.attempts = 0
+        self.cache_key = cache_key  # where its result is stored, if the pool caches
 
 
 class _Board:
     """The pool's books and the functions its workers call (all on the loop thread)."""
 
-    def __init__(self, retries: int, where: str) -> None:
+    def __init__(self, retries: int, where: str,
+                 keep: Optional[Callable[[str, bytes], None]] = None) -> None:
         self.retries = retries
+        #: Stores a result (cache key, pickled value) off the loop, if the pool caches.
+        self.keep = keep
         self.where = where
         self.workers: Dict[str, _Worker] = {}
         self.queue: Deque[_Task] = collections.deque()
@@ -204,6 +213,8 @@ class _Board:
         if ok:
             try:
                 task.future.set_result(loads(payload))
+                if task.cache_key is not None and self.keep is not None:
+                    self.keep(task.cache_key, payload)
             except Exception as exc:
                 self._fail(task, SerializationError(
                     f"cannot unpickle the result of task {task_id} from worker {worker}: "
@@ -280,15 +291,26 @@ class Pool(cf.Executor):
     (cloudpickle). Workers run ``python -m rpc worker --pool DIR`` and may join and
     leave at any time. A task whose worker is lost runs again up to ``retries``
     times, then fails with :class:`WorkerLost`; a task's own exception is re-raised
-    with its type and remote traceback, and never retried.
+    with its type and remote traceback, and never retried. With ``cache_dir``, a
+    result is stored there (``cache.py``) and a call made again returns it without
+    running (``cache="refresh"``: run again, and store the new result).
     """
 
     def __init__(self, tunnel_dir: Any = None, *, retries: int = 0, key_file: Any = None,
-                 liveness_timeout: float = DEFAULT_LIVENESS_TIMEOUT, force: bool = False) -> None:
+                 liveness_timeout: float = DEFAULT_LIVENESS_TIMEOUT, force: bool = False,
+                 cache_dir: Any = None, cache: str = "use") -> None:
         if retries < 0:
             raise ValueError(f"retries must be at least 0, got {retries}")
         self.tunnel_dir = Path(tunnel_dir if tunnel_dir is not None else DEFAULT_POOL_DIR).expanduser()
-        self._board = _Board(retries, str(self.tunnel_dir))
+        if cache not in CACHE_MODES:
+            raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
+        self._cache = ResultCache(cache_dir) if cache_dir is not None else None
+        self._cache_mode = cache
+        #: Writes cache entries: never on the loop (a hung mount must not stall it).
+        self._cache_writer = (ThreadPoolExecutor(1, thread_name_prefix="rpc-pool-cache")
+                              if self._cache is not None else None)
+        self._board = _Board(retries, str(self.tunnel_dir),
+                             self._keep if self._cache is not None else None)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._shutdown = False
@@ -312,10 +334,19 @@ class Pool(cf.Executor):
         except Exception as exc:
             raise SerializationError(f"cannot pickle the task {getattr(fn, '__name__', fn)!r}: "
                                      f"{describe_error(exc)}") from exc
+        cache_key = None
+        if self._cache is not None:
+            cache_key = self._cache.key(fn, args, kwargs)
+            if self._cache_mode == "use":
+                hit, value = self._cache.load(cache_key)
+                if hit:
+                    future: cf.Future = cf.Future()
+                    future.set_result(value)
+                    return future
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot submit to a pool after shutdown")
-            task = _Task(next(self._ids), payload, cf.Future())
+            task = _Task(next(self._ids), payload, cf.Future(), cache_key)
             self._loop.call_soon_threadsafe(self._board.add, task)
         return task.future
 
@@ -351,6 +382,14 @@ class Pool(cf.Executor):
             cf.wait(pending)
         self._run(self._close(), LOOP_TIMEOUT + self._release_timeout)
         self._stop_loop()
+        if self._cache_writer is not None:
+            self._cache_writer.shutdown(wait=True)  # every result computed is stored
+
+    def _keep(self, key: str, payload: bytes) -> None:
+        """Loop thread: have the cache writer store a result."""
+        assert self._cache is not None and self._cache_writer is not None
+        future = self._cache_writer.submit(self._cache.store, key, payload)
+        future.add_done_callback(_warn_if_failed)
 
     async def _on_loop(self, action: Callable[[], Any]) -> Any:
         return action()
@@ -393,3 +432,10 @@ def _in_order(futures: List[cf.Future], timeout: Optional[float]) -> Iterator[An
     finally:
         for future in waiting:
             future.cancel()
+
+
+def _warn_if_failed(stored: cf.Future) -> None:
+    """A result that cannot be stored is still returned; say why it was not kept."""
+    error = stored.exception()
+    if error is not None:
+        log.warning("cannot store a result in the cache: %s", describe_error(error))

@@ -351,6 +351,42 @@ def test_across_nodes_map_and_a_killed_worker_rerun(nodes, tmp_path):
         workers.stop_all()
 
 
+def tenfold_counted(x, log_path):
+    with open(log_path, "a") as log:
+        log.write(f"{x}\n")
+    return x * 10
+
+
+def test_cache_returns_stored_results_without_running_and_refresh_recomputes(
+        pool_dir, workers, tmp_path):
+    cache, runs = tmp_path / "cache", tmp_path / "runs"
+    with rpc.Pool(tunnel_dir=pool_dir, cache_dir=cache) as pool:
+        workers.start()
+        assert list(pool.map(tenfold_counted, range(3), [str(runs)] * 3, timeout=DEADLINE)) == [
+            0, 10, 20]
+    assert sorted(runs.read_text().split()) == ["0", "1", "2"]
+    entries = [p for p in cache.rglob("*") if p.is_file()]
+    assert len(entries) == 3 and not [p for p in entries if p.name.startswith(".tmp-")]
+    assert oct(cache.stat().st_mode & 0o777) == "0o700"
+
+    with rpc.Pool(tunnel_dir=pool_dir, cache_dir=cache) as pool:  # no worker at all
+        assert pool.submit(tenfold_counted, 2, str(runs)).result(0) == 20
+        assert pool.info()["workers"] == [] and runs.read_text().count("\n") == 3
+
+    with rpc.Pool(tunnel_dir=pool_dir, cache_dir=cache, cache="refresh") as pool:
+        workers.start()
+        assert pool.submit(tenfold_counted, 2, str(runs)).result(DEADLINE) == 20
+    assert runs.read_text().count("\n") == 4
+
+
+def test_cache_dir_writable_by_others_is_refused(pool_dir, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o777)
+    cache.chmod(0o777)
+    with pytest.raises(PermissionError, match="chmod 700"):
+        rpc.Pool(tunnel_dir=pool_dir, cache_dir=cache)
+
+
 # ------------------------------------------------------------------ under SLURM
 
 def test_pool_worker_sbatch_outside_slurm_says_how_to_run_it():
