@@ -23,7 +23,10 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
+from types import ModuleType
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import cloudpickle
 
 from .errors import RemoteTraceback, RPCError, SerializationError
 from .frames import describe_error, dumps, loads, unpack_error
@@ -293,15 +296,20 @@ class Pool(cf.Executor):
     times, then fails with :class:`WorkerLost`; a task's own exception is re-raised
     with its type and remote traceback, and never retried. With ``cache_dir``, a
     result is stored there (``cache.py``) and a call made again returns it without
-    running (``cache="refresh"``: run again, and store the new result).
+    running (``cache="refresh"``: run again, and store the new result). ``ship``
+    lists local modules whose functions travel by value too (they are registered
+    with cloudpickle for the whole process), so workers need not import them.
     """
 
     def __init__(self, tunnel_dir: Any = None, *, retries: int = 0, key_file: Any = None,
                  liveness_timeout: float = DEFAULT_LIVENESS_TIMEOUT, force: bool = False,
-                 cache_dir: Any = None, cache: str = "use") -> None:
+                 cache_dir: Any = None, cache: str = "use",
+                 ship: Sequence[ModuleType] = ()) -> None:
         if retries < 0:
             raise ValueError(f"retries must be at least 0, got {retries}")
         self.tunnel_dir = Path(tunnel_dir if tunnel_dir is not None else DEFAULT_POOL_DIR).expanduser()
+        for module in ship:  # process-wide: cloudpickle keeps one registry
+            cloudpickle.register_pickle_by_value(module)
         if cache not in CACHE_MODES:
             raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
         self._cache = ResultCache(cache_dir) if cache_dir is not None else None
@@ -349,6 +357,10 @@ class Pool(cf.Executor):
             task = _Task(next(self._ids), payload, cf.Future(), cache_key)
             self._loop.call_soon_threadsafe(self._board.add, task)
         return task.future
+
+    async def asubmit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """``await pool.asubmit(fn, ...)``: :meth:`submit` from asyncio code; the result."""
+        return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))
 
     def map(self, fn: Callable[..., Any], *iterables: Any, timeout: Optional[float] = None,
             chunksize: int = 1, progress: bool = False) -> Iterator[Any]:

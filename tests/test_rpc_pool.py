@@ -387,6 +387,18 @@ def test_cache_dir_writable_by_others_is_refused(pool_dir, tmp_path):
         rpc.Pool(tunnel_dir=pool_dir, cache_dir=cache)
 
 
+def test_ship_sends_a_local_module_by_value_and_asubmit_awaits(pool_dir, workers, tmp_path,
+                                                               monkeypatch):
+    (tmp_path / "local_science.py").write_text("def triple(x):\n    return 3 * x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # importable here, not on the worker
+    import local_science
+    with rpc.Pool(tunnel_dir=pool_dir, ship=[local_science]) as pool:
+        workers.start()
+        assert asyncio.run(pool.asubmit(local_science.triple, 5)) == 15
+    monkeypatch.delitem(sys.modules, "local_science")
+    cloudpickle.unregister_pickle_by_value(local_science)
+
+
 # ------------------------------------------------------------------ under SLURM
 
 def test_pool_worker_sbatch_outside_slurm_says_how_to_run_it():
