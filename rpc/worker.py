@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any, Dict, Set, Tuple
+from typing import Any, Dict, Optional, Set, Tuple
 
 from .blocking import Client, connect
 from .errors import RPCError
@@ -72,12 +72,15 @@ class Worker:
         self.pool_closed = False
 
     def run_thread(self) -> None:
-        """One runner: take a task, run it, report it, until stopping or the pool is gone."""
+        """One runner: take a task, run it, report it (which takes the next one), until
+        stopping or the pool is gone."""
+        got: Optional[Tuple[int, bytes]] = None
         try:
-            while not self.stopping.is_set():
-                got = self.client.call("take", self.id, TAKE_POLL)
-                if got is not None:
-                    self._run_task(*got)
+            while got is not None or not self.stopping.is_set():
+                if got is None:
+                    got = self.client.call("take", self.id, TAKE_POLL)
+                else:
+                    got = self._run_task(*got)
         except PoolClosed:
             self.pool_closed = True
             self.wake.set()
@@ -85,17 +88,19 @@ class Worker:
             self.pool_error = exc
             self.wake.set()
 
-    def _run_task(self, task_id: int, payload: bytes) -> None:
+    def _run_task(self, task_id: int, payload: bytes) -> Optional[Tuple[int, bytes]]:
+        """Run a task and report it; the next task, if the report brought one."""
         with self._books:
             self.running.add(task_id)
         ok, outcome = execute(payload)
         with self._books:
             self.running.discard(task_id)
             if task_id in self.handed_back:
-                return  # the pool gave it to another worker
+                return None  # the pool gave it to another worker
             self.reporting += 1
         try:
-            self.client.call("done", self.id, task_id, ok, outcome)
+            return self.client.call("done", self.id, task_id, ok, outcome,
+                                    None if self.stopping.is_set() else TAKE_POLL)
         finally:
             with self._books:
                 self.reporting -= 1
