@@ -149,8 +149,8 @@ def build_parser() -> Parser:
     wk.add_argument("--key-file", metavar="FILE", help=(
         "key file shared with the pool (default: $FILEFORWARD_RPC_KEY or "
         "~/.cache/fileforward/rpc.key)"))
-    wk.add_argument("--connect-timeout", type=float, default=DEFAULT_JOIN_TIMEOUT, metavar="S",
-                    help="seconds to wait for the pool to answer")
+    wk.add_argument("--join-timeout", type=float, default=DEFAULT_JOIN_TIMEOUT, metavar="S",
+                    help="seconds to wait for the pool to answer when the worker starts")
     wk.add_argument("--liveness-timeout", type=float, default=DEFAULT_LIVENESS_TIMEOUT, metavar="S",
                     help="seconds of silence after which the pool is presumed dead")
     add_logging_options(wk, suppress_defaults=True)
@@ -206,7 +206,7 @@ def _worker(args: argparse.Namespace, parser: Parser) -> int:
         parser.error(f"--threads must be at least 1, got {args.threads}")
     try:
         return run_worker(args.pool, threads=args.threads, grace=args.grace,
-                          key_file=args.key_file, connect_timeout=args.connect_timeout,
+                          key_file=args.key_file, connect_timeout=args.join_timeout,
                           liveness_timeout=args.liveness_timeout)
     except EndpointFailedError:  # logged at ERROR where it happened
         return 1
