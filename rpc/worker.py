@@ -19,7 +19,7 @@ import uuid
 from typing import Any, Dict, Optional, Set, Tuple
 
 from .blocking import Client, connect
-from .errors import RPCError
+from .errors import FunctionNotFoundError, RPCError
 from .frames import loads, pack_error, pack_value
 from .pool import DEFAULT_POOL_DIR, PoolClosed
 from .transports import DEFAULT_LIVENESS_TIMEOUT
@@ -144,7 +144,8 @@ def run_worker(pool_dir: Any = None, *, threads: int = 1, grace: float = 30.0,
     """Join the pool at ``pool_dir`` and run its tasks until SIGTERM or the pool ends.
 
     Must run in the main thread (it handles SIGTERM and SIGINT). Returns the exit
-    status: 0 after a graceful leave or when the pool closed.
+    status: 0 after a graceful leave or when the pool closed (or vanished), 2 if
+    the server there is not a pool.
     """
     where = pool_dir if pool_dir is not None else DEFAULT_POOL_DIR
     client = connect(tunnel_dir=where, key_file=key_file, connect_timeout=connect_timeout,
@@ -161,6 +162,9 @@ def run_worker(pool_dir: Any = None, *, threads: int = 1, grace: float = 30.0,
     log.info("worker joined the pool at %s with %d thread(s)", where, threads)
     worker.wake.wait()
     try:
+        if isinstance(worker.pool_error, FunctionNotFoundError):
+            log.error("the RPC server at %s is not an rpc.Pool: %s", where, worker.pool_error)
+            return 2
         if worker.stopping.is_set():
             _leave(worker, runners, grace)
         else:

@@ -20,6 +20,7 @@ import pytest
 
 import rpc
 from rpc.progress import MapProgress
+from rpc_helpers import CliServer
 from test_readme import BLOCK_TIMEOUT, BLOCKS, assert_ran, block_env, run_block
 from test_slurm_examples import EXAMPLES, cluster, no_slurm_env, ws  # noqa: F401 (fixtures)
 from tests.polling import wait_until
@@ -256,6 +257,19 @@ def test_workers_exit_when_the_pool_process_is_killed(pool_dir, workers):
     finally:
         pool.kill()
         pool.wait(10)
+
+
+def test_worker_without_a_pool_or_at_a_plain_rpc_server_exits_2_saying_so(pool_dir, workers):
+    alone = workers.start("--join-timeout", "0.5")
+    assert workers.exit_code(alone) == 2
+    assert "cannot join the pool: ServerNotRunningError" in workers.log_of(alone)
+    server = CliServer("--tunnel-dir", str(pool_dir))  # serves tests/rpc_funcs.py
+    try:
+        stray = workers.start()
+        assert workers.exit_code(stray) == 2
+        assert "is not an rpc.Pool: no function 'attach'" in workers.log_of(stray)
+    finally:
+        server.stop()
 
 
 def test_submit_after_shutdown_and_unpicklable_task_raise_at_once(pool_dir):
