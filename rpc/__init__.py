@@ -9,10 +9,17 @@ Client (compute node)::
     completion = rpc.proxy("completion")
     completion(model=..., messages=...)
 
+Worker pool (the side with the work; workers run ``python -m rpc worker --pool D``)::
+
+    with rpc.Pool(tunnel_dir=D) as pool:
+        results = list(pool.map(simulate, params))
+
 Frames are length-prefixed and carry cloudpickle payloads, after a mutual HMAC
 handshake over a shared key file. Transports: the fileforward tunnel directory (the
 default: no port at all), TCP, Unix sockets, or a subprocess's stdin/stdout.
 """
+from concurrent.futures import as_completed
+
 from .auth import KEY_ENV, default_key_path
 from .blocking import Client, LazyProxy, RemoteFunction, connect, proxy, status
 from .client import RemoteStream
@@ -21,14 +28,16 @@ from .errors import (AuthenticationError, ConnectionLost, FunctionNotFoundError,
                      SerializationError, ServerNotRunningError, TruncatedFrameError)
 from .execution import CallContext, cancelled, current_call
 from .frames import PROTOCOL_VERSION
+from .pool import Pool, WorkerLost
 from .server import RPCServer, serve, start_server
 from .transports import TUNNEL_DIR_ENV, default_tunnel_dir
 
 __all__ = [
     "AuthenticationError", "CallContext", "Client", "ConnectionLost",
-    "FunctionNotFoundError", "KEY_ENV", "LazyProxy", "PROTOCOL_VERSION", "ProtocolError",
-    "RPCError", "RPCServer", "RemoteFunction", "RemoteSerializationError", "RemoteStream",
-    "RemoteTraceback", "SerializationError", "ServerNotRunningError", "TUNNEL_DIR_ENV",
-    "TruncatedFrameError", "cancelled", "connect", "current_call", "default_key_path",
-    "default_tunnel_dir", "proxy", "serve", "start_server", "status",
+    "FunctionNotFoundError", "KEY_ENV", "LazyProxy", "PROTOCOL_VERSION", "Pool",
+    "ProtocolError", "RPCError", "RPCServer", "RemoteFunction", "RemoteSerializationError",
+    "RemoteStream", "RemoteTraceback", "SerializationError", "ServerNotRunningError",
+    "TUNNEL_DIR_ENV", "TruncatedFrameError", "WorkerLost", "as_completed", "cancelled",
+    "connect", "current_call", "default_key_path", "default_tunnel_dir", "proxy", "serve",
+    "start_server", "status",
 ]

@@ -1,4 +1,5 @@
-"""`python -m rpc serve MODULE:ATTR [...]` and `python -m rpc status [...]`."""
+"""`python -m rpc serve MODULE:ATTR [...]`, `python -m rpc status [...]` and
+`python -m rpc worker [...]`."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +21,7 @@ from .errors import RPCError
 from .frames import DEFAULT_MAX_FRAME
 from .server import DEFAULT_MAX_PENDING_HANDSHAKES, check_functions, serve
 from .transports import DEFAULT_LIVENESS_TIMEOUT, TUNNEL_DIR_ENV
+from .worker import DEFAULT_JOIN_TIMEOUT, run_worker
 
 log = logging.getLogger("rpc.cli")
 
@@ -30,6 +32,7 @@ it runs on the login node (which has the internet), the result comes back.
   on the login node:  python -m rpc serve llm_server:FUNCTIONS
   in the job:         python -c 'import rpc; print(rpc.proxy("completion")(...))'
   anywhere:           python -m rpc status
+  in each job of a worker pool (rpc.Pool):  python -m rpc worker --pool DIR
 
 Both ends use the same transport: by default the tunnel directory
 ${TUNNEL_DIR_ENV}, else ~/.cache/fileforward/rpc-tunnel (no port at all).
@@ -131,6 +134,26 @@ def build_parser() -> Parser:
     st.add_argument("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT, metavar="S",
                     help="seconds to wait for a server to answer")
     add_logging_options(st, suppress_defaults=True)
+    wk = commands.add_parser("worker", help="run the tasks of an rpc.Pool",
+                             description="Join the rpc.Pool whose directory is --pool and run its "
+                                         "tasks, until\nthe pool closes, or SIGTERM/Ctrl-C: then "
+                                         "take no new task, give the\nrunning ones --grace "
+                                         "seconds, hand back the rest, and exit 0.")
+    wk.add_argument("--pool", metavar="DIR", help=(
+        "the pool's directory, as given to rpc.Pool(tunnel_dir=...) "
+        "(default: ~/.cache/fileforward/pool)"))
+    wk.add_argument("--threads", type=int, default=1, metavar="N",
+                    help="tasks run at once (the most this worker holds)")
+    wk.add_argument("--grace", type=float, default=30.0, metavar="S",
+                    help="on SIGTERM, seconds the running tasks get before they are handed back")
+    wk.add_argument("--key-file", metavar="FILE", help=(
+        "key file shared with the pool (default: $FILEFORWARD_RPC_KEY or "
+        "~/.cache/fileforward/rpc.key)"))
+    wk.add_argument("--join-timeout", type=float, default=DEFAULT_JOIN_TIMEOUT, metavar="S",
+                    help="seconds to wait for the pool to answer when the worker starts")
+    wk.add_argument("--liveness-timeout", type=float, default=DEFAULT_LIVENESS_TIMEOUT, metavar="S",
+                    help="seconds of silence after which the pool is presumed dead")
+    add_logging_options(wk, suppress_defaults=True)
     return parser
 
 
@@ -139,6 +162,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging("rpc", args)
+    if args.command == "worker":
+        return _worker(args, parser)
     tunnel_dir = args.tunnel_dir
     if args.job is not None:
         try:
@@ -174,3 +199,17 @@ def _serve(args: argparse.Namespace, transport: Dict[str, Any]) -> int:
           max_pending_handshakes=args.max_pending_handshakes,
           **transport)
     return 0
+
+
+def _worker(args: argparse.Namespace, parser: Parser) -> int:
+    if args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
+    try:
+        return run_worker(args.pool, threads=args.threads, grace=args.grace,
+                          key_file=args.key_file, connect_timeout=args.join_timeout,
+                          liveness_timeout=args.liveness_timeout)
+    except EndpointFailedError:  # logged at ERROR where it happened
+        return 1
+    except (RPCError, OSError, ValueError) as exc:
+        log.error("cannot join the pool: %s: %s", type(exc).__name__, exc)
+        return 2
