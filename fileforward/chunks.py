@@ -28,24 +28,41 @@ log = logging.getLogger(__name__)
 DAMAGE_GRACE = 5.0  # seconds a torn or partial record may take to heal (a write still arriving) before it is damage
 
 
-class OutStream:
-    """The writer's side of one direction."""
+class _Segments:
+    """What both sides of a direction keep: the segment they are at, and its descriptor."""
 
-    def __init__(self, first: Path, fd: int, data_path: DataPath, segment_bytes: int) -> None:
+    def __init__(self, first: Path, fd: int) -> None:
         self.first = first
         self.fd = fd
-        self._sync = data_path.sync
-        self._segment_bytes = segment_bytes
         self.segment = 0
         self._segment_start = 0  # stream position of the current segment's first byte
-        self.pos = 0  # stream position of the next byte written
-        self.seq = 0  # number of the next record
-        self.acked = 0  # the reader has read up to here
+        self.pos = 0  # stream position of the next byte written (read)
 
     @property
     def path(self) -> Path:
-        """The segment being written."""
+        """The current segment."""
         return tunneldir.segment_path(self.first, self.segment)
+
+    def _move_to_next(self, fd: int) -> None:
+        close_file(self.fd, str(self.path))
+        self.fd, self.segment, self._segment_start = fd, self.segment + 1, self.pos
+
+    def close(self) -> None:
+        """Close the descriptor (the files stay)."""
+        if self.fd >= 0:
+            close_file(self.fd, str(self.path))
+            self.fd = -1
+
+
+class OutStream(_Segments):
+    """The writer's side of one direction."""
+
+    def __init__(self, first: Path, fd: int, data_path: DataPath, segment_bytes: int) -> None:
+        super().__init__(first, fd)
+        self._sync = data_path.sync
+        self._segment_bytes = segment_bytes
+        self.seq = 0  # number of the next record
+        self.acked = 0  # the reader has read up to here
 
     def paths(self) -> List[Path]:
         """Every segment this stream may still have on disk."""
@@ -79,34 +96,18 @@ class OutStream:
         except BaseException:
             close_file(fd, str(self.first))
             raise
-        close_file(self.fd, str(self.path))
-        self.fd, self.segment, self._segment_start = fd, self.segment + 1, self.pos
-
-    def close(self) -> None:
-        """Close the descriptor (the files stay for the reader)."""
-        if self.fd >= 0:
-            close_file(self.fd, str(self.path))
-            self.fd = -1
+        self._move_to_next(fd)
 
 
-class InStream:
+class InStream(_Segments):
     """The reader's side of one direction."""
 
     def __init__(self, first: Path, fd: int, data_path: DataPath) -> None:
-        self.first = first
-        self.fd = fd
+        super().__init__(first, fd)
         self._direct = data_path.direct
-        self.segment = 0
-        self._segment_start = 0
-        self.pos = 0  # stream position of the next byte to read
         self.acked = 0  # the last position we acknowledged to the writer
         self._decoder = StreamDecoder()
         self._damaged_since: Optional[float] = None
-
-    @property
-    def path(self) -> Path:
-        """The segment being read."""
-        return tunneldir.segment_path(self.first, self.segment)
 
     def read(self, buffer: ReadBuffer, limit: int) -> Tuple[List[Record], bool]:
         """The records that arrived, and whether a segment ended among them (then the
@@ -137,10 +138,8 @@ class InStream:
     def _next_segment(self) -> None:
         """The writer has moved on: remove the finished segment, open the next."""
         finished = self.path
-        fd = open_file(tunneldir.segment_path(self.first, self.segment + 1), "read", self._direct)
-        close_file(self.fd, str(finished))
+        self._move_to_next(open_file(tunneldir.segment_path(self.first, self.segment + 1), "read", self._direct))
         TABLE.unlink(finished)
-        self.fd, self.segment, self._segment_start = fd, self.segment + 1, self.pos
 
     @property
     def unsettled(self) -> bool:
@@ -150,12 +149,6 @@ class InStream:
     def ack_due(self, threshold: int) -> bool:
         """Whether the writer should hear our position now."""
         return self.pos - self.acked >= threshold
-
-    def close(self) -> None:
-        """Close the descriptor."""
-        if self.fd >= 0:
-            close_file(self.fd, str(self.path))
-            self.fd = -1
 
 
 def read_limit(window: int, chunk: int) -> int:

@@ -86,6 +86,12 @@ class Link:
         self.out.close()
         self.into.close()
 
+    def remove(self) -> None:
+        """Close, and remove both files (a connection no server has taken up)."""
+        self.close()
+        TABLE.unlink(self.into.path)
+        TABLE.unlink(self.out.path)
+
 
 class PendingConnect:
     """A client connection waiting for the server's ACCEPT."""
@@ -420,9 +426,7 @@ class Endpoint:
         at once) and a plain RESET per connection (the BYE says why)."""
         if tell_peers:
             for peer in self._peers.values():
-                peer.slot.flags |= Flag.BYE
-                peer.slot.reason = Reason.CLEAN
-                _quietly(peer.tell, self._data.sync)
+                _quietly(peer.bye, Reason.CLEAN, 0, self._data.sync)
         for pending in list(self._connects.values()):
             self._abandon_connect(pending, lost)
         for link in list(self._links.values()):
@@ -521,12 +525,7 @@ class Endpoint:
         """The pointer's lock is held: its server runs. Step it down (force) or refuse."""
         info = pointer.parse(shared.read()) or {}
         who = pointer.describe(info)
-        if not self._force:
-            raise ServerAlreadyRunningError(
-                f"another process ({who}) already serves tunnel directory {self.tunnel_dir}: "
-                f"stop it, or pass --force (force=True) to make it step down")
-        log.warning("tunnel directory %s: asking the running server (%s) to step down", self.tunnel_dir, who)
-        self._ask_to_step_down(info)
+        self._refuse_or_step_down(info)
         deadline = time.monotonic() + STEPDOWN_WAIT
         while not shared.try_hold_alive():
             if time.monotonic() > deadline:
@@ -539,14 +538,11 @@ class Endpoint:
         excludes ours; elsewhere, knock on its bell and wait for an answer."""
         info = pointer.parse(shared.read())
         eid = pointer.server_eid(info)
-        if eid is None or eid == self.eid:
-            return
-        bell_path = tunneldir.bell_path(self.tunnel_dir, eid)
-        if not bell_path.exists() or self._owner_dead(bell_path):
+        if eid is None or eid == self.eid or self._owner_dead(tunneldir.bell_path(self.tunnel_dir, eid)):
             return
         try:
             peer = self._peer(eid)
-        except FileNotFoundError:
+        except FileNotFoundError:  # its bell is gone: so is it
             return
         who = pointer.describe(info)
         peer.announced = True  # not a peer of ours: only asked whether it runs
@@ -562,14 +558,16 @@ class Endpoint:
             log.info("tunnel directory %s: %s did not answer: taking over", self.tunnel_dir, who)
             self._drop_peer(peer)
             return
+        self._refuse_or_step_down(info)
+
+    def _refuse_or_step_down(self, info: dict) -> None:
+        """A server runs: refuse to start, or (force) ask it to step down."""
+        who = pointer.describe(info)
         if not self._force:
             raise ServerAlreadyRunningError(
                 f"another process ({who}) already serves tunnel directory {self.tunnel_dir}: "
                 f"stop it, or pass --force (force=True) to make it step down")
         log.warning("tunnel directory %s: asking the running server (%s) to step down", self.tunnel_dir, who)
-        self._ask_to_step_down(info)
-
-    def _ask_to_step_down(self, info: dict) -> None:
         eid = pointer.server_eid(info)
         if eid is None:
             return
@@ -673,18 +671,13 @@ class Endpoint:
             self._renew(pending)
         try:
             peer = self._peer(eid)
-        except FileNotFoundError:
+            peer.slot.conns = max(peer.slot.conns, _number(pending.link.conn.cid))
+            peer.tell(self._data.sync)
+        except FileNotFoundError:  # its bell is gone: wait for the pointer to name another
             return
         except UnsafeTunnelDirError:
             raise
         except OSError as exc:  # e.g. ENOSPC: this connection fails, the next may work
-            self._abandon_connect(pending, TunnelError(
-                exc.errno, f"cannot ask the server in {self.tunnel_dir} for a connection: {exc.strerror or exc}"))
-            return
-        peer.slot.conns = max(peer.slot.conns, _number(pending.link.conn.cid))
-        try:
-            peer.tell(self._data.sync)
-        except OSError as exc:
             self._abandon_connect(pending, TunnelError(
                 exc.errno, f"cannot ask the server in {self.tunnel_dir} for a connection: {exc.strerror or exc}"))
             return
@@ -717,9 +710,7 @@ class Endpoint:
         old = pending.link
         del self._connects[old.conn.cid]
         del self._links[old.conn.cid]
-        old.close()
-        TABLE.unlink(old.into.path)
-        TABLE.unlink(old.out.path)
+        old.remove()
         link = self._new_link(old.conn)
         pending.link = link
         self._connects[link.conn.cid] = pending
@@ -754,8 +745,7 @@ class Endpoint:
         link.conn.in_done = True
         link.conn.end_output()
         self._forget(link)
-        TABLE.unlink(link.into.path)
-        TABLE.unlink(link.out.path)
+        link.remove()
 
     # --- accepting (server) -------------------------------------------------------------
     def _on_connect(self, sender: str, cid: str) -> None:
@@ -877,7 +867,7 @@ class Endpoint:
         self._next_bell_look = started + 2 * (time.monotonic() - started)
         looked, self._bell_looked = self._bell_looked, started
         activity = False
-        for index, slot in list(read_peers(raw)):
+        for index, slot in list(read_peers(raw)):  # all decoded first: meeting a peer reuses the buffer
             if slot is None:
                 self._unreadable_slot(index, started)
                 continue
@@ -1115,8 +1105,7 @@ class Endpoint:
                     peer.conns or any(p.sent_to == peer.eid for p in self._connects.values())):
                 peer.next_death_check = now + DEATH_CHECK
                 if peer.bell.alive_elsewhere() is False:
-                    self._peer_lost(peer, "its process ended (it no longer holds its lock)")
-                    self._gone.add(peer.eid)  # proven: not asked again even if the pointer still names it
+                    self._peer_lost(peer, "its process ended (it no longer holds its lock)", ended=True)
             if self._peers.get(peer.eid) is peer and now - peer.last_ping >= self.opts.ping_interval:
                 peer.last_ping = now
                 self._pings += 1
@@ -1126,10 +1115,12 @@ class Endpoint:
                 except OSError as exc:
                     self._peer_lost(peer, f"its bell file is gone ({exc.strerror})")
 
-    def _peer_lost(self, peer: Peer, why: str, tell: bool = False) -> None:
+    def _peer_lost(self, peer: Peer, why: str, tell: bool = False, ended: bool = False) -> None:
         """The peer left (`why` empty) or is gone: end its connections and clear
         the files it cannot. With `tell`, a BYE tells it that we gave up on it, so
-        that it ends its side of them too, should it come back."""
+        that it ends its side of them too, should it come back. A peer that left or
+        whose process `ended` is not asked again, even if the pointer still names it;
+        one that is only silent (stalled) is."""
         if self._peers.get(peer.eid) is not peer:
             return
         who = self._describe(peer)
@@ -1141,9 +1132,7 @@ class Endpoint:
             log.log(level, "tunnel directory %s: %s is gone: %s", self.tunnel_dir, who, why)
             error = PeerLostError(f"{who} is gone (tunnel directory {self.tunnel_dir}): {why}")
         if tell:  # with its last ping we saw: see _on_bye
-            peer.slot.flags |= Flag.BYE
-            peer.slot.reason, peer.slot.bye_ping = Reason.NO_LIFE, peer.pings_seen
-            _quietly(peer.tell, self._data.sync)
+            _quietly(peer.bye, Reason.NO_LIFE, peer.pings_seen, self._data.sync)
         for cid in list(peer.conns):
             link = self._links.get(cid)
             if link is None:
@@ -1155,7 +1144,7 @@ class Endpoint:
         for index, slot in self._slots.items():
             if slot.eid == peer.eid:
                 TABLE.unlink(tunneldir.slot_claim_path(self.tunnel_dir, self.eid, index))
-        if not why:  # it left: not asked again even if the pointer still names it
+        if ended or not why:
             self._gone.add(peer.eid)
         self._drop_peer(peer)
         bell = tunneldir.bell_path(self.tunnel_dir, peer.eid)

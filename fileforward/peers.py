@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Optional, Set
 
 from . import tunneldir
-from .bell import SLOT_SIZE, PeerSlot, read_owner
+from .bell import SLOT_SIZE, Flag, PeerSlot, Reason, read_owner
 from .coherence import AUTO, LOCK_FREE, LOCKS, ReadBuffer
 from .files import TABLE, SharedFile, close_file, open_private, write_at
 
@@ -79,6 +79,13 @@ class Peer:
     def tell(self, sync: bool) -> None:
         """Write our slot in its bell (after changing `slot`)."""
         write_at(self.bell.fd, [self.slot.encode()], self.slot_index * SLOT_SIZE, sync)
+
+    def bye(self, reason: Reason, bye_ping: int, sync: bool) -> None:
+        """Say BYE in our slot: we shut down (CLEAN), or we gave up on it after its
+        ping `bye_ping` (NO_LIFE). That slot is done with."""
+        self.slot.flags |= Flag.BYE
+        self.slot.reason, self.slot.bye_ping = reason, bye_ping
+        self.tell(sync)
 
     @property
     def mode(self) -> str:
