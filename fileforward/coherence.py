@@ -100,11 +100,6 @@ class DataPath:
         shared = mount is None or mount.fstype not in LOCAL_FSTYPES
         return DataPath(direct=shared, sync=shared, mount=mount)
 
-    def open_reader(self, path: Path) -> int:
-        """A descriptor for reading the other side's file: O_DIRECT where `direct`
-        (OSError EINVAL where the filesystem refuses O_DIRECT)."""
-        return os.open(path, os.O_RDONLY | (os.O_DIRECT if self.direct else 0))
-
     def describe(self) -> str:
         """One phrase for the log: the filesystem and what that means for I/O."""
         where = f"{self.mount.fstype} ({','.join(self.mount.options)})" if self.mount else "an unknown filesystem"

@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, TypeVar, Union
 
 from .coherence import DataPath, ReadBuffer
-from .files import pread_all, pwrite_all
+from .files import close_file, open_file, pread_all, pwrite_all, write_at
 
 log = logging.getLogger(__name__)
 
@@ -136,38 +136,33 @@ class CloseToOpen:
 
 
 class KeptOpen:
-    """Bytes carried as the transport carries them (coherence.DataPath): descriptors
-    kept open, no lock, no reopen; each write a pwrite, fsynced on a shared
-    filesystem; each read a pread, O_DIRECT through an aligned buffer there.
-    OSError EINVAL if the filesystem refuses O_DIRECT."""
+    """Bytes carried as the transport carries them, with its own calls (files.py,
+    coherence.py): descriptors kept open, no lock, no reopen; each write a pwrite,
+    fsynced on a shared filesystem; each read through an aligned buffer, O_DIRECT
+    there. OSError EINVAL if the filesystem refuses O_DIRECT."""
 
     def __init__(self, mine: Path, theirs: Path, path: DataPath) -> None:
         self._sync = path.sync
-        self._mine = os.open(mine, os.O_WRONLY)
+        self._mine = open_file(mine, "write")
         try:
-            self._theirs = path.open_reader(theirs)
+            self._theirs = open_file(theirs, "read", path.direct)
         except OSError:
-            os.close(self._mine)
+            close_file(self._mine, str(mine))
             raise
-        self._buffer = ReadBuffer(DIRECT_READ_SIZE) if path.direct else None
+        self._buffer = ReadBuffer(DIRECT_READ_SIZE)
 
     def write(self, offset: int, data: bytes) -> None:
-        pwrite_all(self._mine, data, offset)
-        if self._sync:
-            os.fsync(self._mine)
+        write_at(self._mine, [data], offset, self._sync)
 
     def read(self, offset: int) -> bytes:
-        """What the other side wrote from `offset` (up to DIRECT_READ_SIZE bytes with
-        O_DIRECT: the channel reads on)."""
-        if self._buffer is None:
-            return pread_all(self._theirs, offset)
+        """What the other side wrote from `offset`, up to DIRECT_READ_SIZE bytes (the
+        channel reads on)."""
         return bytes(self._buffer.read(self._theirs, offset, DIRECT_READ_SIZE))
 
     def close(self) -> None:
-        os.close(self._mine)
-        os.close(self._theirs)
-        if self._buffer is not None:
-            self._buffer.close()
+        close_file(self._mine, "the doctor's data file")
+        close_file(self._theirs, "the other side's data file")
+        self._buffer.close()
 
 
 def try_lock(fd: int) -> Optional[bool]:

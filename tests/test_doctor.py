@@ -20,6 +20,7 @@ import pytest
 
 from fileforward.coherence import LOCK_FREE, LOCKS, DataPath, mount_of
 from fileforward.doctor import fix, local_report, verdict
+from fileforward import meeting
 from fileforward.meeting import PROTOCOL, KeptOpen, Settings
 from fileforward.probe import DIRECT_REFUSED, FIRST, LOCKS_LOCAL, LOCKS_REFUSED, NOT_VISIBLE, SECOND, Between, \
     Choice, Findings, Local, LockResult, SideFacts, Visibility, choose_mode, local_facts, measure_between
@@ -310,14 +311,14 @@ def test_both_sides_agree_on_o_direct_refused(tmp_path: Path, monkeypatch) -> No
     """The second side's O_DIRECT open of the first side's data file fails with EINVAL
     (as on a filesystem that refuses O_DIRECT; here, on local disk, it cannot):
     both sides report it on the second side, and no mode is chosen."""
-    real_open_reader = DataPath.open_reader
+    real_open_file = meeting.open_file
 
-    def refusing(data_path: DataPath, path: Path) -> int:
-        if path.name == "first.data":
+    def refusing(path: Path, how: str, direct: bool = False) -> int:
+        if path.name == "first.data" and how == "read":
             raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open_reader(data_path, path)
+        return real_open_file(path, how, direct)
 
-    monkeypatch.setattr(DataPath, "open_reader", refusing)
+    monkeypatch.setattr(meeting, "open_file", refusing)
     for between in measure_on_two_threads(tmp_path / "dir", Settings(wait=RUN_TIMEOUT, answer_timeout=5.0)):
         assert between.data == Visibility(refused_by=SECOND), between.data
         choice = choose_mode(Findings(local_facts(tmp_path / "dir"), between))
