@@ -141,6 +141,11 @@ class InStream(_Segments):
         self._move_to_next(open_file(tunneldir.segment_path(self.first, self.segment + 1), "read", self._direct))
         TABLE.unlink(finished)
 
+    def paths(self) -> List[Path]:
+        """The segments the writer may still have on disk: ours, and the next one (a
+        writer keeps at most a window beyond our position, less than a segment)."""
+        return [self.path, tunneldir.segment_path(self.first, self.segment + 1)]
+
     @property
     def unsettled(self) -> bool:
         """Whether bytes that are not a whole record yet wait to heal (keep looking)."""

@@ -846,6 +846,8 @@ class Endpoint:
         if conn.lost_after_write:
             conn.lost_after_write = False
             self.to_loop(conn.transport.deliver_lost, None)
+        if conn.reset_reason is not None and conn.out_done:  # our RESET is out: read no more
+            self._end_input(link)
         return True
 
     def _ring(self, link: Link) -> None:
@@ -992,7 +994,7 @@ class Endpoint:
                 if not conn.in_eof:
                     conn.in_eof = True
                     self.to_loop(conn.transport.deliver_eof)
-                self._end_input(link)
+                self._end_input(link, last_read=True)
                 conn.peer_closed()
             elif kind is Kind.RESET:
                 self._on_reset(link, bytes(payload).decode("utf-8", "replace"))
@@ -1006,21 +1008,30 @@ class Endpoint:
 
     # --- ending connections -------------------------------------------------------------
     def _on_reset(self, link: Link, why: str) -> None:
-        """The peer reset the connection: answer (unless we reset it first), so that
-        it can release the connection too, and tell the application why."""
+        """The peer reset the connection, and reads our direction no more: remove our
+        files (nobody else will), and tell the application why."""
         peer = self._peers.get(link.conn.peer) if link.conn.peer else None
         by = self._describe(peer) if peer is not None else f"the {self.peer_name}"
         if why:  # a failure the peer explains (a plain abort has no reason)
             log.warning("tunnel directory %s: %s reset connection %s: %s", self.tunnel_dir, by, link.conn.cid, why)
         self._fail(link, PeerLostError(f"connection reset by the other side ({by})" + (f": {why}" if why else "")),
-                   tell_peer=True, why="")
+                   tell_peer=False)
+        self._remove_output(link)
 
-    def _end_input(self, link: Link) -> None:
-        """No more records will be read from the in file: remove it (its writer is done)."""
+    def _end_input(self, link: Link, last_read: bool = False) -> None:
+        """No more records will be read from the in file: remove it. Unless we read the
+        writer's `last_read` record, its next segment may exist too (or appear until
+        our RESET reaches it: then the writer removes it, see _on_reset)."""
         if not link.conn.in_done:
             link.conn.in_done = True
             link.into.close()
-            TABLE.unlink(link.into.path)
+            for path in [link.into.path] if last_read else link.into.paths():
+                TABLE.unlink(path)
+
+    def _remove_output(self, link: Link) -> None:
+        """Remove every segment we wrote: the reader has stopped reading, or is gone."""
+        for path in link.out.paths():
+            TABLE.unlink(path)
 
     def _fail(self, link: Link, exc: BaseException, tell_peer: bool, why: Optional[str] = None) -> None:
         """End a connection with an error for the application; with `tell_peer`, a
@@ -1138,8 +1149,7 @@ class Endpoint:
             if link is None:
                 continue
             self._fail(link, error, tell_peer=False)
-            for path in link.out.paths():
-                TABLE.unlink(path)
+            self._remove_output(link)
             self._forget(link)
         for index, slot in self._slots.items():
             if slot.eid == peer.eid:

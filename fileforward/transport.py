@@ -95,14 +95,13 @@ class Conn:
     def request_reset(self, reason: str) -> None:
         """Abort: drop buffered data and tell the peer (`reason` empty for a plain abort).
 
-        Reading goes on until the peer's answering RESET, which releases the connection.
+        Once the RESET is written we read no more; the peer, reading it, removes its files.
         """
         with self.lock:
             self._drop_output()
             self.app_closed = True
             if self.reset_reason is None and not self.out_done:
                 self.reset_reason = reason
-        self.reading = self.hot = True
         self.wake()
 
     def set_reading(self, reading: bool) -> None:

@@ -28,8 +28,9 @@ class WaitTimeout(AssertionError):
 class _Schedule:
     """When to check again, and when to give up."""
 
-    def __init__(self, timeout: float, what: str, interval: float) -> None:
-        self.timeout, self.what = timeout, what
+    def __init__(self, timeout: float, what: str, interval: float,
+                 seen: Optional[Callable[[], object]]) -> None:
+        self.timeout, self.what, self.seen = timeout, what, seen
         self.deadline = time.monotonic() + timeout
         self.interval = interval
         self.pause = min(FIRST_PAUSE, interval)
@@ -37,20 +38,23 @@ class _Schedule:
     def next_pause(self) -> float:
         """The pause before the next check; raises WaitTimeout past the deadline."""
         if time.monotonic() > self.deadline:
-            raise WaitTimeout(f"timed out after {self.timeout:g} s waiting for {self.what}")
+            seen = f"; last seen: {self.seen()!r}" if self.seen is not None else ""
+            raise WaitTimeout(f"timed out after {self.timeout:g} s waiting for {self.what}{seen}")
         pause, self.pause = self.pause, min(self.pause * 2, self.interval)
         return pause
 
 
 def wait_until(check: Callable[[], Optional[T]], timeout: float = DEFAULT_TIMEOUT, *,
                what: str, interval: float = DEFAULT_INTERVAL,
-               pause: Callable[[float], None] = time.sleep) -> T:
+               pause: Callable[[float], None] = time.sleep,
+               seen: Optional[Callable[[], object]] = None) -> T:
     """Call ``check`` until it returns something true, and return that.
 
     ``pause(seconds)`` waits between checks: a library that runs its event handlers
-    only inside its own calls (playwright) passes its own wait.
+    only inside its own calls (playwright) passes its own wait. ``seen()`` describes
+    the state a timeout reports (what was there instead).
     """
-    schedule = _Schedule(timeout, what, interval)
+    schedule = _Schedule(timeout, what, interval, seen)
     while True:
         result = check()
         if result:
@@ -59,9 +63,10 @@ def wait_until(check: Callable[[], Optional[T]], timeout: float = DEFAULT_TIMEOU
 
 
 async def async_wait_until(check: Callable[[], Optional[T]], timeout: float = DEFAULT_TIMEOUT,
-                           *, what: str, interval: float = DEFAULT_INTERVAL) -> T:
+                           *, what: str, interval: float = DEFAULT_INTERVAL,
+                           seen: Optional[Callable[[], object]] = None) -> T:
     """:func:`wait_until` inside an event loop: the loop runs on between checks."""
-    schedule = _Schedule(timeout, what, interval)
+    schedule = _Schedule(timeout, what, interval, seen)
     while True:
         result = check()
         if result:

@@ -318,6 +318,48 @@ def test_reset_with_a_reason_reaches_the_other_application_and_its_log(tunnel_di
     assert any("the test server" in l and "cannot connect to localhost:8888" in l for l in lines), lines
 
 
+@pytest.mark.parametrize("leaver", ["server", "client"])
+def test_a_side_that_stops_while_segments_rotate_leaves_no_segment_behind(tunnel_dir, leaver):
+    """Small segments, data flowing both ways, one side shuts down cleanly: whichever
+    side was a segment ahead of its reader, the one that stays removes every segment
+    of the connection (its own, and the next one of the side that left)."""
+    knobs = dict(window=64 * 1024, chunk=16 * 1024)  # a new segment every 128 KiB
+
+    async def main():
+        async def echo(reader, writer):
+            try:
+                while data := await reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+            except (ConnectionError, fileforward.PeerLostError):
+                pass
+
+        for _ in range(3):  # which side is a segment ahead is a race: look at several
+            server = await fileforward.start_server(echo, tunnel_dir, **knobs)
+            connector = fileforward.Connector(tunnel_dir, **knobs)
+            reader, writer = await connector.open_connection()
+
+            async def pump():
+                try:
+                    while True:
+                        writer.write(b"s" * 65536)
+                        await writer.drain()
+                except (ConnectionError, fileforward.PeerLostError):
+                    pass
+
+            pumping = asyncio.ensure_future(pump())
+            received = 0
+            while received < 2 * 1024 * 1024:  # several segments each way
+                received += len(await asyncio.wait_for(reader.read(65536), 10))
+            stays = server if leaver == "client" else connector
+            await (connector.close() if leaver == "client" else server.shutdown())
+            await async_wait_until(lambda: not chunk_files(tunnel_dir), 5, seen=lambda: chunk_files(tunnel_dir),
+                                   what=f"no connection file left after the {leaver} left")
+            pumping.cancel()
+            await (stays.shutdown() if stays is server else stays.close())
+    run(main())
+
+
 def test_cli_sides_announce_each_other_and_a_clean_stop_during_a_download(tmp_path):
     """Each side logs the other's arrival (pid, host) without any connection; Ctrl-C
     on --server during a transfer: --client logs a clean leave, never "gone", and
@@ -356,7 +398,8 @@ def test_cli_sides_announce_each_other_and_a_clean_stop_during_a_download(tmp_pa
         assert "shut down cleanly" in line, line
         job_bell = tunneldir.bell_path(tunnel_dir, json.loads((tunnel_dir / "server").read_text())["eid"]).name
         wait_until(lambda: sorted(os.listdir(tunnel_dir)) == sorted([job_bell, "server"]), 5,
-                   what="only the live --client's bell and pointer to remain")
+                   what="only the live --client's bell and pointer to remain",
+                   seen=lambda: (sorted(os.listdir(tunnel_dir)), job_side.lines))
         with pytest.raises(AssertionError):  # longer than the liveness timeout: nothing more to say
             job_side.wait_for(lambda l: "is gone" in l or "crashed" in l, timeout=5)
         assert job_side.stop() == 0
