@@ -47,7 +47,7 @@ import secrets
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Set
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from . import pointer, tunneldir
 from .bell import SLOT_SIZE, Flag, OwnerSlot, PeerSlot, Reason, look_size, read_owner, read_peers
@@ -152,10 +152,11 @@ class Endpoint:
         self._peers: Dict[str, Peer] = {}
         self._slots: Dict[int, PeerSlot] = {}  # what each peer's slot in our bell said at our last look
         self._damaged_slots: Dict[int, Optional[float]] = {}  # since when unreadable (None: reported)
-        self._gone: Set[str] = set()  # peers that left or whose process ended (not merely silent)  # peers declared gone: not met again through a stale pointer
+        self._gone: Set[str] = set()  # peers that left or whose process ended (not merely silent): not met again
         self._pings = 0  # the counter of our pings, to any peer: it rises across meetings with a peer
         self._commands: List[Callable[[], None]] = []
         self._commands_lock = threading.Lock()
+        self._for_loop: List[Tuple[Callable[..., None], Tuple[object, ...]]] = []  # see to_loop
         self._closed = False
         self._wake = threading.Event()
         self._stop_requested = False
@@ -264,9 +265,17 @@ class Endpoint:
             self.loop.call_later(1.0, self._check_stall)
 
     def to_loop(self, callback: Callable[..., None], *args: object) -> None:
-        """Schedule `callback` on the event loop (from any thread)."""
+        """Have the event loop run `callback` (I/O thread only). What a cycle hands over
+        goes in one wake-up of the loop, in order: see _hand_over."""
+        self._for_loop.append((callback, args))
+
+    def _hand_over(self) -> None:
+        """End of a cycle: give the loop what the cycle queued for it."""
+        if not self._for_loop:
+            return
+        batch, self._for_loop = self._for_loop, []
         try:
-            self.loop.call_soon_threadsafe(callback, *args)
+            self.loop.call_soon_threadsafe(_run_all, batch)
         except RuntimeError:  # the loop is closed: nobody is listening any more
             pass
 
@@ -298,6 +307,7 @@ class Endpoint:
                     with contextlib.suppress(OSError):  # the same trouble, reported just above
                         self._keep_peers(now)  # meanwhile, a peer we cannot reach or hear is lost as usual
                 self.busy_since = None
+                self._hand_over()
                 self._wake.wait(wait)
         except BaseException as exc:
             self._fail_endpoint(exc)
@@ -307,6 +317,7 @@ class Endpoint:
                 self._shutdown()
             except BaseException:  # a broken filesystem: still tell everyone we stopped
                 log.exception("fileforward endpoint for %s: cleanup failed", self.tunnel_dir)
+            self._hand_over()
             atexit.unregister(self._stop_at_exit)
             self.stopped.set_result(None)
 
@@ -1160,6 +1171,17 @@ class Endpoint:
         bell = tunneldir.bell_path(self.tunnel_dir, peer.eid)
         if self._owner_dead(bell, peer.locks_trusted):
             TABLE.unlink(bell)
+
+
+def _run_all(batch: List[Tuple[Callable[..., None], Tuple[object, ...]]]) -> None:
+    """On the loop: run what one I/O cycle handed over, in order. A callback that
+    raises is reported as the loop reports any callback's error; the others still run."""
+    for callback, args in batch:
+        try:
+            callback(*args)
+        except Exception as exc:  # noqa: BLE001 - the loop's handler logs it, as for call_soon
+            asyncio.get_running_loop().call_exception_handler(
+                {"message": f"Exception in callback {callback!r}", "exception": exc})
 
 
 def _number(cid: str) -> int:
