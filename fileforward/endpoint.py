@@ -357,9 +357,10 @@ class Endpoint:
         for link in list(self._links.values()):
             if self._write_due(link):
                 activity |= self._flush(link)
-        hot = [link for link in self._links.values()
-               if link.conn.hot and link.conn.reading and not link.conn.in_done and now >= link.conn.in_next]
-        if (not hot or now - self._last_bell_poll >= BELL_POLL_WHILE_HOT) and now >= self._next_bell_look:
+        reading = [link for link in self._links.values()
+                   if link.conn.hot and link.conn.reading and not link.conn.in_done]
+        hot = [link for link in reading if now >= link.conn.in_next]  # the others wait for the file server
+        if (not reading or now - self._last_bell_poll >= BELL_POLL_WHILE_HOT) and now >= self._next_bell_look:
             self._last_bell_poll = now
             activity |= self._poll_bell()
         for link in hot:
