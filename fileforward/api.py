@@ -7,6 +7,7 @@ from typing import Any, Awaitable, Callable, Optional, Tuple, Union
 
 from .endpoint import Endpoint
 from .errors import EndpointFailedError
+from .loops import call_soon_if_open
 from .options import Options
 from .transport import FileTransport
 from .tunneldir import default_tunnel_dir
@@ -131,7 +132,7 @@ class Server:
         self._loop = loop
         self._closed = loop.create_future()
         self.stepped_down_for: Optional[str] = None
-        endpoint.stopped.add_done_callback(lambda _: _call_soon_if_open(loop, self._mark_closed))
+        endpoint.stopped.add_done_callback(lambda _: call_soon_if_open(loop, self._mark_closed))
 
     def _mark_closed(self) -> None:
         if not self._closed.done():
@@ -231,14 +232,6 @@ async def start_server(client_connected_cb: ClientConnected, tunnel_dir: PathLik
     await endpoint.start()
     server = Server(endpoint, loop)
     return server
-
-
-def _call_soon_if_open(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
-    """From any thread: run `callback` on `loop`, unless the loop is closed (nobody listens)."""
-    try:
-        loop.call_soon_threadsafe(callback)
-    except RuntimeError:
-        pass
 
 
 def _as_path(tunnel_dir: PathLike) -> Path:

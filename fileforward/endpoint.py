@@ -56,6 +56,7 @@ from .coherence import LOCKS, DataPath, ReadBuffer
 from .errors import (EndpointFailedError, NoServerError, PeerLostError, ProtocolError, ServerAlreadyRunningError,
                      TunnelDirLostError, TunnelError, UnsafeTunnelDirError)
 from .files import TABLE, SharedFile, close_file, open_file, write_at
+from .loops import call_soon_if_open
 from .options import Options
 from .peers import DEATH_CHECK, Peer, machine_identity, meet
 from .records import Kind, Record, decode_position, encode, encode_position
@@ -274,10 +275,7 @@ class Endpoint:
         if not self._for_loop:
             return
         batch, self._for_loop = self._for_loop, []
-        try:
-            self.loop.call_soon_threadsafe(_run_all, batch)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            pass
+        call_soon_if_open(self.loop, _run_all, batch)
 
     # --- the I/O thread: main loop ------------------------------------------------------
     def _run(self) -> None:

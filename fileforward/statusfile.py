@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Dict, List, Optional
 
 from .forwarding import ForwardCounters
+from .loops import call_soon_if_open
 
 log = logging.getLogger("fileforward")
 
@@ -182,8 +183,7 @@ class _DaemonThread:
                 function(*args)
             except Exception as exc:  # handed to the loop, which logs it
                 error = exc
-            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
-                loop.call_soon_threadsafe(_settle, future, error)
+            call_soon_if_open(loop, _settle, future, error)
 
 
 def _settle(future: "asyncio.Future[None]", error: Optional[BaseException]) -> None:
