@@ -50,12 +50,13 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from . import pointer, tunneldir
-from .bell import SLOT_SIZE, Flag, OwnerSlot, PeerSlot, Reason, look_size, read_owner, read_peers
+from .bell import Flag, OwnerSlot, PeerSlot, Reason, look_size, read_peers
 from .chunks import DAMAGE_GRACE, InStream, OutStream, read_limit
-from .coherence import LOCKS, DataPath, ReadBuffer
+from .coherence import DataPath, ReadBuffer
 from .errors import (EndpointFailedError, NoServerError, PeerLostError, ProtocolError, ServerAlreadyRunningError,
                      TunnelDirLostError, TunnelError, UnsafeTunnelDirError)
 from .files import TABLE, SharedFile, close_file, open_file, write_at
+from .leftovers import Leftovers
 from .loops import call_soon_if_open
 from .options import Options
 from .peers import DEATH_CHECK, Peer, machine_identity, meet
@@ -381,6 +382,7 @@ class Endpoint:
         self.tunnel_dir, self._dir_id = tunneldir.prepare(self.tunnel_dir, parents=not again)
         self._data = DataPath.for_directory(self.tunnel_dir)
         self._view, self._host = machine_identity(self.tunnel_dir)
+        self._leftovers = Leftovers(self.tunnel_dir, self._view, self.opts.coherence, self._data, self._buffer)
         self._next_dir_check = time.monotonic() + DIR_CHECK_INTERVAL
         self._slots.clear()
         while self._bell is None:
@@ -406,7 +408,7 @@ class Endpoint:
         try:
             if self._serve:
                 self._claim_pointer()
-            self._clear_stale_files()
+            self._leftovers.clear(self.eid)
         except BaseException:
             _quietly(self._release_pointer, True)
             self._close_bell()
@@ -480,41 +482,6 @@ class Endpoint:
         self._open(again=True)
         log.warning("tunnel directory %s made again; connections work again", self.tunnel_dir)
 
-    def _clear_stale_files(self) -> None:
-        """Remove what crashed endpoints of this machine left behind. A free owner lock
-        proves death only where locks are known to exclude: on one machine (or with
-        coherence "locks"); another node's leftovers are not ours to judge."""
-        for owner, names in tunneldir.files_by_owner(self.tunnel_dir, self.eid).items():
-            bells = [n for n in names if n.endswith(tunneldir.BELL_SUFFIX)] or \
-                    [n for n in names if n.endswith(tunneldir.NEW_SUFFIX)]
-            if bells and not self._owner_dead(self.tunnel_dir / bells[0]):
-                continue
-            log.info("tunnel directory %s: removing %d file(s) left by a dead endpoint %s",
-                     self.tunnel_dir, len(names), owner)
-            for name in names:
-                TABLE.unlink(self.tunnel_dir / name)
-
-    def _owner_dead(self, path: Path, trusted: bool = False) -> bool:
-        """Whether the owner of a bell is known dead: its owner lock is free, and its
-        lock would exclude ours (`trusted`: seen to when we met; or it ran with our
-        view of the directory, or coherence is "locks")."""
-        if TABLE.local_alive_holder(path):
-            return False
-        try:
-            shared = TABLE.open(path)
-        except FileNotFoundError:
-            return False
-        try:
-            if self.opts.coherence != LOCKS and not trusted:
-                owner = read_owner(self._buffer.read(shared.reading_fd(self._data.direct), 0, SLOT_SIZE))
-                if owner is not None and owner.boot != self._view:
-                    return False
-            return shared.alive_elsewhere() is False
-        except FileNotFoundError:  # removed meanwhile: by its owner, or a cleaner
-            return False
-        finally:
-            TABLE.release(shared)
-
     # --- server pointer ---------------------------------------------------------------------
     def _claim_pointer(self) -> None:
         shared = TABLE.open(pointer.path_in(self.tunnel_dir), create=True)
@@ -548,7 +515,7 @@ class Endpoint:
         excludes ours; elsewhere, knock on its bell and wait for an answer."""
         info = pointer.parse(shared.read())
         eid = pointer.server_eid(info)
-        if eid is None or eid == self.eid or self._owner_dead(tunneldir.bell_path(self.tunnel_dir, eid)):
+        if eid is None or eid == self.eid or self._leftovers.owner_dead(tunneldir.bell_path(self.tunnel_dir, eid)):
             return
         try:
             peer = self._peer(eid)
@@ -1110,7 +1077,7 @@ class Endpoint:
         except ProtocolError:  # a connection attempt reports it
             return
         eid = pointer.server_eid(info)
-        if eid is None or eid in self._gone or self._owner_dead(tunneldir.bell_path(self.tunnel_dir, eid)):
+        if eid is None or eid in self._gone or self._leftovers.owner_dead(tunneldir.bell_path(self.tunnel_dir, eid)):
             return
         try:
             self._peer(eid)  # our slot introduces us; its slot in our bell introduces it
@@ -1168,7 +1135,7 @@ class Endpoint:
             self._gone.add(peer.eid)
         self._drop_peer(peer)
         bell = tunneldir.bell_path(self.tunnel_dir, peer.eid)
-        if self._owner_dead(bell, peer.locks_trusted):
+        if self._leftovers.owner_dead(bell, peer.locks_trusted):
             TABLE.unlink(bell)
 
 
