@@ -33,6 +33,7 @@ from .frames import describe_error, dumps, loads, unpack_error
 from .cache import ResultCache
 from .progress import MapProgress
 from .server import RPCServer, start_server
+from .taskprogress import Progress, checked_progress
 from .transports import DEFAULT_LIVENESS_TIMEOUT
 
 log = logging.getLogger(__name__)
@@ -70,10 +71,21 @@ class _Worker:
         return f"{where}, SLURM job {job}" if job else f"{where}, no SLURM job"
 
 
+class PoolFuture(cf.Future):
+    """The future of a pool task. ``progress`` is the latest value the task gave
+    ``rpc.report_progress`` (None until it does), ``progress_updated`` when it came
+    (``time.monotonic()`` of the pool's process)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.progress: Optional[Progress] = None
+        self.progress_updated = 0.0
+
+
 class _Task:
     """A submitted call, pickled once, and the future of its outcome."""
 
-    def __init__(self, task_id: int, payload: bytes, future: cf.Future,
+    def __init__(self, task_id: int, payload: bytes, future: PoolFuture,
                  cache_key: Optional[str]) -> None:
         self.id = task_id
         self.payload = payload
@@ -105,7 +117,8 @@ class _Board:
     def functions(self) -> Dict[str, Callable[..., Any]]:
         """What the pool serves to its workers."""
         return {"attach": self.attach, "take": self.take, "done": self.done,
-                "leave": self.leave, "give_back": self.give_back}
+                "leave": self.leave, "give_back": self.give_back,
+                "progress": self.progress, "pool_info": self.pool_info}
 
     # -------------------------------------------------------------- the pool's side
 
@@ -136,7 +149,9 @@ class _Board:
         """Workers, their jobs and what they run; the queue and the counters."""
         return {
             "tunnel_dir": self.where,
-            "workers": [dict(w.info, running=sorted(w.tasks), leaving=w.leaving)
+            "workers": [dict(w.info, running=sorted(w.tasks), leaving=w.leaving,
+                             progress={i: t.future.progress for i, t in sorted(w.tasks.items())
+                                       if t.future.progress is not None})
                         for w in self.workers.values()],
             "queued": len(self.queue),
             "running": sum(len(w.tasks) for w in self.workers.values()),
@@ -163,6 +178,10 @@ class _Board:
     def census(self) -> Tuple[int, int]:
         """Workers online, and how many of them run a task."""
         return len(self.workers), sum(1 for w in self.workers.values() if w.tasks)
+
+    def running_futures(self) -> List[PoolFuture]:
+        """The futures of the tasks that workers hold now."""
+        return [t.future for w in self.workers.values() for t in w.tasks.values()]
 
     def fail_all(self, error: BaseException) -> None:
         """The pool is closing: nothing left will run."""
@@ -235,6 +254,19 @@ class _Board:
         exc = unpack_error(payload)
         exc.__cause__ = RemoteTraceback(f"on worker {worker}:\n{exc.__cause__.text}")
         self._fail(task, exc)
+
+    async def progress(self, worker_id: str, task_id: int, value: Progress) -> None:
+        """A running task's ``rpc.report_progress`` (late ones, for a task no longer
+        held by that worker, are dropped)."""
+        worker = self.workers.get(worker_id)
+        task = worker.tasks.get(task_id) if worker is not None else None
+        if task is not None:
+            task.future.progress = checked_progress(value)
+            task.future.progress_updated = time.monotonic()
+
+    async def pool_info(self) -> Dict[str, Any]:
+        """:meth:`info`, for ``python -m rpc status --pool`` (which is no worker)."""
+        return self.info()
 
     async def leave(self, worker_id: str) -> None:
         """The worker takes no new task (it got SIGTERM): its waiting takes return None."""
@@ -342,8 +374,9 @@ class Pool(cf.Executor):
             self._stop_loop()
             raise
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future:
-        """Queue ``fn(*args, **kwargs)`` for a worker; returns its future."""
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> PoolFuture:
+        """Queue ``fn(*args, **kwargs)`` for a worker; returns its future (whose
+        ``progress`` shows what the task reports with ``rpc.report_progress``)."""
         try:
             payload = dumps((fn, args, kwargs))
         except Exception as exc:
@@ -355,13 +388,13 @@ class Pool(cf.Executor):
             if self._cache_mode == "use":
                 hit, value = self._cache.load(cache_key)
                 if hit:
-                    future: cf.Future = cf.Future()
+                    future = PoolFuture()
                     future.set_result(value)
                     return future
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot submit to a pool after shutdown")
-            task = _Task(next(self._ids), payload, cf.Future(), cache_key)
+            task = _Task(next(self._ids), payload, PoolFuture(), cache_key)
             self._loop.call_soon_threadsafe(self._board.add, task)
         return task.future
 
@@ -375,12 +408,14 @@ class Pool(cf.Executor):
         is ignored). With ``progress``, one line on stderr shows how the map goes."""
         futures = [self.submit(fn, *args) for args in zip(*iterables)]
         if progress:
-            MapProgress(futures, self._board.census, self._loop).start()
+            MapProgress(futures, self._board.census, self._board.running_futures,
+                        self._loop).start()
         return _in_order(futures, timeout)
 
     def info(self) -> Dict[str, Any]:
-        """The workers (host, pid, SLURM job, threads, running task ids), the queue,
-        and the counts of completed and failed tasks."""
+        """The workers (host, pid, SLURM job, threads, running task ids and the
+        progress those reported), the queue, and the counts of completed and failed
+        tasks."""
         return self._run(self._on_loop(self._board.info))
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -419,9 +454,7 @@ class Pool(cf.Executor):
         self._board.queue.clear()
 
     def _pending(self) -> List[cf.Future]:
-        board = self._board
-        return ([t.future for t in board.queue]
-                + [t.future for w in board.workers.values() for t in w.tasks.values()])
+        return [t.future for t in self._board.queue] + self._board.running_futures()
 
     async def _close(self) -> None:
         await self._board.release_workers(self._release_timeout)
