@@ -105,7 +105,7 @@ class MapProgress:
         self.running = running
         self.loop = loop
         self.started = time.monotonic()
-        self.done = self.failed = 0
+        self.done = self.failed = self.cancelled = 0
         self._mine = set(futures)
         self._lock = threading.Lock()
         self._timer: Optional[asyncio.TimerHandle] = None
@@ -123,22 +123,26 @@ class MapProgress:
     def line(self) -> str:
         """The text of the line, as of now (on the loop)."""
         with self._lock:
-            done, failed = self.done, self.failed
+            done, failed, cancelled = self.done, self.failed, self.cancelled
         elapsed = max(time.monotonic() - self.started, 1e-9)
         rate = done / elapsed
-        eta = f"{(self.total - done) / rate:.0f} s" if rate > 0 and done < self.total else "-"
+        left = self.total - done - cancelled
+        eta = f"{left / rate:.0f} s" if rate > 0 and left else "-"
         online, busy = self.census()
-        text = (f"pool: {done}/{self.total} done, {failed} failed, {rate:.1f} tasks/s, "
+        text = (f"pool: {done}/{self.total} done, {failed} failed, "
+                f"{f'{cancelled} cancelled, ' if cancelled else ''}{rate:.1f} tasks/s, "
                 f"ETA {eta}, workers {online} online / {busy} busy")
         tasks = running_summary(f for f in self.running() if f in self._mine)
         return f"{text}, {tasks}" if tasks else text
 
     def _count(self, future: cf.Future) -> None:
         with self._lock:
-            self.done += 1
-            if future.cancelled() or future.exception() is not None:
-                self.failed += 1
-            last = self.done == self.total
+            if future.cancelled():  # e.g. the caller stopped at a failed task
+                self.cancelled += 1
+            else:
+                self.done += 1
+                self.failed += future.exception() is not None
+            last = self.done + self.cancelled == self.total
         if last:  # the final line at once, not at the next tick
             self.loop.call_soon_threadsafe(self._tick)
 
@@ -149,7 +153,7 @@ class MapProgress:
         if self._timer is not None:
             self._timer.cancel()
         with self._lock:
-            self._finished = self.done >= self.total
+            self._finished = self.done + self.cancelled >= self.total
         self.output.show(self.line(), final=self._finished)
         if not self._finished:
             self._timer = self.loop.call_later(self.output.interval, self._tick)

@@ -125,3 +125,19 @@ def test_map_line_shows_the_mean_fraction_and_the_latest_message_of_its_running_
             "workers 2 online / 2 busy, running 40% (2 reporting), 'newest'")
     finally:
         loop.close()
+
+
+def test_map_line_counts_cancelled_tasks_apart_and_ends_once_all_are_settled():
+    loop = asyncio.new_event_loop()
+    futures = [rpc.PoolFuture() for _ in range(3)]
+    terminal = Terminal()
+    MapProgress(futures, lambda: (1, 0), lambda: (), loop, terminal).start()
+    futures[0].set_result(1)
+    futures[1].set_exception(rpc.WorkerLost("lost"))
+    futures[2].cancel()  # the caller stopped at the lost task
+    loop.run_until_complete(asyncio.sleep(0))
+    loop.close()
+    shown = terminal.getvalue()
+    last = shown.rsplit("\r", 1)[-1]
+    assert last.startswith("pool: 2/3 done, 1 failed, 1 cancelled, "), shown
+    assert last.endswith("ETA -, workers 1 online / 0 busy\n") and shown.count("\n") == 1
