@@ -15,10 +15,12 @@ user threads only queue tasks there, and futures are resolved there.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import concurrent.futures as cf
 import itertools
 import logging
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +46,9 @@ DEFAULT_POOL_DIR = Path("~/.cache/fileforward/pool")
 CACHE_MODES = ("use", "refresh")
 #: Seconds to wait for the pool's server thread to start or stop.
 LOOP_TIMEOUT = 60.0
+#: Seconds a pool shut down at exit (never shut down by the program) waits for
+#: its workers to leave: the program is ending, it must not hang.
+EXIT_RELEASE_TIMEOUT = 2.0
 
 
 class WorkerLost(RPCError):
@@ -299,7 +304,8 @@ class _Board:
         """The worker's connection ended: its tasks are retried, or fail WorkerLost."""
         worker.gone = True
         self.workers.pop(worker.id, None)
-        lost = sorted(worker.tasks.values(), key=lambda t: t.id)
+        lost = sorted((t for t in worker.tasks.values() if not t.future.done()),
+                      key=lambda t: t.id)  # done: failed by the pool's shutdown
         worker.tasks.clear()
         if self.emptied is not None and not self.workers:
             self.emptied.set()
@@ -338,6 +344,8 @@ class Pool(cf.Executor):
     running (``cache="refresh"``: run again, and store the new result). ``ship``
     lists local modules whose functions travel by value too (they are registered
     with cloudpickle for the whole process), so workers need not import them.
+    A pool the program never shuts down is shut down at exit, without waiting for
+    its tasks (queued ones are cancelled, a WARNING counts them).
     """
 
     def __init__(self, tunnel_dir: Any = None, *, retries: int = 0, key_file: Any = None,
@@ -373,6 +381,8 @@ class Pool(cf.Executor):
         except BaseException:
             self._stop_loop()
             raise
+        self._pid = os.getpid()
+        atexit.register(self._shutdown_at_exit)  # unregistered by shutdown()
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> PoolFuture:
         """Queue ``fn(*args, **kwargs)`` for a worker; returns its future (whose
@@ -425,16 +435,34 @@ class Pool(cf.Executor):
         ``liveness_timeout``) and the server closes. Tasks unfinished by then
         (``wait=False``) are cancelled if queued, else fail with RuntimeError.
         """
+        self._stop(wait, cancel_futures, self._release_timeout)
+
+    def _shutdown_at_exit(self) -> None:
+        """The program ends and never shut the pool down: cancel the queued tasks,
+        abandon the running ones, and let the workers leave (for a short while), so
+        that the program exits at once and leaves no files."""
+        if os.getpid() != self._pid:  # a forked child's copy has no loop thread
+            return
+        queued, running = self._run(self._on_loop(
+            lambda: (len(self._board.queue), len(self._board.running_futures()))))
+        log.log(logging.WARNING if queued or running else logging.INFO,
+                "rpc.Pool at %s was not shut down; shutting it down at exit: %d queued "
+                "task(s) cancelled, %d running abandoned (use `with rpc.Pool(...)` or "
+                "pool.shutdown())", self.tunnel_dir, queued, running)
+        self._stop(False, True, EXIT_RELEASE_TIMEOUT)
+
+    def _stop(self, wait: bool, cancel_futures: bool, release_timeout: float) -> None:
         with self._lock:
             if self._shutdown:
                 return
             self._shutdown = True
+        atexit.unregister(self._shutdown_at_exit)
         if cancel_futures:
             self._run(self._on_loop(self._cancel_queued))
         if wait:
             pending = self._run(self._on_loop(self._pending))
             cf.wait(pending)
-        self._run(self._close(), LOOP_TIMEOUT + self._release_timeout)
+        self._run(self._close(release_timeout), LOOP_TIMEOUT + release_timeout)
         self._stop_loop()
         if self._cache_writer is not None:
             self._cache_writer.shutdown(wait=True)  # every result computed is stored
@@ -456,8 +484,8 @@ class Pool(cf.Executor):
     def _pending(self) -> List[cf.Future]:
         return [t.future for t in self._board.queue] + self._board.running_futures()
 
-    async def _close(self) -> None:
-        await self._board.release_workers(self._release_timeout)
+    async def _close(self, release_timeout: float) -> None:
+        await self._board.release_workers(release_timeout)
         self._board.fail_all(RuntimeError("the pool was shut down before this task ran"))
         self._server.close()
         await self._server.wait_closed()
