@@ -7,7 +7,9 @@ long as the worker lives: when its connection is lost (the worker was killed, it
 node died), the server cancels that call, and the pool knows at once which tasks
 were lost. Between them, ``take`` long-polls for one task, ``done`` returns its
 outcome and takes the next one in the same round trip, ``leave`` stops a worker's
-takes (SIGTERM) and ``give_back`` requeues what it could not finish.
+takes (SIGTERM) and ``give_back`` requeues what it could not finish; ``progress``
+carries a running task's ``rpc.report_progress`` to its future. ``pool_info`` is
+for ``python -m rpc status --pool``, a client that never attaches.
 
 Every piece of the pool's state lives on its event loop thread (the server's loop):
 user threads only queue tasks there, and futures are resolved there.
@@ -415,7 +417,8 @@ class Pool(cf.Executor):
     def map(self, fn: Callable[..., Any], *iterables: Any, timeout: Optional[float] = None,
             chunksize: int = 1, progress: bool = False) -> Iterator[Any]:
         """``fn`` over the arguments, results in order (as ``Executor.map``; ``chunksize``
-        is ignored). With ``progress``, one line on stderr shows how the map goes."""
+        is ignored). With ``progress``, one line on stderr (in Jupyter, one updating
+        display) shows how the map goes."""
         futures = [self.submit(fn, *args) for args in zip(*iterables)]
         if progress:
             MapProgress(futures, self._board.census, self._board.running_futures,

@@ -77,7 +77,7 @@ class ProgressReporter:
                 self._held = value
                 if self._timer is None:
                     self._timer = threading.Timer(self._next_send - now, self._send_held)
-                    self._timer.daemon = True
+                    self._timer.name, self._timer.daemon = "rpc-task-progress", True
                     self._timer.start()
                 return
         self._send(value)

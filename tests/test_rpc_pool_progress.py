@@ -13,7 +13,8 @@ import pytest
 import rpc
 from rpc.progress import MapProgress
 from rpc.taskprogress import DEFAULT_INTERVAL, ProgressReporter
-from test_rpc_pool import DEADLINE, Terminal, pool_dir, wait_for_workers, workers  # noqa: F401
+from test_rpc_pool import (DEADLINE, Terminal, Workers, pool_dir, wait_for_workers,  # noqa: F401
+                           workers)
 from tests.polling import wait_until
 
 pytestmark = pytest.mark.usefixtures("rpc_env")
@@ -44,19 +45,25 @@ def report_in_a_tight_loop(seconds, release):
     return calls
 
 
-def test_progress_reaches_the_future_and_info_while_the_task_runs(pool_dir, workers, tmp_path):
+def test_progress_reaches_the_future_and_info_while_the_task_runs(nodes, tmp_path):
+    """Pool on the login node, its worker on the job node (local, and across NFS)."""
+    login, job = nodes
+    workers = Workers(job.tunnel_dir, tmp_path, prefix=job.prefix)
     release = str(tmp_path / "release")
-    with rpc.Pool(tunnel_dir=pool_dir) as pool:
-        workers.start()
-        future = pool.submit(report_then_wait, [0.25, "loading the data"], release)
-        assert isinstance(future, rpc.PoolFuture)
-        wait_until(lambda: future.progress == "loading the data", DEADLINE,
-                   what="the task's latest progress", seen=lambda: future.progress)
-        [worker] = pool.info()["workers"]
-        assert worker["progress"] == {worker["running"][0]: "loading the data"}
-        open(release, "w").close()
-        assert future.result(DEADLINE) == "released"
-        assert pool.info()["workers"][0]["progress"] == {}  # finished tasks show none
+    try:
+        with rpc.Pool(tunnel_dir=login.tunnel_dir) as pool:
+            workers.start()
+            future = pool.submit(report_then_wait, [0.25, "loading the data"], release)
+            assert isinstance(future, rpc.PoolFuture)
+            wait_until(lambda: future.progress == "loading the data", DEADLINE,
+                       what="the task's latest progress", seen=lambda: future.progress)
+            [worker] = pool.info()["workers"]
+            assert worker["progress"] == {worker["running"][0]: "loading the data"}
+            open(release, "w").close()
+            assert future.result(DEADLINE) == "released"
+            assert pool.info()["workers"][0]["progress"] == {}  # finished tasks show none
+    finally:
+        workers.stop_all()
 
 
 def test_a_task_reporting_in_a_tight_loop_sends_a_few_updates_per_second(
