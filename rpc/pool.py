@@ -73,9 +73,18 @@ class _Worker:
         self.gone = False
 
     def __str__(self) -> str:
-        job = self.info.get("job")
         where = f"{self.info.get('host')} pid {self.info.get('pid')}"
-        return f"{where}, SLURM job {job}" if job else f"{where}, no SLURM job"
+        return f"{where}, {describe_job(self.info)}"
+
+
+def describe_job(info: Dict[str, Any]) -> str:
+    """A worker's SLURM job as people know it: ``SLURM job 58 (array 57_1)``."""
+    job = info.get("job")
+    if not job:
+        return "no SLURM job"
+    if info.get("array_job"):
+        return f"SLURM job {job} (array {info['array_job']}_{info.get('array_task')})"
+    return f"SLURM job {job}"
 
 
 class PoolFuture(cf.Future):

@@ -10,6 +10,7 @@ from typing import Any, Dict
 
 from .blocking import DEFAULT_CONNECT_TIMEOUT, connect
 from .errors import FunctionNotFoundError, RPCError, ServerNotRunningError
+from .pool import describe_job
 
 
 class NoPoolError(RPCError):
@@ -42,16 +43,13 @@ def describe_pool(info: Dict[str, Any]) -> str:
              f"queued, {info['running']} running, {info['completed']} completed, "
              f"{info['failed']} failed"]
     for worker in workers:
-        job = worker.get("job")
-        if job and worker.get("array_task") is not None:
-            job = f"{job} (array task {worker['array_task']})"
         threads = worker.get("threads", 1)
         state = "leaving" if worker["leaving"] else "busy" if worker["running"] else "idle"
         progress = {str(k): v for k, v in worker.get("progress", {}).items()}
         tasks = ", ".join(f"{task}{_progress(progress.get(str(task)))}"
                           for task in worker["running"])
         lines.append(f"  {worker['host']} pid {worker['pid']}, "
-                     f"{'SLURM job ' + job if job else 'no SLURM job'}, "
+                     f"{describe_job(worker)}, "
                      f"{threads} thread{'s' if threads != 1 else ''}: {state}"
                      f"{', task(s) ' + tasks if tasks else ''}")
     return "\n".join(lines)

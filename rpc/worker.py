@@ -39,6 +39,7 @@ def describe_worker(threads: int) -> Dict[str, Any]:
     """What the pool learns of a worker: where it runs, and in which SLURM job."""
     return {"host": socket.gethostname(), "pid": os.getpid(),
             "job": os.environ.get("SLURM_JOB_ID"),
+            "array_job": os.environ.get("SLURM_ARRAY_JOB_ID"),
             "array_task": os.environ.get("SLURM_ARRAY_TASK_ID"), "threads": threads}
 
 

@@ -2,7 +2,6 @@
 line. The detection and the rendering run here; a real kernel runs a tiny notebook
 through `jupyter nbconvert --execute`."""
 import subprocess
-import sys
 
 import nbformat
 import pytest

@@ -1,7 +1,6 @@
 """``rpc.report_progress``: a task on a real worker reports, the caller sees it
 (``future.progress``, ``pool.info()``, the map's line); updates are throttled."""
 import asyncio
-import concurrent.futures as cf
 import os
 import sys
 import threading

@@ -84,7 +84,8 @@ def test_pool_map_with_retries_0_reports_the_task_lost_with_its_killed_worker(
     kill_array_task(cluster, array, 0)
     assert login.wait_exit(60) == 1, login.output()
     out = login.output()
-    assert "lost: task " in out and f"pid {victim['pid']}, SLURM job {victim['job']} " in out, out
+    assert "lost: task " in out, out
+    assert f"pid {victim['pid']}, SLURM job {victim['job']} (array {array}_0) " in out, out
     assert "(retries=0); with --retries 1 it would run again" in out, out
     cluster.wait_finished(array, timeout=60)
     assert cluster.array_states(array) == {"0": "FAILED", "1": "COMPLETED"}  # killed by a signal

@@ -29,7 +29,8 @@ def test_status_pool_from_the_job_node_shows_workers_tasks_and_progress_and_take
     release = str(tmp_path / "release")
     try:
         with rpc.Pool(tunnel_dir=login.tunnel_dir) as pool:
-            worker = workers.start(env={"SLURM_JOB_ID": "4242", "SLURM_ARRAY_TASK_ID": "3"})
+            worker = workers.start(env={"SLURM_JOB_ID": "4242", "SLURM_ARRAY_JOB_ID": "4239",
+                                        "SLURM_ARRAY_TASK_ID": "3"})
             running = pool.submit(report_then_wait, ["loading"], release)
             queued = pool.submit(sum, [1, 2])  # the one worker is busy: it stays queued
             wait_until(lambda: running.progress == "loading", DEADLINE,
@@ -47,7 +48,7 @@ def test_status_pool_from_the_job_node_shows_workers_tasks_and_progress_and_take
     lines = shown.stdout.splitlines()
     assert lines[0] == (f"rpc.Pool at {login.tunnel_dir}: 1 worker(s), 1 queued, 1 running, "
                         f"0 completed, 0 failed")
-    assert lines[1].endswith(f"pid {worker.pid}, SLURM job 4242 (array task 3), 1 thread: busy, "
+    assert lines[1].endswith(f"pid {worker.pid}, SLURM job 4242 (array 4239_3), 1 thread: busy, "
                              f"task(s) 1 ('loading')"), lines
     assert as_json.returncode == 0, as_json.stderr
     info = json.loads(as_json.stdout)
