@@ -27,7 +27,8 @@ def pool_status(pool_dir: Any, *, key_file: Any = None,
             return client.call("pool_info")
     except ServerNotRunningError as exc:
         raise NoPoolError(
-            f"no rpc.Pool runs at {pool_dir} ({exc}); start one there with "
+            f"no rpc.Pool runs at {pool_dir}: nothing answered within {connect_timeout:g} s "
+            f"(--connect-timeout); start one there with "
             f"rpc.Pool(tunnel_dir={str(pool_dir)!r}), or give the directory of the running "
             f"one with --pool DIR") from exc
     except FunctionNotFoundError as exc:

@@ -60,7 +60,7 @@ def test_status_pool_from_the_job_node_shows_workers_tasks_and_progress_and_take
 def test_status_pool_where_none_runs_or_at_a_plain_server_exits_1_saying_what_to_do(pool_dir):
     missing = run_status("--pool", str(pool_dir), "--connect-timeout", "0.5")
     assert missing.returncode == 1 and missing.stdout == ""
-    assert f"no rpc.Pool runs at {pool_dir}" in missing.stderr
+    assert f"no rpc.Pool runs at {pool_dir}: nothing answered within 0.5 s" in missing.stderr
     assert f"start one there with rpc.Pool(tunnel_dir='{pool_dir}')" in missing.stderr
 
     server = CliServer("--tunnel-dir", str(pool_dir))
