@@ -14,6 +14,9 @@ Worker pool (the side with the work; workers run ``python -m rpc worker --pool D
     with rpc.Pool(tunnel_dir=D) as pool:
         results = list(pool.map(simulate, params))
 
+    # inside simulate, on a worker (a no-op elsewhere):
+    rpc.report_progress(0.5)            # or a message: rpc.report_progress("loading")
+
 Frames are length-prefixed and carry cloudpickle payloads, after a mutual HMAC
 handshake over a shared key file. Transports: the fileforward tunnel directory (the
 default: no port at all), TCP, Unix sockets, or a subprocess's stdin/stdout.
@@ -28,16 +31,17 @@ from .errors import (AuthenticationError, ConnectionLost, FunctionNotFoundError,
                      SerializationError, ServerNotRunningError, TruncatedFrameError)
 from .execution import CallContext, cancelled, current_call
 from .frames import PROTOCOL_VERSION
-from .pool import Pool, WorkerLost
+from .pool import Pool, PoolFuture, WorkerLost
 from .server import RPCServer, serve, start_server
+from .taskprogress import report_progress
 from .transports import TUNNEL_DIR_ENV, default_tunnel_dir
 
 __all__ = [
     "AuthenticationError", "CallContext", "Client", "ConnectionLost",
-    "FunctionNotFoundError", "KEY_ENV", "LazyProxy", "PROTOCOL_VERSION", "Pool",
+    "FunctionNotFoundError", "KEY_ENV", "LazyProxy", "PROTOCOL_VERSION", "Pool", "PoolFuture",
     "ProtocolError", "RPCError", "RPCServer", "RemoteFunction", "RemoteSerializationError",
     "RemoteStream", "RemoteTraceback", "SerializationError", "ServerNotRunningError",
     "TUNNEL_DIR_ENV", "TruncatedFrameError", "WorkerLost", "as_completed", "cancelled",
-    "connect", "current_call", "default_key_path", "default_tunnel_dir", "proxy", "serve",
-    "start_server", "status",
+    "connect", "current_call", "default_key_path", "default_tunnel_dir", "proxy",
+    "report_progress", "serve", "start_server", "status",
 ]

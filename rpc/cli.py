@@ -19,6 +19,8 @@ from fileforward.cliargs import (Parser, add_job_option, add_logging_options, jo
 from .blocking import DEFAULT_CONNECT_TIMEOUT, status
 from .errors import RPCError
 from .frames import DEFAULT_MAX_FRAME
+from .pool import DEFAULT_POOL_DIR
+from .poolstatus import NoPoolError, describe_pool, pool_status
 from .server import DEFAULT_MAX_PENDING_HANDSHAKES, check_functions, serve
 from .transports import DEFAULT_LIVENESS_TIMEOUT, TUNNEL_DIR_ENV
 from .worker import DEFAULT_JOIN_TIMEOUT, run_worker
@@ -32,6 +34,7 @@ it runs on the login node (which has the internet), the result comes back.
   on the login node:  python -m rpc serve llm_server:FUNCTIONS
   in the job:         python -c 'import rpc; print(rpc.proxy("completion")(...))'
   anywhere:           python -m rpc status
+                      python -m rpc status --pool DIR   (an rpc.Pool's workers and tasks)
   in each job of a worker pool (rpc.Pool):  python -m rpc worker --pool DIR
 
 Both ends use the same transport: by default the tunnel directory
@@ -127,10 +130,22 @@ def build_parser() -> Parser:
                      help="TCP/Unix: connections allowed to be authenticating at once (the oldest is "
                           "dropped beyond that)")
     add_logging_options(srv, suppress_defaults=True)
-    st = commands.add_parser("status", help="show whether a server runs, and its counters",
+    st = commands.add_parser("status", help="show whether a server runs, and its counters; "
+                                             "or, with --pool, an rpc.Pool's workers and tasks",
                              description="Print the server's status as JSON; exit 1 if no "
-                                         "server answers.")
+                                         "server answers.\nWith --pool DIR: the rpc.Pool there, as "
+                                         "pool.info() shows it (workers,\ntheir hosts and SLURM "
+                                         "jobs, busy or idle, running tasks and their\nprogress; "
+                                         "the queue; done and failed counts), from either node;\n"
+                                         "exit 1 if no pool answers.")
     _add_transport(st, stdio=False)
+    st.add_argument("--pool", metavar="DIR", nargs="?", const=str(DEFAULT_POOL_DIR), help=(
+        "show the rpc.Pool serving DIR, as given to rpc.Pool(tunnel_dir=...) (DIR "
+        "defaults to ~/.cache/fileforward/pool); this is no worker: it takes no task "
+        "(default: off)"))
+    st.add_argument("--json", action="store_true",
+                    help="with --pool: print pool.info() as JSON (without --pool the status "
+                         "is always JSON) (default: off)")
     st.add_argument("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT, metavar="S",
                     help="seconds to wait for a server to answer")
     add_logging_options(st, suppress_defaults=True)
@@ -164,6 +179,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     setup_logging("rpc", args)
     if args.command == "worker":
         return _worker(args, parser)
+    if args.command == "status" and args.pool is not None:
+        return _pool_status(args, parser)
     tunnel_dir = args.tunnel_dir
     if args.job is not None:
         try:
@@ -198,6 +215,26 @@ def _serve(args: argparse.Namespace, transport: Dict[str, Any]) -> int:
           force=args.force, max_frame=args.max_frame, liveness_timeout=args.liveness_timeout,
           max_pending_handshakes=args.max_pending_handshakes,
           **transport)
+    return 0
+
+
+def _pool_status(args: argparse.Namespace, parser: Parser) -> int:
+    if args.tunnel_dir or args.job is not None or args.tcp or args.unix:
+        parser.error("--pool names the pool's directory: give no other transport")
+    try:
+        info = pool_status(Path(args.pool).expanduser(), key_file=args.key_file,
+                           connect_timeout=args.connect_timeout)
+    except KeyboardInterrupt:
+        return INTERRUPTED
+    except EndpointFailedError:  # logged at ERROR where it happened
+        return 1
+    except NoPoolError as exc:
+        log.error("%s", exc)
+        return 1
+    except (RPCError, OSError, ValueError) as exc:
+        log.error("%s: %s", type(exc).__name__, exc)
+        return 2
+    print(json.dumps(info, indent=2, default=str) if args.json else describe_pool(info))
     return 0
 
 

@@ -7,7 +7,9 @@ long as the worker lives: when its connection is lost (the worker was killed, it
 node died), the server cancels that call, and the pool knows at once which tasks
 were lost. Between them, ``take`` long-polls for one task, ``done`` returns its
 outcome and takes the next one in the same round trip, ``leave`` stops a worker's
-takes (SIGTERM) and ``give_back`` requeues what it could not finish.
+takes (SIGTERM) and ``give_back`` requeues what it could not finish; ``progress``
+carries a running task's ``rpc.report_progress`` to its future. ``pool_info`` is
+for ``python -m rpc status --pool``, a client that never attaches.
 
 Every piece of the pool's state lives on its event loop thread (the server's loop):
 user threads only queue tasks there, and futures are resolved there.
@@ -15,10 +17,12 @@ user threads only queue tasks there, and futures are resolved there.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import concurrent.futures as cf
 import itertools
 import logging
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +37,7 @@ from .frames import describe_error, dumps, loads, unpack_error
 from .cache import ResultCache
 from .progress import MapProgress
 from .server import RPCServer, start_server
+from .taskprogress import Progress, checked_progress
 from .transports import DEFAULT_LIVENESS_TIMEOUT
 
 log = logging.getLogger(__name__)
@@ -43,6 +48,9 @@ DEFAULT_POOL_DIR = Path("~/.cache/fileforward/pool")
 CACHE_MODES = ("use", "refresh")
 #: Seconds to wait for the pool's server thread to start or stop.
 LOOP_TIMEOUT = 60.0
+#: Seconds a pool shut down at exit (never shut down by the program) waits for
+#: its workers to leave: the program is ending, it must not hang.
+EXIT_RELEASE_TIMEOUT = 2.0
 
 
 class WorkerLost(RPCError):
@@ -65,15 +73,35 @@ class _Worker:
         self.gone = False
 
     def __str__(self) -> str:
-        job = self.info.get("job")
         where = f"{self.info.get('host')} pid {self.info.get('pid')}"
-        return f"{where}, SLURM job {job}" if job else f"{where}, no SLURM job"
+        return f"{where}, {describe_job(self.info)}"
+
+
+def describe_job(info: Dict[str, Any]) -> str:
+    """A worker's SLURM job as people know it: ``SLURM job 58 (array 57_1)``."""
+    job = info.get("job")
+    if not job:
+        return "no SLURM job"
+    if info.get("array_job"):
+        return f"SLURM job {job} (array {info['array_job']}_{info.get('array_task')})"
+    return f"SLURM job {job}"
+
+
+class PoolFuture(cf.Future):
+    """The future of a pool task. ``progress`` is the latest value the task gave
+    ``rpc.report_progress`` (None until it does), ``progress_updated`` when it came
+    (``time.monotonic()`` of the pool's process)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.progress: Optional[Progress] = None
+        self.progress_updated = 0.0
 
 
 class _Task:
     """A submitted call, pickled once, and the future of its outcome."""
 
-    def __init__(self, task_id: int, payload: bytes, future: cf.Future,
+    def __init__(self, task_id: int, payload: bytes, future: PoolFuture,
                  cache_key: Optional[str]) -> None:
         self.id = task_id
         self.payload = payload
@@ -105,7 +133,8 @@ class _Board:
     def functions(self) -> Dict[str, Callable[..., Any]]:
         """What the pool serves to its workers."""
         return {"attach": self.attach, "take": self.take, "done": self.done,
-                "leave": self.leave, "give_back": self.give_back}
+                "leave": self.leave, "give_back": self.give_back,
+                "progress": self.progress, "pool_info": self.pool_info}
 
     # -------------------------------------------------------------- the pool's side
 
@@ -136,7 +165,9 @@ class _Board:
         """Workers, their jobs and what they run; the queue and the counters."""
         return {
             "tunnel_dir": self.where,
-            "workers": [dict(w.info, running=sorted(w.tasks), leaving=w.leaving)
+            "workers": [dict(w.info, running=sorted(w.tasks), leaving=w.leaving,
+                             progress={i: t.future.progress for i, t in sorted(w.tasks.items())
+                                       if t.future.progress is not None})
                         for w in self.workers.values()],
             "queued": len(self.queue),
             "running": sum(len(w.tasks) for w in self.workers.values()),
@@ -163,6 +194,10 @@ class _Board:
     def census(self) -> Tuple[int, int]:
         """Workers online, and how many of them run a task."""
         return len(self.workers), sum(1 for w in self.workers.values() if w.tasks)
+
+    def running_futures(self) -> List[PoolFuture]:
+        """The futures of the tasks that workers hold now."""
+        return [t.future for w in self.workers.values() for t in w.tasks.values()]
 
     def fail_all(self, error: BaseException) -> None:
         """The pool is closing: nothing left will run."""
@@ -236,6 +271,19 @@ class _Board:
         exc.__cause__ = RemoteTraceback(f"on worker {worker}:\n{exc.__cause__.text}")
         self._fail(task, exc)
 
+    async def progress(self, worker_id: str, task_id: int, value: Progress) -> None:
+        """A running task's ``rpc.report_progress`` (late ones, for a task no longer
+        held by that worker, are dropped)."""
+        worker = self.workers.get(worker_id)
+        task = worker.tasks.get(task_id) if worker is not None else None
+        if task is not None:
+            task.future.progress = checked_progress(value)
+            task.future.progress_updated = time.monotonic()
+
+    async def pool_info(self) -> Dict[str, Any]:
+        """:meth:`info`, for ``python -m rpc status --pool`` (which is no worker)."""
+        return self.info()
+
     async def leave(self, worker_id: str) -> None:
         """The worker takes no new task (it got SIGTERM): its waiting takes return None."""
         worker = self.workers.get(worker_id)
@@ -267,7 +315,8 @@ class _Board:
         """The worker's connection ended: its tasks are retried, or fail WorkerLost."""
         worker.gone = True
         self.workers.pop(worker.id, None)
-        lost = sorted(worker.tasks.values(), key=lambda t: t.id)
+        lost = sorted((t for t in worker.tasks.values() if not t.future.done()),
+                      key=lambda t: t.id)  # done: failed by the pool's shutdown
         worker.tasks.clear()
         if self.emptied is not None and not self.workers:
             self.emptied.set()
@@ -306,6 +355,8 @@ class Pool(cf.Executor):
     running (``cache="refresh"``: run again, and store the new result). ``ship``
     lists local modules whose functions travel by value too (they are registered
     with cloudpickle for the whole process), so workers need not import them.
+    A pool the program never shuts down is shut down at exit, without waiting for
+    its tasks (queued ones are cancelled, a WARNING counts them).
     """
 
     def __init__(self, tunnel_dir: Any = None, *, retries: int = 0, key_file: Any = None,
@@ -341,9 +392,12 @@ class Pool(cf.Executor):
         except BaseException:
             self._stop_loop()
             raise
+        self._pid = os.getpid()
+        atexit.register(self._shutdown_at_exit)  # unregistered by shutdown()
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future:
-        """Queue ``fn(*args, **kwargs)`` for a worker; returns its future."""
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> PoolFuture:
+        """Queue ``fn(*args, **kwargs)`` for a worker; returns its future (whose
+        ``progress`` shows what the task reports with ``rpc.report_progress``)."""
         try:
             payload = dumps((fn, args, kwargs))
         except Exception as exc:
@@ -355,13 +409,13 @@ class Pool(cf.Executor):
             if self._cache_mode == "use":
                 hit, value = self._cache.load(cache_key)
                 if hit:
-                    future: cf.Future = cf.Future()
+                    future = PoolFuture()
                     future.set_result(value)
                     return future
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot submit to a pool after shutdown")
-            task = _Task(next(self._ids), payload, cf.Future(), cache_key)
+            task = _Task(next(self._ids), payload, PoolFuture(), cache_key)
             self._loop.call_soon_threadsafe(self._board.add, task)
         return task.future
 
@@ -372,15 +426,18 @@ class Pool(cf.Executor):
     def map(self, fn: Callable[..., Any], *iterables: Any, timeout: Optional[float] = None,
             chunksize: int = 1, progress: bool = False) -> Iterator[Any]:
         """``fn`` over the arguments, results in order (as ``Executor.map``; ``chunksize``
-        is ignored). With ``progress``, one line on stderr shows how the map goes."""
+        is ignored). With ``progress``, one line on stderr (in Jupyter, one updating
+        display) shows how the map goes."""
         futures = [self.submit(fn, *args) for args in zip(*iterables)]
         if progress:
-            MapProgress(futures, self._board.census, self._loop).start()
+            MapProgress(futures, self._board.census, self._board.running_futures,
+                        self._loop).start()
         return _in_order(futures, timeout)
 
     def info(self) -> Dict[str, Any]:
-        """The workers (host, pid, SLURM job, threads, running task ids), the queue,
-        and the counts of completed and failed tasks."""
+        """The workers (host, pid, SLURM job, threads, running task ids and the
+        progress those reported), the queue, and the counts of completed and failed
+        tasks."""
         return self._run(self._on_loop(self._board.info))
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -390,16 +447,34 @@ class Pool(cf.Executor):
         ``liveness_timeout``) and the server closes. Tasks unfinished by then
         (``wait=False``) are cancelled if queued, else fail with RuntimeError.
         """
+        self._stop(wait, cancel_futures, self._release_timeout)
+
+    def _shutdown_at_exit(self) -> None:
+        """The program ends and never shut the pool down: cancel the queued tasks,
+        abandon the running ones, and let the workers leave (for a short while), so
+        that the program exits at once and leaves no files."""
+        if os.getpid() != self._pid:  # a forked child's copy has no loop thread
+            return
+        queued, running = self._run(self._on_loop(
+            lambda: (len(self._board.queue), len(self._board.running_futures()))))
+        log.log(logging.WARNING if queued or running else logging.INFO,
+                "rpc.Pool at %s was not shut down; shutting it down at exit: %d queued "
+                "task(s) cancelled, %d running abandoned (use `with rpc.Pool(...)` or "
+                "pool.shutdown())", self.tunnel_dir, queued, running)
+        self._stop(False, True, EXIT_RELEASE_TIMEOUT)
+
+    def _stop(self, wait: bool, cancel_futures: bool, release_timeout: float) -> None:
         with self._lock:
             if self._shutdown:
                 return
             self._shutdown = True
+        atexit.unregister(self._shutdown_at_exit)
         if cancel_futures:
             self._run(self._on_loop(self._cancel_queued))
         if wait:
             pending = self._run(self._on_loop(self._pending))
             cf.wait(pending)
-        self._run(self._close(), LOOP_TIMEOUT + self._release_timeout)
+        self._run(self._close(release_timeout), LOOP_TIMEOUT + release_timeout)
         self._stop_loop()
         if self._cache_writer is not None:
             self._cache_writer.shutdown(wait=True)  # every result computed is stored
@@ -419,12 +494,10 @@ class Pool(cf.Executor):
         self._board.queue.clear()
 
     def _pending(self) -> List[cf.Future]:
-        board = self._board
-        return ([t.future for t in board.queue]
-                + [t.future for w in board.workers.values() for t in w.tasks.values()])
+        return [t.future for t in self._board.queue] + self._board.running_futures()
 
-    async def _close(self) -> None:
-        await self._board.release_workers(self._release_timeout)
+    async def _close(self, release_timeout: float) -> None:
+        await self._board.release_workers(release_timeout)
         self._board.fail_all(RuntimeError("the pool was shut down before this task ran"))
         self._server.close()
         await self._server.wait_closed()

@@ -22,6 +22,7 @@ from .blocking import Client, connect
 from .errors import FunctionNotFoundError, RPCError
 from .frames import loads, pack_error, pack_value
 from .pool import DEFAULT_POOL_DIR, PoolClosed
+from .taskprogress import Progress, ProgressReporter, reporting
 from .transports import DEFAULT_LIVENESS_TIMEOUT
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ def describe_worker(threads: int) -> Dict[str, Any]:
     """What the pool learns of a worker: where it runs, and in which SLURM job."""
     return {"host": socket.gethostname(), "pid": os.getpid(),
             "job": os.environ.get("SLURM_JOB_ID"),
+            "array_job": os.environ.get("SLURM_ARRAY_JOB_ID"),
             "array_task": os.environ.get("SLURM_ARRAY_TASK_ID"), "threads": threads}
 
 
@@ -92,7 +94,8 @@ class Worker:
         """Run a task and report it; the next task, if the report brought one."""
         with self._books:
             self.running.add(task_id)
-        ok, outcome = execute(payload)
+        with reporting(ProgressReporter(lambda value: self.send_progress(task_id, value))):
+            ok, outcome = execute(payload)
         with self._books:
             self.running.discard(task_id)
             if task_id in self.handed_back:
@@ -105,6 +108,14 @@ class Worker:
             with self._books:
                 self.reporting -= 1
                 self._books.notify_all()
+
+    def send_progress(self, task_id: int, value: Progress) -> None:
+        """A running task's ``rpc.report_progress``, to the pool; not waited for."""
+        try:
+            self.client.submit("progress", self.id, task_id, value).add_done_callback(
+                _debug_if_failed)
+        except RPCError as exc:  # the pool is gone: the runner finds out when it reports
+            log.debug("cannot send the progress of task %d: %s", task_id, exc)
 
     def detached(self, attached: Any) -> None:
         """The ``attach`` call ended: the pool closed or was lost (or we closed)."""
@@ -188,6 +199,13 @@ def _leave(worker: Worker, runners: list, grace: float) -> None:
         return
     log.info("left the pool")
 
+
+
+def _debug_if_failed(sent: Any) -> None:
+    """Progress is a hint: a lost update matters only as a sign, seen elsewhere, that
+    the pool is gone."""
+    if not sent.cancelled() and sent.exception() is not None:
+        log.debug("a progress update was not delivered: %s", sent.exception())
 
 
 def _join(threads: list, timeout: float) -> None:

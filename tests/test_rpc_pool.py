@@ -303,7 +303,7 @@ def test_progress_line_is_rewritten_in_place_in_a_terminal():
     loop = asyncio.new_event_loop()
     futures = [cf.Future() for _ in range(2)]
     terminal = Terminal()
-    progress = MapProgress(futures, lambda: (3, 1), loop, terminal)
+    progress = MapProgress(futures, lambda: (3, 1), lambda: (), loop, terminal)
     progress.start()
     loop.run_until_complete(asyncio.sleep(0))
     futures[0].set_result(1)
