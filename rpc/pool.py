@@ -234,11 +234,12 @@ class _Board:
         self.takers.append((worker, waiter))
         self.dispatch()
         try:
-            await asyncio.wait({waiter}, timeout=timeout)
+            if not waiter.done():  # a busy pool's take is served at once, without a wait
+                await asyncio.wait({waiter}, timeout=timeout)
         finally:
             if not waiter.done():
                 waiter.cancel()  # skipped by dispatch(); also when this call is cancelled
-        task = waiter.result()
+        task = None if waiter.cancelled() else waiter.result()  # cancelled: timed out
         return None if task is None else (task.id, task.payload)
 
     async def done(self, worker_id: str, task_id: int, ok: bool, payload: bytes,

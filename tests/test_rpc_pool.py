@@ -19,6 +19,7 @@ import cloudpickle
 import pytest
 
 import rpc
+import rpc.frames as rpc_frames
 from rpc.progress import MapProgress
 from rpc_helpers import CliServer
 from test_readme import BLOCK_TIMEOUT, BLOCKS, assert_ran, block_env, run_block
@@ -270,6 +271,23 @@ def test_worker_without_a_pool_or_at_a_plain_rpc_server_exits_2_saying_so(pool_d
         assert "is not an rpc.Pool: no function 'attach'" in workers.log_of(stray)
     finally:
         server.stop()
+
+
+def test_a_take_that_times_out_answers_none_and_the_next_take_gets_a_task(pool_dir):
+    """The worker's side of the calls, made by hand: an idle worker's take comes back
+    empty when its long poll ends (it was left unanswered, and the worker deaf), and
+    the worker's next take still gets the next task."""
+    with rpc.Pool(tunnel_dir=pool_dir) as pool:
+        with rpc.connect(tunnel_dir=pool_dir) as worker:
+            attached = worker.submit("attach", "by-hand", {"host": "here", "pid": 0})
+            wait_for_workers(pool, 1)
+            assert worker.submit("take", "by-hand", 0.2).result(DEADLINE) is None
+            future = pool.submit(sum, [1, 2])
+            task_id, payload = worker.submit("take", "by-hand", DEADLINE).result(DEADLINE)
+            fn, args, kwargs = rpc_frames.loads(payload)
+            worker.call("done", "by-hand", task_id, True, rpc_frames.dumps(fn(*args)), None)
+            assert future.result(DEADLINE) == 3
+            attached.cancel()
 
 
 def test_submit_after_shutdown_and_unpicklable_task_raise_at_once(pool_dir):
