@@ -454,10 +454,15 @@ class Endpoint:
         self._close_bell()
 
     def _close_bell(self) -> None:
+        """Remove our bell, then every claim of a slot in it: also those of peers whose
+        slot we have not read yet (a peer that met us a moment ago)."""
         if self._bell is not None:
             TABLE.unlink(Path(self._bell.path))
-            for index in self._slots:
-                TABLE.unlink(tunneldir.slot_claim_path(self.tunnel_dir, self.eid, index))
+            claims = [tunneldir.slot_claim_path(self.tunnel_dir, self.eid, index) for index in self._slots]
+            with contextlib.suppress(OSError):  # the directory is gone or unreadable: the known ones only
+                claims = tunneldir.slot_claims(self.tunnel_dir, self.eid)
+            for claim in claims:
+                TABLE.unlink(claim)
             _quietly(self._bell.drop_alive)
             TABLE.release(self._bell)
             self._bell = None

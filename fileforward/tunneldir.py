@@ -155,6 +155,13 @@ def slot_claim_path(tunnel_dir: Path, owner: str, index: int) -> Path:
     return tunnel_dir / f"{owner}{SLOT_CLAIM}{index}"
 
 
+def slot_claims(tunnel_dir: Path, owner: str) -> List[Path]:
+    """Every claim of a slot in `owner`'s bell, seen or not by its owner yet (a
+    listing: only for the owner's clean exit)."""
+    return [tunnel_dir / name for name in os.listdir(tunnel_dir)
+            if _CLAIM.match(name) and name.startswith(owner + SLOT_CLAIM)]
+
+
 def files_by_owner(tunnel_dir: Path, but: str) -> Dict[str, List[str]]:
     """The tunnel files of every endpoint but `but`, by owner (a listing: only for
     cleaning up, never for anything a user waits for)."""

@@ -288,8 +288,10 @@ def test_finding12_pending_handshakes_are_capped():
         idle = idle_connections(server.tcp, 100)
         with rpc.connect(tcp=server.tcp, connect_timeout=10) as c:
             assert c.call("echo", 1) == 1
-            growth = server.descriptors() - before
-        assert growth <= 16 + 3 + 2, growth
+            # the dropped ones are closed by the server's loop soon after: allow it that
+            wait_until(lambda: server.descriptors() - before <= 16 + 3 + 2, 10,
+                       what="the server to hold at most 16 pending handshakes' descriptors",
+                       seen=lambda: f"{server.descriptors() - before} more descriptors than before")
         dropped = sum(1 for conn in idle if conn.recv(1) == b"")  # closed by the server
         assert dropped >= 100 - 16
     finally:

@@ -24,9 +24,10 @@ import fileforward
 from fileforward import tunneldir
 from fileforward.bell import Flag, Reason
 from fileforward.chunks import DAMAGE_GRACE
+from fileforward.peers import claim_slot
 from fileforward.records import Kind, encode
 from tests.polling import async_wait_until, wait_until
-from tests.test_transport import run
+from tests.test_transport import echo, run
 from tests.tunnel_support import CraftedPeer, free_port, recv_exactly, start_cli, start_service, tunnel_files
 
 RELEASE_DEADLINE = 3.0  # the requirement is 1 s; the slack is for a loaded test machine
@@ -316,6 +317,20 @@ def test_reset_with_a_reason_reaches_the_other_application_and_its_log(tunnel_di
     run(main())
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("the test server" in l and "cannot connect to localhost:8888" in l for l in lines), lines
+
+
+def test_a_clean_exit_removes_claims_of_slots_it_never_read(tunnel_dir):
+    """A peer that claimed a slot in our bell a moment before we exit, before we read
+    that slot: the claim goes with our bell (seen in CI: a restarted server's claim
+    outlived the client that never looked at its bell while its connection was hot)."""
+    async def exit_after_a_claim():
+        server = await fileforward.start_server(echo, tunnel_dir)
+        owner = server._endpoint.eid
+        claimed = claim_slot(tunnel_dir, owner)  # a peer meeting us: claimed, not yet written
+        assert tunneldir.slot_claim_path(tunnel_dir, owner, claimed).exists()
+        await server.shutdown()
+    run(exit_after_a_claim())
+    assert tunnel_files(tunnel_dir) == [], os.listdir(tunnel_dir)
 
 
 @pytest.mark.parametrize("leaver", ["server", "client"])
