@@ -165,10 +165,12 @@ class AioDriver:
             self._writer_task.cancel()
         self.writer.close()
         closing = asyncio.ensure_future(self.writer.wait_closed())
-        await asyncio.wait({closing}, timeout=grace)  # raises only our own cancellation
-        if closing.done() and not closing.cancelled():
-            closing.exception()  # whatever it is (the peer may be gone), it is no news
-        closing.cancel()
+        try:
+            await asyncio.wait({closing}, timeout=grace)  # raises only our own cancellation
+        finally:
+            if closing.done() and not closing.cancelled():
+                closing.exception()  # whatever it is (the peer may be gone), it is no news
+            closing.cancel()
 
 
 def describe_peer(writer: asyncio.StreamWriter) -> str:
