@@ -69,7 +69,7 @@ class Flag(enum.IntFlag):
 
 #: Header values to enum members, by dictionary: ``Kind(n)`` costs a microsecond.
 _KINDS = {int(kind): kind for kind in Kind}
-_FLAGS = {int(flag): flag for flag in Flag}
+_FLAGS = {int(flag): flag for flag in Flag.__members__.values()}  # with NONE
 
 
 class Frame(NamedTuple):

@@ -38,7 +38,7 @@ from .errors import (AuthenticationError, ConnectionLost, ProtocolError, RPCErro
 from .frames import (ABSOLUTE_MAX_FRAME, DEFAULT_MAX_FRAME, HANDSHAKE_MAX_FRAME,
                      PROTOCOL_VERSION, Buffer, Flag, Frame, FrameDecoder, Kind, Payload,
                      check_max_frame, decode_call, decode_credit, decode_json, encode_credit,
-                     encode_frame, encode_header, encode_json, pack_error, payload_size)
+                     encode_frame, encode_header, encode_json, pack_error)
 
 log = logging.getLogger(__name__)
 
@@ -241,13 +241,16 @@ class _Protocol:
 
     def _send(self, kind: Kind, request_id: int = 0, payload: Payload = b"",
               flags: Flag = Flag.NONE, what: str = "") -> None:
-        size = payload_size(payload)
-        self.check_size(size, what or f"a {kind.name} message")
+        parts = payload if isinstance(payload, tuple) else (payload,)
+        size = sum(map(len, parts))
+        if size > self.peer_max_frame:
+            self.check_size(size, what or f"a {kind.name} message")
+        header = encode_header(kind, request_id, size, flags)
         if size <= JOIN_LIMIT:
-            self._out.append(encode_frame(kind, request_id, payload, flags))
+            self._out.append(b"".join((header, *parts)))
         else:
-            self._out.append(encode_header(kind, request_id, size, flags))
-            self._out.extend(payload if isinstance(payload, tuple) else (payload,))
+            self._out.append(header)
+            self._out.extend(parts)
 
     def _open(self) -> None:
         self.state = State.OPEN

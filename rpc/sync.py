@@ -5,8 +5,10 @@ threads, with no event loop on the path of a call (both sides of a socket).
   changes the core and its output joins the outgoing queue; then the thread that
   holds the write lock sends the queue (``sendall``; large frames in slices). A
   thread that finds the write lock taken leaves its bytes to the holder, which
-  sends them before it lets go: frames never interleave, go out in the core's
-  order, and a reader never blocks behind a large write.
+  sends them before it lets go, and goes on (it waits for the holder only if more
+  than ``JOIN_LIMIT`` bytes are queued, and a reader never does): frames never
+  interleave, go out in the core's order, and a reader never blocks behind a
+  large write.
 - Reading (:meth:`SyncDriver.read_once`): ``recv_into`` one buffer, fed to the core
   under the core lock, by whichever thread holds the turn. On the client
   (:class:`SyncClientDriver`, leader/follower) a thread waiting for its reply reads
@@ -108,15 +110,22 @@ class SyncDriver:
         """After an operation: what the reading side may need to do about it."""
 
     def _send_queued(self, wait: bool) -> None:
-        """Send the outgoing queue, unless another thread holds the write lock (it sends
-        the queue before letting go). Called holding the core lock, which it releases
-        around each ``sendall`` (and which the caller holds again on return)."""
-        if self._writer == threading.get_ident() or not self._write_lock.acquire(False):
-            if not wait or self._writer == threading.get_ident():
+        """Send the outgoing queue, unless another thread holds the write lock: that one
+        sends the queue before letting go, and this one waits for it only if it may
+        (``wait``) and more than JOIN_LIMIT bytes are queued (back-pressure: a small
+        reply or request is left to the holder, and its thread goes on at once).
+        Called holding the core lock, which it releases around each ``sendall`` (and
+        which the caller holds again on return)."""
+        if not self._outgoing:  # (what this thread queued is never in another's hands)
+            return
+        me = threading.get_ident()
+        if self._writer == me or not self._write_lock.acquire(False):
+            if (not wait or self._writer == me
+                    or sum(map(len, self._outgoing)) <= JOIN_LIMIT):
                 return
             with _released(self._core_lock):  # never block on a writer holding the core
                 self._write_lock.acquire()
-        self._writer = threading.get_ident()
+        self._writer = me
         try:
             while self._outgoing:
                 out = list(self._outgoing)
@@ -151,10 +160,12 @@ class SyncDriver:
         """As the reading thread: wait up to ``wait`` s for bytes, feed them to the core,
         send what it answers; returns its events, or None if nothing arrived. Raises
         RPCError at the end of the stream, or on garbage."""
-        if not self._poller.poll(None if wait is None else max(wait, 0) * 1000):
+        if wait != 0 and not self._poller.poll(None if wait is None else max(wait, 0) * 1000):
             return None
-        try:
-            size = self.sock.recv_into(self._buffer)
+        try:  # not waiting (or told it is readable): no poll first, one system call
+            size = self.sock.recv_into(self._buffer, 0, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
         except OSError as exc:
             raise ConnectionLost(f"connection to {self.core.peer} lost: {exc}") from exc
         with self._core_lock:
@@ -240,15 +251,16 @@ class SyncClientDriver(SyncDriver):
         deadline = None if timeout is None else time.monotonic() + timeout
         woken: Optional[threading.Event] = None
         try:
-            while not future.done():
+            while True:
                 remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise cf.TimeoutError()
                 if self._take_reading():
                     try:
-                        self._read_until(future.done, remaining)
+                        if self._read_until(future.done, remaining):
+                            break
                     finally:
                         self._leave_reading()
+                elif future.done():
+                    break
                 elif woken is None:  # get in line, then look again at the reading
                     woken = threading.Event()
                     future.add_done_callback(lambda _: woken.set())  # type: ignore[union-attr]
@@ -257,6 +269,8 @@ class SyncClientDriver(SyncDriver):
                 else:
                     woken.wait(remaining)
                     woken.clear()  # whatever woke it is checked by the loop
+                if deadline is not None and time.monotonic() >= deadline and not future.done():
+                    raise cf.TimeoutError()
         finally:
             if woken is not None:
                 with self._line_lock:
@@ -288,26 +302,29 @@ class SyncClientDriver(SyncDriver):
         if self._callers == 0 and self.core.busy:
             self._background_wake.set()
 
-    def _read_until(self, done: Callable[[], bool], timeout: Optional[float]) -> None:
-        """Holding the reading: deliver events until ``done()``, the timeout, or the end."""
+    def _read_until(self, done: Callable[[], bool], timeout: Optional[float]) -> bool:
+        """Holding the reading: deliver events until ``done()`` (then True), the
+        timeout, or the end."""
         deadline = None if timeout is None else time.monotonic() + timeout
         assert self._receiver is not None
-        while not (done() or self._ended):
+        while not self._ended:
+            if done():
+                return True
             now = time.monotonic()
             if deadline is not None and now >= deadline:
-                return
+                return False
             try:
                 if now >= self._next_tick:
                     self._next_tick = now + self._interval
                     if not self._receiver.tick():
                         self._end(ConnectionLost("the server is presumed dead"))
-                        return
+                        return done()
                 until = self._next_tick if deadline is None else min(self._next_tick, deadline)
                 self._receiver.handle(self.read_once(until - now) or [])
             except Exception as exc:
                 self._end(ConnectionLost("the connection was closed by this client")
                           if self._closing else _reading_error(exc))
-                return
+        return done()
 
     def notice_end(self) -> None:
         """If nobody is reading, take in what has arrived, without waiting: a server
