@@ -25,6 +25,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import (Any, AsyncIterator, Awaitable, Callable, Coroutine, Dict, List, Mapping,
                     Optional, Set, Tuple, Union)
 
+from fileforward.loops import call_soon_if_open
+
 from . import execution
 from .aio import AioDriver, describe_peer
 from .auth import load_key
@@ -374,10 +376,7 @@ class _Connection:
     def on_loop(self, action: Callable[..., None], *args: Any) -> None:
         """From a thread: ``action(*args)`` on the loop; a ProtocolError it raises ends
         the connection."""
-        try:
-            self.loop.call_soon_threadsafe(self._run_or_drop, action, *args)
-        except RuntimeError:
-            pass  # the loop is closed: the server has stopped
+        call_soon_if_open(self.loop, self._run_or_drop, action, *args)  # closed: the server has stopped
 
     def _run_or_drop(self, action: Callable[..., None], *args: Any) -> None:
         try:

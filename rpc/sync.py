@@ -36,6 +36,8 @@ import threading
 import time
 from typing import Any, Callable, Deque, List, Optional, Protocol
 
+from fileforward.loops import call_soon_if_open
+
 from .aio import Receiver
 from .errors import ConnectionLost, RPCError
 from .frames import Buffer
@@ -550,10 +552,7 @@ class SyncServerDriver(SyncDriver):
             if self._reported or self._watching:
                 return
             self._epoll.close()  # type: ignore[union-attr]
-        try:
-            self.loop.call_soon_threadsafe(self._report, self._error)
-        except RuntimeError:
-            pass  # the loop is closed: the server has stopped
+        call_soon_if_open(self.loop, self._report, self._error)  # closed: the server has stopped
 
     def _report(self, error: BaseException) -> None:
         """Loop thread: tell the receiver, once, that the connection is over."""
