@@ -23,7 +23,7 @@ from .pool import DEFAULT_POOL_DIR
 from .poolstatus import NoPoolError, describe_pool, pool_status
 from .server import DEFAULT_MAX_PENDING_HANDSHAKES, check_functions, serve
 from .transports import DEFAULT_LIVENESS_TIMEOUT, TUNNEL_DIR_ENV
-from .worker import DEFAULT_JOIN_TIMEOUT, run_worker
+from .worker import DEFAULT_JOIN_TIMEOUT, DEFAULT_WORKER_POLL_MAX, run_worker
 
 log = logging.getLogger("rpc.cli")
 
@@ -168,6 +168,10 @@ def build_parser() -> Parser:
                     help="seconds to wait for the pool to answer when the worker starts")
     wk.add_argument("--liveness-timeout", type=float, default=DEFAULT_LIVENESS_TIMEOUT, metavar="S",
                     help="seconds of silence after which the pool is presumed dead")
+    wk.add_argument("--poll-max", type=float, default=DEFAULT_WORKER_POLL_MAX, metavar="S",
+                    help="longest pause between looks at the tunnel when idle: a task sent after "
+                         "a quiet spell starts up to S seconds late; shorter costs the file "
+                         "server more")
     add_logging_options(wk, suppress_defaults=True)
     return parser
 
@@ -244,7 +248,7 @@ def _worker(args: argparse.Namespace, parser: Parser) -> int:
     try:
         return run_worker(args.pool, threads=args.threads, grace=args.grace,
                           key_file=args.key_file, connect_timeout=args.join_timeout,
-                          liveness_timeout=args.liveness_timeout)
+                          liveness_timeout=args.liveness_timeout, poll_max=args.poll_max)
     except EndpointFailedError:  # logged at ERROR where it happened
         return 1
     except (RPCError, OSError, ValueError) as exc:

@@ -54,7 +54,8 @@ class ClientConnection:
 
     @classmethod
     def open(cls, ep: Endpoint, *, key_file: Any, connect_timeout: float,
-             liveness_timeout: float, max_frame: int, stream_window: int) -> "ClientConnection":
+             liveness_timeout: float, max_frame: int, stream_window: int,
+             poll_max: Optional[float] = None) -> "ClientConnection":
         """Connect to ``ep`` and authenticate (blocking)."""
         log.debug("connecting to %s", ep)
         core = ClientProtocol(lambda: load_key(key_file), max_frame=max_frame,
@@ -63,7 +64,7 @@ class ClientConnection:
             loop_thread = LoopThread()
             try:
                 return loop_thread.run(cls._open_streams(
-                    ep, core, loop_thread, connect_timeout, liveness_timeout))
+                    ep, core, loop_thread, connect_timeout, liveness_timeout, poll_max))
             except BaseException:
                 loop_thread.stop()
                 raise
@@ -81,9 +82,9 @@ class ClientConnection:
 
     @classmethod
     async def _open_streams(cls, ep: Endpoint, core: ClientProtocol, loop_thread: "LoopThread",
-                            connect_timeout: float, liveness_timeout: float
+                            connect_timeout: float, liveness_timeout: float, poll_max: Optional[float]
                             ) -> "ClientConnection":
-        reader, writer, process = await open_streams(ep, connect_timeout, liveness_timeout)
+        reader, writer, process = await open_streams(ep, connect_timeout, liveness_timeout, poll_max)
         core.peer = describe_peer(writer)
         driver = AioDriver(core, reader, writer)
         conn = cls(driver, liveness_timeout=liveness_timeout, loop_thread=loop_thread,

@@ -105,19 +105,22 @@ def parse_tcp(address: TcpAddress) -> Tuple[str, int]:
 SOCKET_KINDS = ("tcp", "unix")
 
 
-async def open_streams(ep: Endpoint, connect_timeout: float, liveness_timeout: float
+async def open_streams(ep: Endpoint, connect_timeout: float, liveness_timeout: float,
+                       poll_max: Optional[float] = None
                        ) -> Tuple[asyncio.StreamReader, asyncio.StreamWriter,
                                   Optional[asyncio.subprocess.Process]]:
-    """Connect to a ``tunnel`` or ``command`` endpoint.
+    """Connect to a ``tunnel`` or ``command`` endpoint (``poll_max``: the tunnel's,
+    None for its default).
 
     Returns the streams and, for ``command`` endpoints, the child process.
     """
     if ep.kind == "tunnel":
         import fileforward  # the transport layer; only needed for this endpoint
         try:
+            knobs = {} if poll_max is None else {"poll_max": poll_max}
             reader, writer = await fileforward.open_connection(
                 ep.address, limit=STREAM_LIMIT, connect_timeout=connect_timeout,
-                liveness_timeout=liveness_timeout, peer_name="RPC server")
+                liveness_timeout=liveness_timeout, peer_name="RPC server", **knobs)
         except ConnectionRefusedError as exc:  # fileforward.NoServerError: its text
             raise _not_running(ep, connect_timeout) from exc  # advises fileforward users
         return reader, writer, None

@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 TAKE_POLL = 30.0
 #: Seconds a worker waits for its pool to answer when it starts.
 DEFAULT_JOIN_TIMEOUT = 60.0
+#: Longest pause (seconds) between a quiet worker's looks at the tunnel: a pool of
+#: many idle workers costs the file server a few requests per second per worker,
+#: and a task sent after a quiet spell is noticed within this (busy: at once).
+DEFAULT_WORKER_POLL_MAX = 0.5
 #: Seconds to wait, after the grace period, for outcomes already being reported.
 REPORT_TIMEOUT = 10.0
 
@@ -151,7 +155,8 @@ class Worker:
 
 def run_worker(pool_dir: Any = None, *, threads: int = 1, grace: float = 30.0,
                key_file: Any = None, connect_timeout: float = DEFAULT_JOIN_TIMEOUT,
-               liveness_timeout: float = DEFAULT_LIVENESS_TIMEOUT) -> int:
+               liveness_timeout: float = DEFAULT_LIVENESS_TIMEOUT,
+               poll_max: float = DEFAULT_WORKER_POLL_MAX) -> int:
     """Join the pool at ``pool_dir`` and run its tasks until SIGTERM or the pool ends.
 
     Must run in the main thread (it handles SIGTERM and SIGINT). Returns the exit
@@ -160,7 +165,7 @@ def run_worker(pool_dir: Any = None, *, threads: int = 1, grace: float = 30.0,
     """
     where = pool_dir if pool_dir is not None else DEFAULT_POOL_DIR
     client = connect(tunnel_dir=where, key_file=key_file, connect_timeout=connect_timeout,
-                     liveness_timeout=liveness_timeout)
+                     liveness_timeout=liveness_timeout, poll_max=poll_max)
     worker = Worker(client, threads)
     signal.signal(signal.SIGTERM, lambda *_: worker.stopping.set() or worker.wake.set())
     signal.signal(signal.SIGINT, lambda *_: worker.stopping.set() or worker.wake.set())
