@@ -64,7 +64,9 @@ class FakeServer:
         self.server = self.thread.run(asyncio.start_unix_server(serve, str(path)))
 
     def stop(self):
-        self.server.close()
+        async def close():  # on the server's own loop: asyncio servers are not thread-safe
+            self.server.close()
+        self.thread.run(close())
         self.thread.stop()
 
 
