@@ -458,9 +458,10 @@ class Endpoint:
         slot we have not read yet (a peer that met us a moment ago)."""
         if self._bell is not None:
             TABLE.unlink(Path(self._bell.path))
-            claims = [tunneldir.slot_claim_path(self.tunnel_dir, self.eid, index) for index in self._slots]
-            with contextlib.suppress(OSError):  # the directory is gone or unreadable: the known ones only
+            try:
                 claims = tunneldir.slot_claims(self.tunnel_dir, self.eid)
+            except OSError:  # the directory is gone or unreadable: the claims we know of
+                claims = [tunneldir.slot_claim_path(self.tunnel_dir, self.eid, index) for index in self._slots]
             for claim in claims:
                 TABLE.unlink(claim)
             _quietly(self._bell.drop_alive)
@@ -996,6 +997,7 @@ class Endpoint:
         by = self._describe(peer) if peer is not None else f"the {self.peer_name}"
         if why:  # a failure the peer explains (a plain abort has no reason)
             log.warning("tunnel directory %s: %s reset connection %s: %s", self.tunnel_dir, by, link.conn.cid, why)
+        self._end_input(link, last_read=True)  # a RESET is its writer's last record: no next segment
         self._fail(link, PeerLostError(f"connection reset by the other side ({by})" + (f": {why}" if why else "")),
                    tell_peer=False)
         self._remove_output(link)
