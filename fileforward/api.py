@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Optional, Tuple, Union
+from typing import Any, Awaitable, Callable, Optional, Tuple, TypeVar, Union
 
 from .endpoint import Endpoint
 from .errors import EndpointFailedError
@@ -15,22 +15,21 @@ from .tunneldir import default_tunnel_dir
 PathLike = Union[str, Path, None]
 ClientConnected = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Optional[Awaitable[None]]]
 STREAM_LIMIT = 2 ** 16
+P = TypeVar("P", bound=asyncio.BaseProtocol)
 
 
-def _client_streams(loop: asyncio.AbstractEventLoop, transport: FileTransport,
-                    limit: int) -> Tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+def _stream_pair(loop: asyncio.AbstractEventLoop, limit: int, callback: Optional[ClientConnected] = None
+                 ) -> Tuple[asyncio.StreamReader, asyncio.StreamReaderProtocol]:
+    """The reader and protocol of asyncio's own streams; with `callback`, the protocol
+    hands an accepted connection's (reader, writer) pair to it."""
+    reader = asyncio.StreamReader(limit=limit, loop=loop)
+    return reader, asyncio.StreamReaderProtocol(reader, callback, loop=loop)
+
+
+def _streams(loop: asyncio.AbstractEventLoop, transport: asyncio.Transport, reader: asyncio.StreamReader,
+             protocol: asyncio.StreamReaderProtocol) -> Tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """The standard asyncio stream pair over a tunnel transport, as asyncio builds it for TCP."""
-    reader = asyncio.StreamReader(limit=limit, loop=loop)
-    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
-    transport.attach(loop, protocol)
     return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
-
-
-def _serve_streams(loop: asyncio.AbstractEventLoop, transport: FileTransport, limit: int,
-                   callback: ClientConnected) -> None:
-    """Hand an accepted connection to `callback`, which StreamReaderProtocol calls with its own pair."""
-    reader = asyncio.StreamReader(limit=limit, loop=loop)
-    transport.attach(loop, asyncio.StreamReaderProtocol(reader, callback, loop=loop))
 
 
 class Connector:
@@ -72,12 +71,22 @@ class Connector:
         await asyncio.shield(self._starting)
         return self
 
-    async def open_connection(self, *, limit: int = STREAM_LIMIT) -> Tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """A new connection: (StreamReader, StreamWriter). NoServerError if no server answers."""
+    async def create_connection(self, protocol_factory: Callable[[], P]) -> Tuple[asyncio.Transport, P]:
+        """A new connection driven by a protocol, like loop.create_connection:
+        (transport, protocol). NoServerError if no server answers."""
         await self.start()
         assert self._endpoint is not None
         transport = await self._endpoint.connect()
-        return _client_streams(asyncio.get_running_loop(), transport, limit)
+        protocol = protocol_factory()
+        transport.attach(asyncio.get_running_loop(), protocol)
+        return transport, protocol
+
+    async def open_connection(self, *, limit: int = STREAM_LIMIT) -> Tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A new connection: (StreamReader, StreamWriter). NoServerError if no server answers."""
+        loop = asyncio.get_running_loop()
+        reader, protocol = _stream_pair(loop, limit)
+        transport, _ = await self.create_connection(lambda: protocol)
+        return _streams(loop, transport, reader, protocol)
 
     async def close(self) -> None:
         """Close every connection (the peers see a reset) and remove our files."""
@@ -106,10 +115,10 @@ class Connector:
         await self.close()
 
 
-async def open_connection(tunnel_dir: PathLike = None, *, limit: int = STREAM_LIMIT,
-                          options: Optional[Options] = None, peer_name: Optional[str] = None, **knobs: Any
-                          ) -> Tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Connect to the server of `tunnel_dir`, like asyncio.open_connection.
+async def create_connection(protocol_factory: Callable[[], P], tunnel_dir: PathLike = None, *,
+                            options: Optional[Options] = None, peer_name: Optional[str] = None,
+                            **knobs: Any) -> Tuple[asyncio.Transport, P]:
+    """Connect to the server of `tunnel_dir`, like loop.create_connection.
 
     The connection gets an endpoint of its own that goes away when it closes; to
     open many connections, share one with a Connector. `peer_name`: see Connector.
@@ -118,10 +127,22 @@ async def open_connection(tunnel_dir: PathLike = None, *, limit: int = STREAM_LI
     connector = Connector(tunnel_dir, options, peer_name=peer_name, **knobs)
     await connector.start(autostop=True)
     try:
-        return await connector.open_connection(limit=limit)
+        return await connector.create_connection(protocol_factory)
     except BaseException:
         await connector.close()
         raise
+
+
+async def open_connection(tunnel_dir: PathLike = None, *, limit: int = STREAM_LIMIT,
+                          options: Optional[Options] = None, peer_name: Optional[str] = None, **knobs: Any
+                          ) -> Tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect to the server of `tunnel_dir`, like asyncio.open_connection (see
+    create_connection)."""
+    loop = asyncio.get_running_loop()
+    reader, protocol = _stream_pair(loop, limit)
+    transport, _ = await create_connection(lambda: protocol, tunnel_dir, options=options,
+                                           peer_name=peer_name, **knobs)
+    return _streams(loop, transport, reader, protocol)
 
 
 class Server:
@@ -208,10 +229,11 @@ class Server:
         await self.wait_closed()
 
 
-async def start_server(client_connected_cb: ClientConnected, tunnel_dir: PathLike = None, *,
-                       limit: int = STREAM_LIMIT, force: bool = False, options: Optional[Options] = None,
-                       peer_name: Optional[str] = None, **knobs: Any) -> Server:
-    """Serve connections made through `tunnel_dir`, like asyncio.start_server.
+async def create_server(protocol_factory: Callable[[], asyncio.BaseProtocol], tunnel_dir: PathLike = None, *,
+                        force: bool = False, options: Optional[Options] = None,
+                        peer_name: Optional[str] = None, **knobs: Any) -> Server:
+    """Serve connections made through `tunnel_dir`, each driven by a new protocol,
+    like loop.create_server.
 
     One server per directory: ServerAlreadyRunningError if another is alive, unless
     `force`, which asks it to step down. `peer_name` names the clients in log lines
@@ -221,7 +243,7 @@ async def start_server(client_connected_cb: ClientConnected, tunnel_dir: PathLik
     server: Optional[Server] = None
 
     def on_accept(transport: FileTransport) -> None:
-        _serve_streams(loop, transport, limit, client_connected_cb)
+        transport.attach(loop, protocol_factory())
 
     def on_stepdown(description: str) -> None:
         if server is not None:
@@ -232,6 +254,16 @@ async def start_server(client_connected_cb: ClientConnected, tunnel_dir: PathLik
     await endpoint.start()
     server = Server(endpoint, loop)
     return server
+
+
+async def start_server(client_connected_cb: ClientConnected, tunnel_dir: PathLike = None, *,
+                       limit: int = STREAM_LIMIT, force: bool = False, options: Optional[Options] = None,
+                       peer_name: Optional[str] = None, **knobs: Any) -> Server:
+    """Serve connections made through `tunnel_dir`, like asyncio.start_server (see
+    create_server)."""
+    loop = asyncio.get_running_loop()
+    return await create_server(lambda: _stream_pair(loop, limit, client_connected_cb)[1], tunnel_dir,
+                               force=force, options=options, peer_name=peer_name, **knobs)
 
 
 def _as_path(tunnel_dir: PathLike) -> Path:

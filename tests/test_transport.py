@@ -64,6 +64,61 @@ def test_stream_api_matches_asyncio(tunnel_dir):
     run(main())
 
 
+class Collecting(asyncio.Protocol):
+    """A protocol that records what the transport calls, and echoes on request."""
+
+    def __init__(self, echo: bool = False) -> None:
+        self.echo = echo
+        self.transport = None
+        self.received = bytearray()
+        self.eof = asyncio.get_running_loop().create_future()
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.received += data
+        if self.echo:
+            self.transport.write(data)
+
+    def eof_received(self):
+        self.eof.set_result(bytes(self.received))
+        if self.echo:  # everything echoed, then done (as a TCP echo server closes)
+            self.transport.write_eof()
+            self.transport.close()
+        return True  # the other direction stays open until closed
+
+    def connection_lost(self, exc):
+        self.lost.set_result(exc)
+
+
+def test_protocol_api_matches_the_loops_create_connection_and_create_server(tunnel_dir):
+    """create_connection / create_server drive a connection with a protocol, as the
+    loop's methods do for TCP: data_received, eof_received, connection_lost, in order."""
+    async def main():
+        served = []
+
+        def serving():
+            served.append(Collecting(echo=True))
+            return served[-1]
+
+        server = await fileforward.create_server(serving, tunnel_dir, **FAST)
+        try:
+            transport, client = await fileforward.create_connection(Collecting, tunnel_dir, **FAST)
+            assert client.transport is transport and transport.can_write_eof()
+            transport.write(b"x" * 300_000)
+            transport.write_eof()
+            assert await asyncio.wait_for(client.eof, 20) == b"x" * 300_000
+            assert await asyncio.wait_for(served[0].eof, 20) == b"x" * 300_000
+            transport.close()
+            assert await asyncio.wait_for(client.lost, 20) is None
+            assert await asyncio.wait_for(served[0].lost, 20) is None
+        finally:
+            await server.shutdown()
+    run(main())
+
+
 def test_half_close_keeps_the_other_direction_flowing(tunnel_dir):
     async def main():
         async def handler(reader, writer):
