@@ -73,9 +73,10 @@ class Session:
         self.tunnel_dir, worker_dir, prefix = target.dirs()
         self.pool = rpc.Pool(tunnel_dir=self.tunnel_dir, retries=retries)
         env = dict(os.environ, PYTHONPATH=str(REPO))
+        self.log = tempfile.TemporaryFile()  # the workers' warnings, told if one fails
         self.workers = [subprocess.Popen([*prefix, sys.executable, "-m", "rpc", "worker", "--pool",
                                           str(worker_dir), "--log-level", "WARNING"], env=env,
-                                         cwd=REPO, stderr=subprocess.DEVNULL)
+                                         cwd=REPO, stderr=self.log)
                         for _ in range(workers)]
         try:
             poll_until(lambda: self._joined(workers),
@@ -87,7 +88,10 @@ class Session:
     def _joined(self, workers: int) -> bool:
         exited = [w.returncode for w in self.workers if w.poll() is not None]
         if exited:
-            raise RuntimeError(f"{len(exited)} worker(s) exited before joining (status {exited})")
+            self.log.seek(0)
+            said = self.log.read().decode(errors="replace").strip().splitlines()[-5:]
+            raise RuntimeError(f"{len(exited)} worker(s) exited before joining (status {exited}); "
+                               f"the workers' last lines: " + "\n".join(said))
         return len(self.pool.info()["workers"]) == workers
 
     def close(self) -> None:
@@ -101,6 +105,7 @@ class Session:
                     worker.kill()
                     worker.wait()
             shutil.rmtree(self.tunnel_dir, ignore_errors=True)
+            self.log.close()
 
     def __enter__(self) -> "Session":
         return self

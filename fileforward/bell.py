@@ -7,7 +7,8 @@ atomic, and a lock may not exclude the other node). So the bell is made of fixed
 slots, each with exactly one writer:
 
 - slot 0 is the owner's: its id, pid, host and view id (who it is, and whether a
-  free lock of it can be trusted as proof of death: only with the same view);
+  free lock of it can be trusted as proof of death: only with the same view), and
+  its liveness timeout (how often its peers must ping it);
 - slot i >= 1 belongs to the peer that created the claim file `<owner>.slot-<i>`
   with O_CREAT|O_EXCL, which the file server decides for all nodes at once. In it,
   the peer keeps counters that it only ever raises: `conns` (the number of its last
@@ -29,7 +30,7 @@ from typing import Dict, Iterator, Optional, Tuple
 
 SLOT_SIZE = 64
 _PEER = struct.Struct(">2sBB8sIIIIIB")  # magic, version, flags, eid, base, conns, ring, ping, bye_ping, reason
-_OWNER = struct.Struct(">2sBB8sI8s32s")  # magic, version, flags, eid, pid, view id, host
+_OWNER = struct.Struct(">2sBB8sI8s32sI")  # magic, version, flags, eid, pid, view id, host, liveness ms
 _CRC = struct.Struct(">I")
 PEER_MAGIC, OWNER_MAGIC = b"FP", b"FO"
 VERSION = 1
@@ -78,11 +79,13 @@ class OwnerSlot:
     pid: int
     boot: str  # 16 hex digits: the owner's kernel and mount of the directory (peers.machine_identity)
     host: str
+    liveness_timeout: float = 0.0  # seconds without a sign of life before it gives up on a peer; 0: not said
 
     def encode(self) -> bytes:
         """Slot 0's 64 bytes."""
         body = _OWNER.pack(OWNER_MAGIC, VERSION, 0, bytes.fromhex(self.eid), self.pid,
-                           bytes.fromhex(self.boot), self.host.encode("ascii", "replace")[:32])
+                           bytes.fromhex(self.boot), self.host.encode("ascii", "replace")[:32],
+                           round(self.liveness_timeout * 1000))
         return _seal(body)
 
 
@@ -103,10 +106,11 @@ def read_owner(raw: memoryview) -> Optional[OwnerSlot]:
     body = _unseal(raw[:SLOT_SIZE])
     if body is None:
         return None
-    magic, version, _, eid, pid, boot, host = _OWNER.unpack_from(body)
+    magic, version, _, eid, pid, boot, host, liveness_ms = _OWNER.unpack_from(body)
     if magic != OWNER_MAGIC or version != VERSION:
         return None
-    return OwnerSlot(eid.hex(), pid, boot.hex(), host.rstrip(b"\0").decode("ascii", "replace"))
+    return OwnerSlot(eid.hex(), pid, boot.hex(), host.rstrip(b"\0").decode("ascii", "replace"),
+                     liveness_ms / 1000)
 
 
 def read_peers(raw: memoryview) -> Iterator[Tuple[int, Optional[PeerSlot]]]:

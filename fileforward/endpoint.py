@@ -391,7 +391,8 @@ class Endpoint:
             bell = TABLE.open(final.with_name(final.name + tunneldir.NEW_SUFFIX), create=True, exclusive=True)
             bell.try_hold_alive()
             try:
-                write_at(bell.fd, [OwnerSlot(eid, os.getpid(), self._view, self._host).encode()], 0,
+                write_at(bell.fd, [OwnerSlot(eid, os.getpid(), self._view, self._host,
+                                                self.opts.liveness_timeout).encode()], 0,
                          self._data.sync)
                 self._check_direct_reads(bell)
                 TABLE.rename(bell, final)
@@ -1101,7 +1102,7 @@ class Endpoint:
                 peer.next_death_check = now + DEATH_CHECK
                 if peer.bell.alive_elsewhere() is False:
                     self._peer_lost(peer, "its process ended (it no longer holds its lock)", ended=True)
-            if self._peers.get(peer.eid) is peer and now - peer.last_ping >= self.opts.ping_interval:
+            if self._peers.get(peer.eid) is peer and now - peer.last_ping >= peer.ping_interval(self.opts.ping_interval):
                 peer.last_ping = now
                 self._pings += 1
                 peer.slot.ping = self._pings

@@ -8,6 +8,12 @@ from .coherence import AUTO, COHERENCE_CHOICES
 MiB = 1024 * 1024
 
 
+def pings_needed(liveness_timeout: float) -> float:
+    """How often to prove we live to a peer that gives up after `liveness_timeout`:
+    five times within it, so that a late look or two does not cost the connections."""
+    return liveness_timeout / 5
+
+
 @dataclasses.dataclass(frozen=True)
 class Options:
     """Every knob of the transport. The defaults suit a shared NFS home directory.
@@ -62,8 +68,9 @@ class Options:
 
     @property
     def ping_interval(self) -> float:
-        """How often an endpoint proves it is alive to each peer."""
-        return self.liveness_timeout / 5
+        """How often an endpoint proves it is alive to a peer that waits as long as
+        it does (see peers.Peer.ping_interval)."""
+        return pings_needed(self.liveness_timeout)
 
     @property
     def wake_after_idle(self) -> float:

@@ -31,6 +31,7 @@ from . import tunneldir
 from .bell import SLOT_SIZE, Flag, PeerSlot, Reason, read_owner
 from .coherence import AUTO, LOCK_FREE, LOCKS, ReadBuffer
 from .files import TABLE, SharedFile, close_file, open_private, write_at
+from .options import pings_needed
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class Peer:
         self.pings_seen = 0  # the highest counter of its pings to us
         self.handled_conns = 0  # the number of its last connection we took up (server side)
         self.who: Optional[str] = None  # "pid P on host H", from its bell
+        self.its_liveness_timeout = 0.0  # how long it waits for our pings, from its bell (0: not said)
         self.announced = False  # "appeared" logged, at its first sign of life
         self.same_machine = False
         self.locks_trusted = False
@@ -86,6 +88,14 @@ class Peer:
         self.slot.flags |= Flag.BYE
         self.slot.reason, self.slot.bye_ping = reason, bye_ping
         self.tell(sync)
+
+    def ping_interval(self, ours: float) -> float:
+        """How often we ping it: as often as we ask of our peers, or more often if it
+        gives up sooner than we do (a client asking for a 2 s liveness timeout of a
+        server that uses 60 s must still hear from it within 2 s)."""
+        if self.its_liveness_timeout <= 0:
+            return ours
+        return min(ours, pings_needed(self.its_liveness_timeout))
 
     @property
     def mode(self) -> str:
@@ -120,6 +130,7 @@ def meet(tunnel_dir: Path, eid: str, slot: PeerSlot, met_after_ping: int, buffer
         raise
     if owner is not None:
         peer.who = f"pid {owner.pid} on host {owner.host}"
+        peer.its_liveness_timeout = owner.liveness_timeout
         peer.same_machine = owner.boot == view
     peer.locks_trusted, peer.why_mode = _judge_locks(peer, coherence)
     return peer

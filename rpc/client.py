@@ -97,7 +97,8 @@ class ClientConnection:
             if process is not None:
                 await _reap(process, 1.0)
             _raise_handshake_error(exc, ep, connect_timeout, process)
-        conn._beat = asyncio.ensure_future(conn._beat_on_loop(liveness_timeout / 4))
+        if ep.kind != "tunnel":  # the tunnel watches the server's endpoint itself: see below
+            conn._beat = asyncio.ensure_future(conn._beat_on_loop(liveness_timeout / 4))
         return conn
 
     # ------------------------------------------------------------ any thread
@@ -208,7 +209,14 @@ class ClientConnection:
             _settle(event.token, error=exc)
 
     def tick(self) -> bool:
-        """While calls wait, ping the server; False once it stayed silent too long."""
+        """While calls wait, ping the server; False once it stayed silent too long.
+
+        Not over the tunnel: its endpoints prove to each other that they live
+        (``fileforward.peers``) and reset the connections of one that stops, within the
+        same ``liveness_timeout``. A ping there would only cost the file server a
+        message each way every ``liveness_timeout / 4``, and make both sides poll
+        that connection for a while after it: the idle cost of a pool's workers,
+        whose ``take`` always waits."""
         now = time.monotonic()
         if not self.core.busy:
             self._idle_until = now

@@ -27,8 +27,11 @@ from .transports import DEFAULT_LIVENESS_TIMEOUT
 
 log = logging.getLogger(__name__)
 
-#: Seconds one ``take`` waits for a task before it asks again.
-TAKE_POLL = 30.0
+#: Seconds one ``take`` waits for a task before it asks again. Every end of a wait
+#: that matters is pushed by the pool (a task, ``leave``, the pool closing) or by
+#: the connection (lost): asking again is only a safety net, and each ask makes both
+#: ends poll the connection for a while, so it is rare.
+TAKE_POLL = 300.0
 #: Seconds a worker waits for its pool to answer when it starts.
 DEFAULT_JOIN_TIMEOUT = 60.0
 #: Longest pause (seconds) between a quiet worker's looks at the tunnel: a pool of

@@ -119,6 +119,26 @@ def test_protocol_api_matches_the_loops_create_connection_and_create_server(tunn
     run(main())
 
 
+def test_a_side_with_a_short_liveness_timeout_keeps_an_idle_connection_to_a_patient_one(tunnel_dir):
+    """Each side judges the other with its own liveness timeout, so each must ping as
+    often as the other needs: a client that gives up after 2 s of silence keeps an
+    idle connection to a server that would wait 60 s (which pings every 12 s for
+    itself)."""
+    client_liveness = 2.0
+
+    async def main():
+        async with await fileforward.start_server(echo, tunnel_dir, liveness_timeout=60.0, poll_max=0.1):
+            reader, writer = await fileforward.open_connection(
+                tunnel_dir, liveness_timeout=client_liveness, poll_max=0.1)
+            writer.write(b"before")
+            assert await reader.readexactly(6) == b"before"
+            await asyncio.sleep(3 * client_liveness)  # idle: only pings cross
+            writer.write(b"after")
+            assert await reader.readexactly(5) == b"after"
+            writer.close()
+    run(main())
+
+
 def test_half_close_keeps_the_other_direction_flowing(tunnel_dir):
     async def main():
         async def handler(reader, writer):
