@@ -10,25 +10,7 @@ from urllib.parse import urlsplit
 from fileforward.forwardspec import Permit, parse_listen
 from fileforward.netforward import Requests, requesting, serving
 from fileforward.options import Options
-
-TIMEOUT = 60.0  # generous: the machine is loaded
-
-
-def run(coroutine) -> object:
-    return asyncio.run(asyncio.wait_for(coroutine, TIMEOUT))
-
-
-async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Echo to EOF, then half-close back."""
-    while True:
-        data = await reader.read(65536)
-        if not data:
-            break
-        writer.write(data)
-        await writer.drain()
-    writer.write_eof()
-    await writer.drain()
-    writer.close()
+from tests.test_transport import echo, run
 
 
 def test_bytes_sent_with_the_socks_request_go_on_first_and_half_close_ends_cleanly(tmp_path: Path) -> None:
