@@ -288,6 +288,29 @@ def tunnel_stalled(tunnel_dir: "pathlib.Path") -> bool:
     return bool(before) and sizes() == before
 
 
+def rss_mib(proc: Proc) -> float:
+    """The process's resident memory, MiB."""
+    with open(f"/proc/{proc.popen.pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
+
+@pytest.mark.parametrize("nodes", ["local"], indirect=True)
+def test_a_user_who_stops_reading_holds_the_download_back_without_buffering_it(nodes):
+    """Flow control end to end: the user's full socket pauses the login side's reading
+    of the tunnel, the full window pauses the job side's writer, which pauses its
+    reading of the service. Neither side holds the download in memory, and all of
+    it arrives once the user reads again."""
+    tunnel = Tunnel(nodes, service="download")
+    try:
+        with start_download(tunnel) as sock:
+            wait_until(lambda: tunnel_stalled(tunnel.login.tunnel_dir), 30, what="the download to stall")
+            for side in (tunnel.login_side, tunnel.job_side):
+                assert rss_mib(side) < DOWNLOAD / (1 << 20) / 4, (side.argv, rss_mib(side))
+            assert 1024 * 1024 + len(recv_all(sock)) == DOWNLOAD
+    finally:
+        tunnel.close()
+
+
 @pytest.mark.parametrize("nodes", ["local"], indirect=True)
 def test_damaged_record_mid_download_resets_the_download(nodes):
     tunnel = Tunnel(nodes, service="download")
