@@ -78,9 +78,8 @@ class AioDriver(asyncio.Protocol):
         once, its end (loop thread). What the core has to send already (a client's
         HELLO) goes out."""
         self._receiver = receiver
-        self.flush()
         if self._error is None:
-            self._deliver()
+            self.data_received(b"")
         else:
             receiver.fail(self._error)
 
