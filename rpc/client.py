@@ -21,13 +21,13 @@ import time
 from typing import (Any, Callable, ContextManager, Coroutine, Deque, List, NoReturn, Optional,
                     Tuple, Union)
 
-from .aio import AioDriver, describe_peer
+from .aio import AioDriver
 from .auth import load_key
 from .errors import ConnectionLost, ProtocolError, RPCError, SerializationError, ServerNotRunningError
 from .frames import Buffer, Kind, Payload, loads, payload_size, unpack_error
 from .protocol import ClientProtocol, Opened, Replied, StreamEnded, StreamItem, StreamOpened
 from .sync import SyncClientDriver, describe_socket
-from .transports import SOCKET_KINDS, Endpoint, connect_socket, open_streams
+from .transports import SOCKET_KINDS, Child, Endpoint, connect_socket, open_transport
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class ClientConnection:
 
     def __init__(self, driver: Driver, *, liveness_timeout: float,
                  loop_thread: Optional["LoopThread"] = None,
-                 process: Optional[asyncio.subprocess.Process] = None) -> None:
+                 process: Optional[Child] = None) -> None:
         self.driver = driver
         self.core: ClientProtocol = driver.core  # type: ignore[assignment]
         self.liveness_timeout = liveness_timeout
@@ -63,7 +63,7 @@ class ClientConnection:
         if ep.kind not in SOCKET_KINDS:
             loop_thread = LoopThread()
             try:
-                return loop_thread.run(cls._open_streams(
+                return loop_thread.run(cls._open_aio(
                     ep, core, loop_thread, connect_timeout, liveness_timeout, poll_max))
             except BaseException:
                 loop_thread.stop()
@@ -81,12 +81,11 @@ class ClientConnection:
         return conn
 
     @classmethod
-    async def _open_streams(cls, ep: Endpoint, core: ClientProtocol, loop_thread: "LoopThread",
-                            connect_timeout: float, liveness_timeout: float, poll_max: Optional[float]
-                            ) -> "ClientConnection":
-        reader, writer, process = await open_streams(ep, connect_timeout, liveness_timeout, poll_max)
-        core.peer = describe_peer(writer)
-        driver = AioDriver(core, reader, writer)
+    async def _open_aio(cls, ep: Endpoint, core: ClientProtocol, loop_thread: "LoopThread",
+                        connect_timeout: float, liveness_timeout: float, poll_max: Optional[float]
+                        ) -> "ClientConnection":
+        driver = AioDriver(core)
+        process = await open_transport(ep, lambda: driver, connect_timeout, liveness_timeout, poll_max)
         conn = cls(driver, liveness_timeout=liveness_timeout, loop_thread=loop_thread,
                    process=process)
         driver.start(conn)
@@ -95,7 +94,7 @@ class ClientConnection:
         except BaseException as exc:
             await driver.aclose(1.0)
             if process is not None:
-                await _reap(process, 1.0)
+                await process.reap(1.0)
             _raise_handshake_error(exc, ep, connect_timeout, process)
         if ep.kind != "tunnel":  # the tunnel watches the server's endpoint itself: see below
             conn._beat = asyncio.ensure_future(conn._beat_on_loop(liveness_timeout / 4))
@@ -273,7 +272,7 @@ class ClientConnection:
             self._beat.cancel()
         await self.driver.aclose()  # type: ignore[union-attr]
         if self._process is not None:
-            await _reap(self._process, 5.0)
+            await self._process.reap(5.0)
 
 
 class RemoteStream:
@@ -441,7 +440,7 @@ async def _cancel_other_tasks() -> None:
 
 
 def _raise_handshake_error(exc: BaseException, ep: Endpoint, connect_timeout: float,
-                           process: Optional[asyncio.subprocess.Process]) -> NoReturn:
+                           process: Optional[Child]) -> NoReturn:
     """Raise what a failed handshake means to the user (call in ``except``)."""
     if isinstance(exc, (asyncio.TimeoutError, socket.timeout)):
         raise ServerNotRunningError(
@@ -479,14 +478,3 @@ def _fresh(error: RPCError) -> RPCError:
     clone = type(error)(str(error))
     clone.__cause__ = error.__cause__
     return clone
-
-
-async def _reap(process: asyncio.subprocess.Process, grace: float) -> None:
-    """Let a ``command=`` server exit after its stdin closes; kill it if it lingers."""
-    if process.stdin is not None:
-        process.stdin.close()
-    try:
-        await asyncio.wait_for(process.wait(), grace)
-    except asyncio.TimeoutError:
-        process.kill()
-        await process.wait()

@@ -28,7 +28,7 @@ from typing import (Any, AsyncIterator, Awaitable, Callable, Coroutine, Dict, Li
 from fileforward.loops import call_soon_if_open
 
 from . import execution
-from .aio import AioDriver, describe_peer
+from .aio import AioDriver
 from .auth import load_key
 from .errors import (ConnectionLost, FunctionNotFoundError, ProtocolError, RPCError,
                      SerializationError)
@@ -39,8 +39,8 @@ from .protocol import (CallCancelled, CallReceived, CreditGranted, InfoRequested
                        ServerProtocol, versions)
 from .sync import SyncServerDriver, describe_socket
 from .throttle import ThrottledLog
-from .transports import (DEFAULT_LIVENESS_TIMEOUT, STREAM_LIMIT, Listener, claim_stdio, endpoint,
-                         listen, stdio_streams)
+from .transports import (DEFAULT_LIVENESS_TIMEOUT, Listener, claim_stdio, connect_stdio, endpoint,
+                         listen)
 
 log = logging.getLogger(__name__)
 
@@ -95,15 +95,21 @@ class RPCServer:
 
     # -------------------------------------------------------------- lifecycle
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Serve one connection over a stream pair until it ends (the tunnel, stdio)."""
-        core = self._core(describe_peer(writer))
-        await self._serve(_Connection(self, core, AioDriver(core, reader, writer)))
+    def connection(self) -> AioDriver:
+        """A new connection over an asyncio transport (the tunnel, stdio, a socket
+        without epoll): its driver, the transport's protocol; it is served by a task
+        of its own (see :meth:`_accept`)."""
+        return self._accept()[0]
+
+    def _accept(self) -> Tuple[AioDriver, "asyncio.Task[None]"]:
+        core = self._core("peer")  # the driver names the peer once its transport is there
+        driver = AioDriver(core)
+        return driver, asyncio.ensure_future(self._serve(_Connection(self, core, driver)))
 
     async def handle_socket(self, sock: socket.socket) -> None:
         """Serve one TCP or Unix socket connection until it ends."""
         if not hasattr(select, "epoll"):  # reading threads wait together in Linux's epoll
-            await self.handle(*await asyncio.open_connection(sock=sock, limit=STREAM_LIMIT))
+            await asyncio.get_running_loop().connect_accepted_socket(self.connection, sock)
             return
         core = self._core(describe_socket(sock))
         driver = SyncServerDriver(core, sock, f"{WORKER_THREAD_PREFIX} {core.peer}")
@@ -240,6 +246,8 @@ class _Call:
         self.credit_granted: Optional[asyncio.Event] = None
         self.task: Optional[asyncio.Task] = None  # on the loop: coroutines and streams
         self.job: Optional[Future] = None  # in the worker pool: plain functions
+        #: Bytes of the call's frame its driver counts as held until it is over.
+        self.held = 0
 
     def take_args(self) -> Tuple[tuple, dict]:
         """Unpickle the arguments, releasing the frame that held them."""
@@ -279,7 +287,6 @@ class _Connection:
         self.driver = driver
         #: Threads write replies (sockets), or the loop does (streams).
         self.threads_write = isinstance(driver, SyncServerDriver)
-        self.peer = core.peer
         self.loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self.calls: Dict[int, _Call] = {}
@@ -291,6 +298,11 @@ class _Connection:
         #: Why the connection ended.
         self._ended: "asyncio.Future[BaseException]" = self.loop.create_future()
         self._writer: Optional[ThreadPoolExecutor] = None  # see _loop_writer()
+
+    @property
+    def peer(self) -> str:
+        """Who is at the other end (for log messages)."""
+        return self.core.peer
 
     async def run(self) -> None:
         self.task = asyncio.current_task()
@@ -411,10 +423,13 @@ class _Connection:
     def finish(self, call: _Call) -> None:
         """Bookkeeping when a call is over (from any thread; counted once per call)."""
         with self.server._books:
-            if self.calls.get(call.request_id) is call:
-                del self.calls[call.request_id]
-                self.server.in_flight -= 1
-                self.server.calls_served += 1
+            if self.calls.get(call.request_id) is not call:
+                return
+            del self.calls[call.request_id]
+            self.server.in_flight -= 1
+            self.server.calls_served += 1
+        if call.held:  # the asyncio driver's: on the loop
+            self.driver.hold(-call.held)  # type: ignore[union-attr]
 
     def cancel(self, call: _Call) -> None:
         """The client cancelled the call, or went away."""
@@ -447,6 +462,9 @@ class _Connection:
             self.reply(call.request_id, False, pack_error(exc), call.context.name)
             return
         if call.context.name in self.server._plain:
+            if not self.threads_write:  # a fast client cannot queue unbounded work
+                call.held = len(call.args or b"")
+                self.driver.hold(call.held)  # type: ignore[union-attr]
             self.submit(fn, call)
         else:
             self.run_task(call, self.run_on_loop(call, fn))
@@ -660,11 +678,11 @@ async def start_server(functions: Functions, *, tunnel_dir: Any = None, tcp: Any
                        max_frame=max_frame, max_pending_handshakes=max_pending_handshakes)
     ep = endpoint(tunnel_dir=tunnel_dir, tcp=tcp, unix=unix, stdio=stdio)
     if ep.kind == "stdio":
-        reader, writer = await stdio_streams(*claim_stdio())
-        task = asyncio.ensure_future(server.handle(reader, writer))
+        driver, task = server._accept()
         task.add_done_callback(lambda _: server.close())
+        await connect_stdio(driver, *claim_stdio())
     else:
-        server.listeners.append(await listen(ep, server.handle, server.handle_socket,
+        server.listeners.append(await listen(ep, server.connection, server.handle_socket,
                                              force=force, liveness_timeout=liveness_timeout))
     log.info("serving %d functions on %s (%s)", len(server.functions),
              ", ".join(server.addresses) or "stdio", ", ".join(sorted(server.functions)))

@@ -1,7 +1,8 @@
 """Where the byte streams come from: the file transport, TCP, Unix sockets, pipes.
 
-The tunnel and pipes give an ``(asyncio.StreamReader, asyncio.StreamWriter)`` pair
-(for the asyncio driver); TCP and Unix sockets give a socket (for the sync driver).
+The tunnel and pipes are asyncio transports driven by a protocol (the asyncio
+driver); a pair of pipes is one transport here (:class:`Pipes`). TCP and Unix
+sockets give a socket (for the sync driver).
 """
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import logging
 import os
 import shlex
 import socket
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Awaitable, Callable, Dict, Optional, Sequence, Set, Tuple, Union
 
 from fileforward.listeners import bind_unix, remove_socket
 
@@ -28,15 +30,12 @@ TUNNEL_DIR_ENV = "FILEFORWARD_RPC_TUNNEL_DIR"
 #: Bind address when ``tcp=`` names only a port: other users of a login node can
 #: reach its localhost ports, but not beyond.
 DEFAULT_HOST = "127.0.0.1"
-#: StreamReader buffer limit: large enough that big payloads flow in few reads.
-STREAM_LIMIT = 1 << 20
 #: Seconds of silence after which a peer is presumed dead (while calls wait for it;
 #: over the tunnel, at any time). Long, because a served function that holds the GIL
 #: (a long C call) silences its whole process; a process that dies is noticed at once
 #: over sockets, as its kernel closes them.
 DEFAULT_LIVENESS_TIMEOUT = 60.0
-Streams = Tuple[asyncio.StreamReader, asyncio.StreamWriter]
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+ProtocolFactory = Callable[[], asyncio.Protocol]
 SocketHandler = Callable[[socket.socket], Awaitable[None]]
 TcpAddress = Union[str, int, Tuple[str, int]]
 
@@ -105,34 +104,33 @@ def parse_tcp(address: TcpAddress) -> Tuple[str, int]:
 SOCKET_KINDS = ("tcp", "unix")
 
 
-async def open_streams(ep: Endpoint, connect_timeout: float, liveness_timeout: float,
-                       poll_max: Optional[float] = None
-                       ) -> Tuple[asyncio.StreamReader, asyncio.StreamWriter,
-                                  Optional[asyncio.subprocess.Process]]:
-    """Connect to a ``tunnel`` or ``command`` endpoint (``poll_max``: the tunnel's,
-    None for its default).
+async def open_transport(ep: Endpoint, protocol_factory: ProtocolFactory, connect_timeout: float,
+                         liveness_timeout: float, poll_max: Optional[float] = None
+                         ) -> Optional["Child"]:
+    """Connect ``protocol_factory()``'s protocol to a ``tunnel`` or ``command``
+    endpoint (``poll_max``: the tunnel's, None for its default).
 
-    Returns the streams and, for ``command`` endpoints, the child process.
+    Returns, for ``command`` endpoints, the child process (None for the tunnel).
     """
     if ep.kind == "tunnel":
         import fileforward  # the transport layer; only needed for this endpoint
         try:
             knobs = {} if poll_max is None else {"poll_max": poll_max}
-            reader, writer = await fileforward.open_connection(
-                ep.address, limit=STREAM_LIMIT, connect_timeout=connect_timeout,
+            await fileforward.create_connection(
+                protocol_factory, ep.address, connect_timeout=connect_timeout,
                 liveness_timeout=liveness_timeout, peer_name="RPC server", **knobs)
         except ConnectionRefusedError as exc:  # fileforward.NoServerError: its text
             raise _not_running(ep, connect_timeout) from exc  # advises fileforward users
-        return reader, writer, None
+        return None
     if ep.kind == "command":
+        loop = asyncio.get_running_loop()
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *ep.address, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                limit=STREAM_LIMIT)
+            _, child = await loop.subprocess_exec(
+                lambda: Child(protocol_factory()), *ep.address,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None)
         except OSError as exc:
             raise ServerNotRunningError(f"cannot start {ep}: {exc}") from exc
-        assert proc.stdout is not None and proc.stdin is not None
-        return proc.stdout, proc.stdin, proc
+        return child
     raise ValueError(f"{ep} is reached with connect_socket()")
 
 
@@ -211,15 +209,15 @@ class Listener:
         return getattr(self.server, "failure", None)
 
 
-async def listen(ep: Endpoint, handler: Handler, socket_handler: SocketHandler, *,
+async def listen(ep: Endpoint, protocol_factory: ProtocolFactory, socket_handler: SocketHandler, *,
                  force: bool = False,
                  liveness_timeout: float = DEFAULT_LIVENESS_TIMEOUT) -> Listener:
-    """Start accepting connections on ``ep``: the tunnel's go to ``handler`` as stream
-    pairs, TCP and Unix sockets' to ``socket_handler`` as sockets."""
+    """Start accepting connections on ``ep``: the tunnel's each get a protocol from
+    ``protocol_factory``, TCP and Unix sockets go to ``socket_handler`` as sockets."""
     if ep.kind == "tunnel":
         import fileforward
-        server = await fileforward.start_server(handler, ep.address, limit=STREAM_LIMIT, force=force,
-                                                liveness_timeout=liveness_timeout, peer_name="RPC client")
+        server = await fileforward.create_server(protocol_factory, ep.address, force=force,
+                                                 liveness_timeout=liveness_timeout, peer_name="RPC client")
         return Listener(server, str(Endpoint("tunnel", server.tunnel_dir)))  # absolute
     if ep.kind == "tcp":
         host, port = ep.address
@@ -291,16 +289,146 @@ class SocketServer:
         await asyncio.wait({self._accepting})
 
 
-async def stdio_streams(in_fd: int, out_fd: int) -> Streams:
-    """asyncio streams over two pipe file descriptors (``serve --stdio``)."""
+class Pipes(asyncio.Transport):
+    """Two pipes, one read and one written, as one duplex transport for ``protocol``
+    (a subprocess's stdout and stdin, or our own stdin and stdout).
+
+    The pipes report here as to a ``SubprocessProtocol`` (``READ_FD``: the pipe we
+    read, ``WRITE_FD``: the one we write). The protocol hears of the end once: the
+    first pipe that fails, or both closed; EOF on the read pipe comes first."""
+
+    READ_FD, WRITE_FD = 1, 0  # named after the child's stdout and stdin
+
+    def __init__(self, protocol: asyncio.Protocol) -> None:
+        super().__init__()
+        self.protocol = protocol
+        self._pipes: Dict[int, asyncio.BaseTransport] = {}
+        self._open = {self.READ_FD, self.WRITE_FD}
+        self._lost = False
+
+    def pipe_made(self, fd: int, pipe: asyncio.BaseTransport) -> None:
+        """One pipe is connected; once both are, the protocol's connection is made."""
+        self._pipes[fd] = pipe
+        if len(self._pipes) == 2:
+            self.protocol.connection_made(self)
+
+    # ---- what the pipes report (the SubprocessProtocol interface)
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        self.protocol.data_received(data)
+
+    def pipe_connection_lost(self, fd: int, exc: Optional[Exception]) -> None:
+        self._open.discard(fd)
+        if self._lost:
+            return
+        if fd == self.READ_FD and exc is None:
+            self.protocol.eof_received()
+        if exc is not None or not self._open:
+            self._lost = True
+            self.protocol.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.protocol.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.protocol.resume_writing()
+
+    # ---- the transport the protocol writes to
+    def write(self, data: Any) -> None:
+        self._pipes[self.WRITE_FD].write(data)  # type: ignore[attr-defined]
+
+    def is_closing(self) -> bool:
+        return self._pipes[self.WRITE_FD].is_closing()
+
+    def close(self) -> None:
+        for pipe in self._pipes.values():
+            pipe.close()
+
+    def abort(self) -> None:
+        for pipe in self._pipes.values():
+            pipe.abort()  # type: ignore[attr-defined]
+
+    def pause_reading(self) -> None:
+        self._pipes[self.READ_FD].pause_reading()  # type: ignore[attr-defined]
+
+    def resume_reading(self) -> None:
+        self._pipes[self.READ_FD].resume_reading()  # type: ignore[attr-defined]
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._pipes[self.WRITE_FD].get_extra_info(name, default)
+
+
+class Child(Pipes):
+    """A ``command=`` server: the subprocess's stdin and stdout as :class:`Pipes`,
+    and the process itself (``loop.subprocess_exec``'s protocol)."""
+
+    def __init__(self, protocol: asyncio.Protocol) -> None:
+        super().__init__(protocol)
+        self._process: Optional[asyncio.SubprocessTransport] = None
+        self._exited: "asyncio.Future[None]" = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._process = transport  # type: ignore[assignment]
+        for fd in (self.WRITE_FD, self.READ_FD):
+            self.pipe_made(fd, self._process.get_pipe_transport(fd))  # type: ignore[arg-type]
+
+    def process_exited(self) -> None:
+        self._exited.set_result(None)
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        """The process and its pipes are all gone (the pipes told us already)."""
+
+    @property
+    def returncode(self) -> Optional[int]:
+        """The exit status, once the process is gone."""
+        return self._process.get_returncode() if self._process is not None else None
+
+    async def reap(self, grace: float) -> None:
+        """Let the server exit after its stdin closes; kill it if it lingers."""
+        self.close()
+        if not await _within(self._exited, grace):
+            assert self._process is not None
+            self._process.kill()
+            await self._exited
+        self._process.close()  # type: ignore[union-attr]
+
+
+async def _within(future: "asyncio.Future[Any]", timeout: float) -> bool:
+    """Whether ``future`` is done within ``timeout`` seconds (it is not cancelled)."""
+    await asyncio.wait({future}, timeout=timeout)
+    return future.done()
+
+
+class _PipeEnd(asyncio.Protocol):
+    """The protocol of one pipe of :class:`Pipes` (``serve --stdio``)."""
+
+    def __init__(self, pipes: Pipes, fd: int) -> None:
+        self._pipes = pipes
+        self._fd = fd
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._pipes.pipe_made(self._fd, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._pipes.pipe_data_received(self._fd, data)
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self._pipes.pipe_connection_lost(self._fd, exc)
+
+    def pause_writing(self) -> None:
+        self._pipes.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._pipes.resume_writing()
+
+
+async def connect_stdio(protocol: asyncio.Protocol, in_fd: int, out_fd: int) -> None:
+    """Drive ``protocol`` over two pipe file descriptors (``serve --stdio``)."""
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=STREAM_LIMIT)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
+    pipes = Pipes(protocol)
+    await loop.connect_write_pipe(lambda: _PipeEnd(pipes, Pipes.WRITE_FD),
+                                  os.fdopen(out_fd, "wb", buffering=0))
+    await loop.connect_read_pipe(lambda: _PipeEnd(pipes, Pipes.READ_FD),
                                  os.fdopen(in_fd, "rb", buffering=0))
-    transport, protocol = await loop.connect_write_pipe(
-        lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()),
-        os.fdopen(out_fd, "wb", buffering=0))
-    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
 
 def claim_stdio() -> Tuple[int, int]:
