@@ -22,6 +22,15 @@ DEFAULT_HIGH_WATER = 1024 * 1024
 Frame = Callable[[Kind, bytes], List[bytes]]  # a record as buffers: header, payload
 
 
+def _unchanging(data: Any) -> memoryview:
+    """`data` as it is now, for the I/O thread to write later: bytes, and contiguous
+    views of bytes, cannot change and are kept as they are; anything else (a
+    bytearray the caller may reuse once write() returns) is copied."""
+    if isinstance(data, memoryview) and isinstance(data.obj, bytes) and data.c_contiguous:
+        return data.cast("B")
+    return memoryview(bytes(data))  # no copy for bytes itself
+
+
 class Conn:
     """One connection's state, shared by the event loop (the application's side) and
     the I/O thread. Fields the loop writes are guarded by `lock`; `wake` tells the I/O
@@ -64,7 +73,7 @@ class Conn:
         buffer passed `high`; the I/O thread resumes it once it is down to `low`."""
         with self.lock:
             if not self.out_done:
-                self._out.append(memoryview(bytes(data)))
+                self._out.append(_unchanging(data))
                 self._out_size += len(data)
             pause = not self.writer_paused and self._out_size > high
             if pause:

@@ -139,6 +139,23 @@ def test_a_side_with_a_short_liveness_timeout_keeps_an_idle_connection_to_a_pati
     run(main())
 
 
+def test_written_buffers_are_sent_as_they_were_when_written(tunnel_dir):
+    """write() keeps views of bytes without a copy (they cannot change) and copies
+    mutable buffers, which the caller may reuse at once, as asyncio's transports do."""
+    async def main():
+        async with await fileforward.start_server(echo, tunnel_dir, **FAST):
+            reader, writer = await fileforward.open_connection(tunnel_dir, **FAST)
+            reused = bytearray(b"first")
+            writer.write(reused)
+            reused[:] = b"XXXXX"
+            writer.write(memoryview(b"--second--")[2:-2])
+            writer.write(memoryview(bytearray(b"third")))
+            writer.write_eof()
+            assert await asyncio.wait_for(reader.read(), 20) == b"firstsecondthird"
+            writer.close()
+    run(main())
+
+
 def test_half_close_keeps_the_other_direction_flowing(tunnel_dir):
     async def main():
         async def handler(reader, writer):
