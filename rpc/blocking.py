@@ -157,7 +157,8 @@ def connect(*, tunnel_dir: Any = None, tcp: Any = None, unix: Any = None,
             command: Union[str, Sequence[str], None] = None, key_file: Any = None,
             timeout: Optional[float] = None, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
             liveness_timeout: float = DEFAULT_LIVENESS_TIMEOUT, max_frame: int = DEFAULT_MAX_FRAME,
-            stream_window: int = DEFAULT_STREAM_WINDOW, poll_max: Optional[float] = None) -> Client:
+            stream_window: int = DEFAULT_STREAM_WINDOW, poll_max: Optional[float] = None,
+            coherence: Optional[str] = None) -> Client:
     """Connect to an RPC server and authenticate; returns a :class:`Client`.
 
     Give at most one of ``tunnel_dir`` (default: ``rpc.default_tunnel_dir()``),
@@ -170,11 +171,14 @@ def connect(*, tunnel_dir: Any = None, tcp: Any = None, unix: Any = None,
     presumed dead. ``poll_max`` (tunnel only) is the longest pause between two looks at
     the tunnel when nothing happens (default: the transport's); a longer one costs the
     file server less and notices the first message after a quiet spell later.
+    ``coherence`` (tunnel only: "auto", "locks" or "lock-free") overrides what the
+    transport judges of the filesystem's locks (see ``fileforward doctor``).
     """
-    ep = endpoint(tunnel_dir=tunnel_dir, tcp=tcp, unix=unix, command=command)
+    ep = endpoint(tunnel_dir=tunnel_dir, tcp=tcp, unix=unix, command=command, poll_max=poll_max,
+                  coherence=coherence)
     conn = ClientConnection.open(
         ep, key_file=key_file, connect_timeout=connect_timeout, liveness_timeout=liveness_timeout,
-        max_frame=check_max_frame(max_frame), stream_window=stream_window, poll_max=poll_max)
+        max_frame=check_max_frame(max_frame), stream_window=stream_window)
     client = Client(conn, timeout)
     if ep.kind == "tunnel":  # a job that ends without closing (e.g. through rpc.proxy)
         # closes at exit: the server sees a client leave, not the reset of a stopping

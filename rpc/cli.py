@@ -13,6 +13,7 @@ from types import ModuleType
 from typing import Any, Callable, Dict, List, Optional
 
 from fileforward import EndpointFailedError
+from fileforward.coherence import COHERENCE_CHOICES
 from fileforward.cliargs import (Parser, add_job_option, add_logging_options, job_tunnel_dir,
                                  raise_descriptor_limit, setup_logging)
 
@@ -106,6 +107,14 @@ def _add_transport(parser: argparse.ArgumentParser, stdio: bool) -> None:
     parser.add_argument("--key-file", metavar="FILE", help=(
         "key file shared by both ends (default: $FILEFORWARD_RPC_KEY or "
         "~/.cache/fileforward/rpc.key)"))
+    _add_coherence(parser)
+
+
+def _add_coherence(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--coherence", choices=COHERENCE_CHOICES, help=(
+        "file transport: whether the filesystem's locks exclude across nodes; auto "
+        "judges it when the two sides meet (see `fileforward doctor`), locks / "
+        "lock-free override that (default: auto)"))
 
 
 def build_parser() -> Parser:
@@ -172,6 +181,7 @@ def build_parser() -> Parser:
                     help="longest pause between looks at the tunnel when idle: a task sent after "
                          "a quiet spell starts up to S seconds late; shorter costs the file "
                          "server more")
+    _add_coherence(wk)
     add_logging_options(wk, suppress_defaults=True)
     return parser
 
@@ -191,7 +201,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             tunnel_dir = job_tunnel_dir(args.job, "rpc")
         except ValueError as exc:
             parser.error(str(exc))
-    transport = {"tunnel_dir": tunnel_dir, "tcp": args.tcp, "unix": args.unix}
+    transport = {"tunnel_dir": tunnel_dir, "tcp": args.tcp, "unix": args.unix,
+                 "coherence": args.coherence}
     try:
         if args.command == "serve":
             return _serve(args, transport)
@@ -248,7 +259,8 @@ def _worker(args: argparse.Namespace, parser: Parser) -> int:
     try:
         return run_worker(args.pool, threads=args.threads, grace=args.grace,
                           key_file=args.key_file, connect_timeout=args.join_timeout,
-                          liveness_timeout=args.liveness_timeout, poll_max=args.poll_max)
+                          liveness_timeout=args.liveness_timeout, poll_max=args.poll_max,
+                          coherence=args.coherence)
     except EndpointFailedError:  # logged at ERROR where it happened
         return 1
     except (RPCError, OSError, ValueError) as exc:

@@ -54,8 +54,7 @@ class ClientConnection:
 
     @classmethod
     def open(cls, ep: Endpoint, *, key_file: Any, connect_timeout: float,
-             liveness_timeout: float, max_frame: int, stream_window: int,
-             poll_max: Optional[float] = None) -> "ClientConnection":
+             liveness_timeout: float, max_frame: int, stream_window: int) -> "ClientConnection":
         """Connect to ``ep`` and authenticate (blocking)."""
         log.debug("connecting to %s", ep)
         core = ClientProtocol(lambda: load_key(key_file), max_frame=max_frame,
@@ -64,7 +63,7 @@ class ClientConnection:
             loop_thread = LoopThread()
             try:
                 return loop_thread.run(cls._open_aio(
-                    ep, core, loop_thread, connect_timeout, liveness_timeout, poll_max))
+                    ep, core, loop_thread, connect_timeout, liveness_timeout))
             except BaseException:
                 loop_thread.stop()
                 raise
@@ -82,10 +81,9 @@ class ClientConnection:
 
     @classmethod
     async def _open_aio(cls, ep: Endpoint, core: ClientProtocol, loop_thread: "LoopThread",
-                        connect_timeout: float, liveness_timeout: float, poll_max: Optional[float]
-                        ) -> "ClientConnection":
+                        connect_timeout: float, liveness_timeout: float) -> "ClientConnection":
         driver = AioDriver(core)
-        process = await open_transport(ep, lambda: driver, connect_timeout, liveness_timeout, poll_max)
+        process = await open_transport(ep, lambda: driver, connect_timeout, liveness_timeout)
         conn = cls(driver, liveness_timeout=liveness_timeout, loop_thread=loop_thread,
                    process=process)
         driver.start(conn)

@@ -363,7 +363,7 @@ class Pool(cf.Executor):
     def __init__(self, tunnel_dir: Any = None, *, retries: int = 0, key_file: Any = None,
                  liveness_timeout: float = DEFAULT_LIVENESS_TIMEOUT, force: bool = False,
                  cache_dir: Any = None, cache: str = "use",
-                 ship: Sequence[ModuleType] = ()) -> None:
+                 ship: Sequence[ModuleType] = (), coherence: Optional[str] = None) -> None:
         if retries < 0:
             raise ValueError(f"retries must be at least 0, got {retries}")
         self.tunnel_dir = Path(tunnel_dir if tunnel_dir is not None else DEFAULT_POOL_DIR).expanduser()
@@ -389,7 +389,7 @@ class Pool(cf.Executor):
         try:
             self._server: RPCServer = self._run(start_server(
                 self._board.functions(), tunnel_dir=self.tunnel_dir, key_file=key_file,
-                workers=1, force=force, liveness_timeout=liveness_timeout))
+                workers=1, force=force, liveness_timeout=liveness_timeout, coherence=coherence))
         except BaseException:
             self._stop_loop()
             raise

@@ -663,8 +663,8 @@ async def start_server(functions: Functions, *, tunnel_dir: Any = None, tcp: Any
                        key_file: Any = None, force: bool = False,
                        max_frame: int = DEFAULT_MAX_FRAME,
                        liveness_timeout: float = DEFAULT_LIVENESS_TIMEOUT,
-                       max_pending_handshakes: int = DEFAULT_MAX_PENDING_HANDSHAKES
-                       ) -> RPCServer:
+                       max_pending_handshakes: int = DEFAULT_MAX_PENDING_HANDSHAKES,
+                       coherence: Optional[str] = None) -> RPCServer:
     """Start serving ``functions`` (name -> callable) on one transport.
 
     The transport is the tunnel directory (default: ``rpc.default_tunnel_dir()``),
@@ -672,11 +672,12 @@ async def start_server(functions: Functions, *, tunnel_dir: Any = None, tcp: Any
     ``stdio=True`` (one client on stdin/stdout; serving ends when it disconnects).
     The key file is created (0600) if missing: see ``rpc.default_key_path()``.
     At most ``max_pending_handshakes`` connections may be unauthenticated at once:
-    a newer one drops the oldest.
+    a newer one drops the oldest. ``coherence`` (tunnel only: "auto", "locks" or
+    "lock-free") overrides what the transport judges of the filesystem's locks.
     """
     server = RPCServer(functions, key=load_key(key_file, create=True), workers=workers,
                        max_frame=max_frame, max_pending_handshakes=max_pending_handshakes)
-    ep = endpoint(tunnel_dir=tunnel_dir, tcp=tcp, unix=unix, stdio=stdio)
+    ep = endpoint(tunnel_dir=tunnel_dir, tcp=tcp, unix=unix, stdio=stdio, coherence=coherence)
     if ep.kind == "stdio":
         driver, task = server._accept()
         task.add_done_callback(lambda _: server.close())

@@ -55,6 +55,8 @@ class Endpoint:
 
     kind: str  # "tunnel", "tcp", "unix", "command" or "stdio"
     address: Any
+    #: A tunnel's transport knobs, as (name, value) pairs of fileforward.Options fields.
+    knobs: Tuple[Tuple[str, Any], ...] = ()
 
     def __str__(self) -> str:
         if self.kind == "tcp":
@@ -66,14 +68,21 @@ class Endpoint:
 
 def endpoint(tunnel_dir: Any = None, tcp: Optional[TcpAddress] = None,
              unix: Any = None, command: Union[str, Sequence[str], None] = None,
-             stdio: bool = False) -> Endpoint:
-    """Pick the one transport the caller named; the default tunnel dir if none."""
+             stdio: bool = False, *, poll_max: Optional[float] = None,
+             coherence: Optional[str] = None) -> Endpoint:
+    """Pick the one transport the caller named; the default tunnel dir if none.
+    ``poll_max`` and ``coherence`` (None: the transport's defaults) tune a tunnel."""
     given = [name for name, value in (("tunnel_dir", tunnel_dir), ("tcp", tcp),
                                       ("unix", unix), ("command", command),
                                       ("stdio", stdio or None)) if value is not None]
     if len(given) > 1:
         raise ValueError(f"give at most one of tunnel_dir, tcp, unix, command, stdio "
                          f"(got {', '.join(given)})")
+    knobs = tuple((name, value) for name, value in (("poll_max", poll_max), ("coherence", coherence))
+                  if value is not None)
+    if knobs and given and given[0] != "tunnel_dir":
+        raise ValueError(f"{' and '.join(name for name, _ in knobs)}: for the file transport (a "
+                         f"tunnel directory) only, not {given[0]}")
     if tcp is not None:
         return Endpoint("tcp", parse_tcp(tcp))
     if unix is not None:
@@ -84,7 +93,7 @@ def endpoint(tunnel_dir: Any = None, tcp: Optional[TcpAddress] = None,
     if stdio:
         return Endpoint("stdio", None)
     return Endpoint("tunnel", Path(tunnel_dir).expanduser() if tunnel_dir is not None
-                    else default_tunnel_dir())
+                    else default_tunnel_dir(), knobs)
 
 
 def parse_tcp(address: TcpAddress) -> Tuple[str, int]:
@@ -105,20 +114,18 @@ SOCKET_KINDS = ("tcp", "unix")
 
 
 async def open_transport(ep: Endpoint, protocol_factory: ProtocolFactory, connect_timeout: float,
-                         liveness_timeout: float, poll_max: Optional[float] = None
-                         ) -> Optional["Child"]:
+                         liveness_timeout: float) -> Optional["Child"]:
     """Connect ``protocol_factory()``'s protocol to a ``tunnel`` or ``command``
-    endpoint (``poll_max``: the tunnel's, None for its default).
+    endpoint (a tunnel with the endpoint's knobs).
 
     Returns, for ``command`` endpoints, the child process (None for the tunnel).
     """
     if ep.kind == "tunnel":
         import fileforward  # the transport layer; only needed for this endpoint
         try:
-            knobs = {} if poll_max is None else {"poll_max": poll_max}
             await fileforward.create_connection(
                 protocol_factory, ep.address, connect_timeout=connect_timeout,
-                liveness_timeout=liveness_timeout, peer_name="RPC server", **knobs)
+                liveness_timeout=liveness_timeout, peer_name="RPC server", **dict(ep.knobs))
         except ConnectionRefusedError as exc:  # fileforward.NoServerError: its text
             raise _not_running(ep, connect_timeout) from exc  # advises fileforward users
         return None
@@ -217,7 +224,8 @@ async def listen(ep: Endpoint, protocol_factory: ProtocolFactory, socket_handler
     if ep.kind == "tunnel":
         import fileforward
         server = await fileforward.create_server(protocol_factory, ep.address, force=force,
-                                                 liveness_timeout=liveness_timeout, peer_name="RPC client")
+                                                 liveness_timeout=liveness_timeout, peer_name="RPC client",
+                                                 **dict(ep.knobs))
         return Listener(server, str(Endpoint("tunnel", server.tunnel_dir)))  # absolute
     if ep.kind == "tcp":
         host, port = ep.address

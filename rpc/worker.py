@@ -159,7 +159,7 @@ class Worker:
 def run_worker(pool_dir: Any = None, *, threads: int = 1, grace: float = 30.0,
                key_file: Any = None, connect_timeout: float = DEFAULT_JOIN_TIMEOUT,
                liveness_timeout: float = DEFAULT_LIVENESS_TIMEOUT,
-               poll_max: float = DEFAULT_WORKER_POLL_MAX) -> int:
+               poll_max: float = DEFAULT_WORKER_POLL_MAX, coherence: Optional[str] = None) -> int:
     """Join the pool at ``pool_dir`` and run its tasks until SIGTERM or the pool ends.
 
     Must run in the main thread (it handles SIGTERM and SIGINT). Returns the exit
@@ -168,7 +168,7 @@ def run_worker(pool_dir: Any = None, *, threads: int = 1, grace: float = 30.0,
     """
     where = pool_dir if pool_dir is not None else DEFAULT_POOL_DIR
     client = connect(tunnel_dir=where, key_file=key_file, connect_timeout=connect_timeout,
-                     liveness_timeout=liveness_timeout, poll_max=poll_max)
+                     liveness_timeout=liveness_timeout, poll_max=poll_max, coherence=coherence)
     worker = Worker(client, threads)
     signal.signal(signal.SIGTERM, lambda *_: worker.stopping.set() or worker.wake.set())
     signal.signal(signal.SIGINT, lambda *_: worker.stopping.set() or worker.wake.set())

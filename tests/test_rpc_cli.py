@@ -324,3 +324,29 @@ def test_a_tunnel_that_fails_for_good_stops_the_server_with_one_line(tmp_path):
         assert not any("Traceback" in line for line in srv.log), "".join(srv.log)
     finally:
         srv.stop()
+
+
+def test_coherence_is_chosen_on_both_sides_of_an_rpc_tunnel(tmp_path, caplog):
+    """`serve --coherence lock-free` and `rpc.connect(coherence=...)` reach the
+    transport: on one machine, auto would choose locks; each side logs the mode
+    it was told, and calls work in it."""
+    tunnel = tmp_path / "t"
+    srv = CliServer("--tunnel-dir", str(tunnel), "--coherence", "lock-free")
+    try:
+        with caplog.at_level("INFO", logger="fileforward"):
+            with rpc.connect(tunnel_dir=tunnel, coherence="lock-free", connect_timeout=30) as client:
+                assert client.call("add", 2, 3) == 5
+        assert any("coherence lock-free (chosen with --coherence lock-free)" in r.getMessage()
+                   for r in caplog.records), [r.getMessage() for r in caplog.records]
+        wait_until(lambda: any("coherence lock-free (chosen with --coherence lock-free)" in line
+                               for line in srv.log), timeout=30, what="the server's line on the mode",
+                   seen=lambda: srv.log)
+    finally:
+        srv.stop()
+
+
+def test_coherence_is_refused_for_a_socket_in_one_line(sock):
+    proc = run_rpc("status", "--unix", str(sock), "--coherence", "locks")
+    assert proc.returncode == 2
+    assert "coherence: for the file transport (a tunnel directory) only, not unix" in proc.stderr
+    assert "Traceback" not in proc.stderr
