@@ -133,9 +133,7 @@ class SlurmCluster:
         try:
             self._start_munge(timeout)
             self._write_config()
-            self._spawn("slurmctld", [_sbin("slurmctld"), "-D", "-f", str(self.conf)])
-            wait_until(lambda: self._scontrol_ok("ping"), timeout,
-                       what="slurmctld to answer")
+            self._start_controller(timeout)
             self._spawn("slurmd", [_sbin("slurmd"), "-D", "-f", str(self.conf),
                                    "-N", self.node_name])
             wait_until(self._node_idle, timeout, what="node %s to be idle" % self.node_name)
@@ -163,6 +161,21 @@ class SlurmCluster:
             for pid in self._stepds():
                 kill_quietly(pid)
             shutil.rmtree(self.root, ignore_errors=True)
+
+    def restart_controller(self, timeout: float = 30.0) -> None:
+        """Stop slurmctld and start it again on its saved state; running jobs go on.
+
+        slurmctld checks time limits every 30 s counted from its own start (a
+        constant of its source, not a setting): restarted just after a job starts,
+        it ends that job at its time limit plus a second or two, not up to 30 s
+        later, so a test that needs a real time limit waits for little more.
+        """
+        [ctld] = [p for p in self._daemons if p.args[0] == _sbin("slurmctld")]
+        index = self._daemons.index(ctld)
+        _terminate(ctld, timeout=10.0)  # SIGTERM: it saves its state first
+        self._daemons.remove(ctld)
+        self._start_controller(timeout)
+        self._daemons.insert(index, self._daemons.pop())  # stop() stops it after slurmd
 
     # -- clients -------------------------------------------------------------
 
@@ -328,8 +341,13 @@ class SlurmCluster:
             "",
         ]))
 
+    def _start_controller(self, timeout: float) -> None:
+        """slurmctld (on the state it saved, if any), once it answers."""
+        self._spawn("slurmctld", [_sbin("slurmctld"), "-D", "-f", str(self.conf)])
+        wait_until(lambda: self._scontrol_ok("ping"), timeout, what="slurmctld to answer")
+
     def _spawn(self, name: str, argv: List[str]) -> None:
-        out = open(self.root / "log" / ("%s.out" % name), "wb")
+        out = open(self.root / "log" / ("%s.out" % name), "ab")  # a restart appends
         with out:
             proc = subprocess.Popen(argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True,

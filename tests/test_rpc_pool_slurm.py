@@ -10,7 +10,7 @@ from test_slurm_examples import LoginProcess, cluster, ws  # noqa: F401 (fixture
 from tests.polling import wait_until
 
 #: The shortest time limit SLURM has is a minute; slurmctld enforces it at its next
-#: periodic check, up to 30 s later.
+#: periodic check, up to 30 s later (a second or two once restarted at the job's start).
 TIME_LIMIT_END = 60 + 30 + 30  # and a margin for a loaded machine
 
 
@@ -55,12 +55,15 @@ def test_pool_map_completes_right_with_retries_1_despite_a_killed_and_a_timed_ou
     login, pool_dir = start_map(ws, key, "--retries", "1", "--seconds", "0.15")
     array = start_workers(cluster, ws, pool_dir, key, "--array=0-1", "--time=1",
                           "--signal=B:TERM@0")  # no lead: the time limit's own SIGTERM
+    wait_until(lambda: cluster.array_states(array) == {"0": "RUNNING", "1": "RUNNING"}, 60,
+               what="the array's tasks to start", interval=0.2)
+    cluster.restart_controller()  # its time-limit checks now fall just after the minute
     when_both_work(pool_dir, key, completed=20)
     kill_array_task(cluster, array, 0)
     cluster.wait_finished(array, timeout=TIME_LIMIT_END)
     assert cluster.array_states(array) == {"0": "FAILED", "1": "TIMEOUT"}
     assert pool_status(pool_dir, key_file=key)["completed"] < 1000  # the map goes on
-    late = start_workers(cluster, ws, pool_dir, key, "--array=0", threads=8)
+    late = start_workers(cluster, ws, pool_dir, key, "--array=0", threads=32)
     assert login.wait_exit(120) == 0, login.output()
     out = login.output()
     assert "1000 results, all right" in out, out
