@@ -162,14 +162,22 @@ class SlurmCluster:
                 kill_quietly(pid)
             shutil.rmtree(self.root, ignore_errors=True)
 
-    def restart_controller(self, timeout: float = 30.0) -> None:
-        """Stop slurmctld and start it again on its saved state; running jobs go on.
+    def time_limit_checks_after_start(self, job_id: str, timeout: float = 60.0) -> None:
+        """Once every task of job ``job_id`` runs, restart slurmctld (on its saved
+        state: running jobs go on), so that the job ends by its time limit about a
+        second after reaching it, not up to 30 s later.
 
         slurmctld checks time limits every 30 s counted from its own start (a
-        constant of its source, not a setting): restarted just after a job starts,
-        it ends that job at its time limit plus a second or two, not up to 30 s
-        later, so a test that needs a real time limit waits for little more.
+        constant of its source, not a setting); restarted within seconds of the
+        job's start, one of its checks falls just after the job's limit.
         """
+        # (tasks of an array that wait are listed too, PENDING)
+        wait_until(lambda: {r["JobState"] for r in self.job_records(job_id)} == {"RUNNING"},
+                   timeout, what="job %s to run" % job_id, interval=0.2)
+        self._restart_controller()
+
+    def _restart_controller(self, timeout: float = 30.0) -> None:
+        """Stop slurmctld and start it again on its saved state."""
         [ctld] = [p for p in self._daemons if p.args[0] == _sbin("slurmctld")]
         index = self._daemons.index(ctld)
         _terminate(ctld, timeout=10.0)  # SIGTERM: it saves its state first

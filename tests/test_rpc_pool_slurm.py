@@ -55,9 +55,7 @@ def test_pool_map_completes_right_with_retries_1_despite_a_killed_and_a_timed_ou
     login, pool_dir = start_map(ws, key, "--retries", "1", "--seconds", "0.15")
     array = start_workers(cluster, ws, pool_dir, key, "--array=0-1", "--time=1",
                           "--signal=B:TERM@0")  # no lead: the time limit's own SIGTERM
-    wait_until(lambda: cluster.array_states(array) == {"0": "RUNNING", "1": "RUNNING"}, 60,
-               what="the array's tasks to start", interval=0.2)
-    cluster.restart_controller()  # its time-limit checks now fall just after the minute
+    cluster.time_limit_checks_after_start(array)
     when_both_work(pool_dir, key, completed=20)
     kill_array_task(cluster, array, 0)
     cluster.wait_finished(array, timeout=TIME_LIMIT_END)

@@ -97,8 +97,12 @@ class Workspace:
     PATH with ``fileforward`` and ``jupyter`` (this interpreter's ``-m fileforward``
     / ``-m jupyter``: this checkout's code) and ``python3`` / ``python`` (this
     interpreter). ``env`` is the login side's environment, and through sbatch the
-    job's. Jobs are submitted from ``root``; their output files land there.
+    job's. Jobs are submitted from ``root``; their output files land there. The
+    login-side scripts ask squeue about their job every POLL_SECONDS, not every 5 s
+    (the default): a test waits less for them to see a job start or end.
     """
+
+    POLL_SECONDS = "0.5"
 
     def __init__(self, cluster: SlurmCluster, root: Path) -> None:
         self.root = root
@@ -111,6 +115,7 @@ class Workspace:
             (home / ".jupyter" / "jupyter_server_config.py").write_text(
                 "c.ServerApp.allow_root = True\n")
         self.env = dict(cluster.env, HOME=str(home), PYTHONDONTWRITEBYTECODE="1",
+                        FILEFORWARD_POLL_SECONDS=self.POLL_SECONDS,
                         PATH=os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")]))
         self.jobs_dir = home / ".cache" / "fileforward" / "jobs"
         self.logins: List[LoginProcess] = []
@@ -160,12 +165,14 @@ def time_limited_job(cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFac
                      ) -> Iterator[Tuple[Workspace, str, LoginProcess]]:
     """A web_app.sbatch job with the shortest time limit SLURM has (a minute),
     started with the module's first test so that the minute passes alongside the
-    others; test_time_limit_leaves_nothing, last, checks how it ended."""
+    others (and ends at its limit, not at slurmctld's next check up to 30 s later);
+    test_time_limit_leaves_nothing, last, checks how it ended."""
     ws = Workspace(cluster, tmp_path_factory.mktemp("time-limit"))
     (ws.root / "page.txt").write_text("served\n")
     job_id = cluster.sbatch(ws.examples / "web_app.sbatch", "python3", "-m", "http.server",
                             "--bind", "127.0.0.1", "{port}", options=["--time=1"],
                             env=ws.env, cwd=ws.root)
+    cluster.time_limit_checks_after_start(job_id)
     yield ws, job_id, ws.login("connect.sh", job_id)
     ws.close()
 
