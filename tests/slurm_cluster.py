@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 REQUIRED_COMMANDS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "squeue",
                      "sinfo")
 
+#: CPUs the node declares (jobs take one each): more than a CI machine has, so that
+#: a job waiting for its time limit does not hold up the jobs of other tests.
+NODE_CPUS = 8
+
 # States after which a job will not run again (see squeue(1), JOB STATE CODES).
 FINISHED_STATES = frozenset({
     "BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
@@ -316,8 +320,11 @@ class SlurmCluster:
     def _write_config(self) -> None:
         node_line = subprocess.run([_sbin("slurmd"), "-C"], capture_output=True, text=True,
                                    check=True).stdout.splitlines()[0]
-        # "NodeName=vm CPUs=2 ... RealMemory=N": keep the hardware description.
-        hardware = " ".join(tok for tok in node_line.split() if not tok.startswith("NodeName="))
+        # "NodeName=vm CPUs=2 ... RealMemory=N": keep its memory; declare NODE_CPUS
+        # cores (honoured with config_overrides).
+        memory = [tok for tok in node_line.split() if tok.startswith("RealMemory=")]
+        hardware = " ".join(["CPUs=%d" % NODE_CPUS, "Boards=1", "SocketsPerBoard=1",
+                             "CoresPerSocket=%d" % NODE_CPUS, "ThreadsPerCore=1", *memory])
         r = self.root
         self.conf.write_text("\n".join([
             "ClusterName=fftest",
@@ -342,6 +349,7 @@ class SlurmCluster:
             "AccountingStorageType=accounting_storage/none",
             "MailProg=/bin/true",
             "ReturnToService=2",
+            "SlurmdParameters=config_overrides",  # NODE_CPUS, whatever the machine has
             # scancel / time limit: SIGTERM, then SIGKILL this many seconds later.
             "KillWait=10",
             "NodeName=%s NodeAddr=127.0.0.1 %s State=UNKNOWN" % (self.node_name, hardware),
