@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 REQUIRED_COMMANDS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "squeue",
                      "sinfo")
 
+#: CPUs the node declares (jobs take one each): more than a CI machine has, so that
+#: a job waiting for its time limit does not hold up the jobs of other tests.
+NODE_CPUS = 8
+
 # States after which a job will not run again (see squeue(1), JOB STATE CODES).
 FINISHED_STATES = frozenset({
     "BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
@@ -133,9 +137,7 @@ class SlurmCluster:
         try:
             self._start_munge(timeout)
             self._write_config()
-            self._spawn("slurmctld", [_sbin("slurmctld"), "-D", "-f", str(self.conf)])
-            wait_until(lambda: self._scontrol_ok("ping"), timeout,
-                       what="slurmctld to answer")
+            self._start_controller(timeout)
             self._spawn("slurmd", [_sbin("slurmd"), "-D", "-f", str(self.conf),
                                    "-N", self.node_name])
             wait_until(self._node_idle, timeout, what="node %s to be idle" % self.node_name)
@@ -163,6 +165,29 @@ class SlurmCluster:
             for pid in self._stepds():
                 kill_quietly(pid)
             shutil.rmtree(self.root, ignore_errors=True)
+
+    def time_limit_checks_after_start(self, job_id: str, timeout: float = 60.0) -> None:
+        """Once every task of job ``job_id`` runs, restart slurmctld (on its saved
+        state: running jobs go on), so that the job ends by its time limit about a
+        second after reaching it, not up to 30 s later.
+
+        slurmctld checks time limits every 30 s counted from its own start (a
+        constant of its source, not a setting); restarted within seconds of the
+        job's start, one of its checks falls just after the job's limit.
+        """
+        # (tasks of an array that wait are listed too, PENDING)
+        wait_until(lambda: {r["JobState"] for r in self.job_records(job_id)} == {"RUNNING"},
+                   timeout, what="job %s to run" % job_id, interval=0.2)
+        self._restart_controller()
+
+    def _restart_controller(self, timeout: float = 30.0) -> None:
+        """Stop slurmctld and start it again on its saved state."""
+        [ctld] = [p for p in self._daemons if p.args[0] == _sbin("slurmctld")]
+        index = self._daemons.index(ctld)
+        _terminate(ctld, timeout=10.0)  # SIGTERM: it saves its state first
+        self._daemons.remove(ctld)
+        self._start_controller(timeout)
+        self._daemons.insert(index, self._daemons.pop())  # stop() stops it after slurmd
 
     # -- clients -------------------------------------------------------------
 
@@ -295,8 +320,11 @@ class SlurmCluster:
     def _write_config(self) -> None:
         node_line = subprocess.run([_sbin("slurmd"), "-C"], capture_output=True, text=True,
                                    check=True).stdout.splitlines()[0]
-        # "NodeName=vm CPUs=2 ... RealMemory=N": keep the hardware description.
-        hardware = " ".join(tok for tok in node_line.split() if not tok.startswith("NodeName="))
+        # "NodeName=vm CPUs=2 ... RealMemory=N": keep its memory; declare NODE_CPUS
+        # cores (honoured with config_overrides).
+        memory = [tok for tok in node_line.split() if tok.startswith("RealMemory=")]
+        hardware = " ".join(["CPUs=%d" % NODE_CPUS, "Boards=1", "SocketsPerBoard=1",
+                             "CoresPerSocket=%d" % NODE_CPUS, "ThreadsPerCore=1", *memory])
         r = self.root
         self.conf.write_text("\n".join([
             "ClusterName=fftest",
@@ -321,6 +349,7 @@ class SlurmCluster:
             "AccountingStorageType=accounting_storage/none",
             "MailProg=/bin/true",
             "ReturnToService=2",
+            "SlurmdParameters=config_overrides",  # NODE_CPUS, whatever the machine has
             # scancel / time limit: SIGTERM, then SIGKILL this many seconds later.
             "KillWait=10",
             "NodeName=%s NodeAddr=127.0.0.1 %s State=UNKNOWN" % (self.node_name, hardware),
@@ -328,8 +357,13 @@ class SlurmCluster:
             "",
         ]))
 
+    def _start_controller(self, timeout: float) -> None:
+        """slurmctld (on the state it saved, if any), once it answers."""
+        self._spawn("slurmctld", [_sbin("slurmctld"), "-D", "-f", str(self.conf)])
+        wait_until(lambda: self._scontrol_ok("ping"), timeout, what="slurmctld to answer")
+
     def _spawn(self, name: str, argv: List[str]) -> None:
-        out = open(self.root / "log" / ("%s.out" % name), "wb")
+        out = open(self.root / "log" / ("%s.out" % name), "ab")  # a restart appends
         with out:
             proc = subprocess.Popen(argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True,

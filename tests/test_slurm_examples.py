@@ -28,6 +28,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from jupyter_api import JupyterClient
+from rpc.poolstatus import pool_status
 from slurm_cluster import (Job, SlurmCluster, free_port, kill_quietly, process_environ,
                            session_processes)
 from tests.extras import require_net_clients, require_slurm
@@ -97,8 +98,12 @@ class Workspace:
     PATH with ``fileforward`` and ``jupyter`` (this interpreter's ``-m fileforward``
     / ``-m jupyter``: this checkout's code) and ``python3`` / ``python`` (this
     interpreter). ``env`` is the login side's environment, and through sbatch the
-    job's. Jobs are submitted from ``root``; their output files land there.
+    job's. Jobs are submitted from ``root``; their output files land there. The
+    login-side scripts ask squeue about their job every POLL_SECONDS, not every 5 s
+    (the default): a test waits less for them to see a job start or end.
     """
+
+    POLL_SECONDS = "0.5"
 
     def __init__(self, cluster: SlurmCluster, root: Path) -> None:
         self.root = root
@@ -111,6 +116,7 @@ class Workspace:
             (home / ".jupyter" / "jupyter_server_config.py").write_text(
                 "c.ServerApp.allow_root = True\n")
         self.env = dict(cluster.env, HOME=str(home), PYTHONDONTWRITEBYTECODE="1",
+                        FILEFORWARD_POLL_SECONDS=self.POLL_SECONDS,
                         PATH=os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")]))
         self.jobs_dir = home / ".cache" / "fileforward" / "jobs"
         self.logins: List[LoginProcess] = []
@@ -160,12 +166,14 @@ def time_limited_job(cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFac
                      ) -> Iterator[Tuple[Workspace, str, LoginProcess]]:
     """A web_app.sbatch job with the shortest time limit SLURM has (a minute),
     started with the module's first test so that the minute passes alongside the
-    others; test_time_limit_leaves_nothing, last, checks how it ended."""
+    others (and ends at its limit, not at slurmctld's next check up to 30 s later);
+    test_time_limit_leaves_nothing, last, checks how it ended."""
     ws = Workspace(cluster, tmp_path_factory.mktemp("time-limit"))
     (ws.root / "page.txt").write_text("served\n")
     job_id = cluster.sbatch(ws.examples / "web_app.sbatch", "python3", "-m", "http.server",
                             "--bind", "127.0.0.1", "{port}", options=["--time=1"],
                             env=ws.env, cwd=ws.root)
+    cluster.time_limit_checks_after_start(job_id)
     yield ws, job_id, ws.login("connect.sh", job_id)
     ws.close()
 
@@ -178,6 +186,82 @@ def test_web_app_example_serves_a_directory(time_limited_job: Tuple[Workspace, s
     assert path == "/"
     page = urllib.request.urlopen("http://127.0.0.1:%s/page.txt" % port, timeout=30).read()
     assert page == b"served\n"
+
+
+# -- slurm_examples/pool_map.py on the login node, pool_worker.sbatch workers --
+
+#: The shortest time limit SLURM has is a minute; slurmctld enforces it at its next
+#: periodic check, up to 30 s later (a second or two once restarted at the job's start).
+TIME_LIMIT_END = 60 + 30 + 30  # and a margin for a loaded machine
+
+
+def start_map(ws: Workspace, key: str, *flags: str) -> Tuple[LoginProcess, Path]:
+    """pool_map.py as on the login node; returns it once its pool has made the key."""
+    pool_dir = ws.root / "pool"
+    login = LoginProcess([sys.executable, str(ws.examples / "pool_map.py"), "--pool",
+                          str(pool_dir), "--key-file", key, *flags], ws.env, ws.root,
+                         ws.root / "pool_map.log")
+    ws.logins.append(login)
+    wait_until(lambda: Path(key).exists() and (pool_dir / "server").exists(), 60,
+               what="the pool to start")
+    return login, pool_dir
+
+
+def start_workers(cluster: SlurmCluster, ws: Workspace, pool_dir: Path, key: str, *options: str,
+                  threads: int = 1) -> str:
+    return cluster.sbatch(ws.examples / "pool_worker.sbatch", "--pool", str(pool_dir),
+                          "--key-file", key, "--threads", str(threads), options=list(options),
+                          env=ws.env, cwd=ws.root)
+
+
+def when_both_work(pool_dir: Path, key: str, completed: int) -> dict:
+    """The pool's info once two array tasks are attached and ``completed`` tasks done."""
+    def check() -> Optional[dict]:
+        info = pool_status(pool_dir, key_file=key)
+        return info if len(info["workers"]) == 2 and info["completed"] >= completed else None
+    return wait_until(check, 120, what="two workers mid-map", interval=0.5)
+
+
+def kill_array_task(cluster: SlurmCluster, job_id: str, task: int) -> None:
+    """As a node failure would: SIGKILL, no grace."""
+    cluster.run(["scancel", "--batch", "--signal=KILL", f"{job_id}_{task}"])
+
+
+class TimeLimitedPool:
+    """pool_map.py --retries 1 with a two-task worker array under a 1-minute time limit."""
+
+    def __init__(self, ws: Workspace, key: str, login: LoginProcess, pool_dir: Path,
+                 array: str) -> None:
+        self.ws, self.key, self.login, self.pool_dir, self.array = ws, key, login, pool_dir, array
+
+
+@pytest.fixture(scope="module")
+def time_limited_pool(cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory
+                      ) -> Iterator[TimeLimitedPool]:
+    """pool_map.py (--retries 1) and a pool_worker.sbatch array of two tasks with the
+    shortest time limit, started with the module's first tests so that the minute
+    passes alongside the others: task 0 is SIGKILLed mid-map, task 1 runs until its
+    time limit (SIGTERM, no lead). test_pool_map_completes_right_..., near the end,
+    checks how it ended."""
+    ws = Workspace(cluster, tmp_path_factory.mktemp("time-limited-pool"))
+    key = str(ws.root / "rpc.key")
+    login, pool_dir = start_map(ws, key, "--retries", "1", "--seconds", "0.15")
+    array = start_workers(cluster, ws, pool_dir, key, "--array=0-1", "--time=1",
+                          "--signal=B:TERM@0")  # no lead: the time limit's own SIGTERM
+    cluster.time_limit_checks_after_start(array)
+    when_both_work(pool_dir, key, completed=20)
+    kill_array_task(cluster, array, 0)
+    yield TimeLimitedPool(ws, key, login, pool_dir, array)
+    ws.close()
+
+
+def test_pool_map_runs_again_the_task_of_a_killed_array_task(time_limited_pool: TimeLimitedPool
+                                                             ) -> None:
+    """Task 0 of the time-limited array, SIGKILLed mid-map as a node failure would:
+    the pool says it lost the worker's task, and runs it again."""
+    login = time_limited_pool.login
+    login.wait_for(r"was lost while running task", timeout=60)
+    login.wait_for(r"running it again \(attempt 2 of 2\)", timeout=60)
 
 
 @pytest.mark.parametrize("trap, state", [
@@ -559,6 +643,30 @@ def test_internet_example_installs_and_clones_through_the_login_node(
     carried = login.count("connected to %s for a requesting process" % local_internet[len("http://"):])
     assert carried >= 3, login  # pip's project page and wheel, git's requests
     assert_job_left_nothing(cluster, job.job_id, ws)
+
+
+@pytest.mark.timeout(360)
+def test_pool_map_completes_right_with_retries_1_despite_a_killed_and_a_timed_out_task(
+        cluster: SlurmCluster, time_limited_pool: TimeLimitedPool) -> None:
+    """Task 0 was killed mid-map (its task ran again), task 1 runs until its time limit
+    (SIGTERM: it finishes its task and leaves), then a late worker job finishes the
+    map: 1000 right results, and the job states say what happened."""
+    pool = time_limited_pool
+    ws, key, login, array = pool.ws, pool.key, pool.login, pool.array
+    cluster.wait_finished(array, timeout=TIME_LIMIT_END)
+    assert cluster.array_states(array) == {"0": "FAILED", "1": "TIMEOUT"}
+    assert pool_status(pool.pool_dir, key_file=key)["completed"] < 1000  # the map goes on
+    late = start_workers(cluster, ws, pool.pool_dir, key, "--array=0", threads=32)
+    assert login.wait_exit(120) == 0, login.output()
+    out = login.output()
+    assert "1000 results, all right" in out, out
+    assert f"{array}_0 " in out and f"{array}_1 " in out and f"{late}_0 " in out, out
+    timed_out = (ws.root / f"pool-worker-{array}_1.out").read_text()
+    assert "stopping: no new task" in timed_out and "left the pool" in timed_out, timed_out
+    cluster.wait_finished(late, timeout=60)
+    assert cluster.state(late) == "COMPLETED"
+    for job_id in (array, late):
+        cluster.wait_no_job_processes(job_id)
 
 
 @pytest.mark.timeout(180)

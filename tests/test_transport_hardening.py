@@ -248,7 +248,8 @@ def test_finding3_emfile_on_accept_ends_only_that_connection(tmp_path):
         server.wait_for(lambda line: "forwarding" in line)
 
         async def main():
-            async with fileforward.Connector(tunnel_dir, connect_timeout=10) as connector:
+            # the connection the server cannot accept fails after connect_timeout
+            async with fileforward.Connector(tunnel_dir, connect_timeout=FAST["connect_timeout"]) as connector:
                 held, failure = [], None
                 for _ in range(limit):
                     try:
