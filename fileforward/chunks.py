@@ -151,10 +151,6 @@ class InStream(_Segments):
         """Whether bytes that are not a whole record yet wait to heal (keep looking)."""
         return self._damaged_since is not None
 
-    def ack_due(self, threshold: int) -> bool:
-        """Whether the writer should hear our position now."""
-        return self.pos - self.acked >= threshold
-
 
 def read_limit(window: int, chunk: int) -> int:
     """The most one look reads: all a writer may have written beyond our last ACK."""

@@ -83,6 +83,13 @@ class Link:
         self.out = out
         self.into = into
         self.ack_soon = False  # a segment of theirs ended: tell the writer promptly
+        self.handed = 0  # the in position after the last data handed to the loop
+
+    def ack_position(self) -> int:
+        """How far the writer may count us as having read: all we read, unless data
+        we read has not reached the protocol yet (paused, or not yet run on the loop);
+        then only what has."""
+        return self.into.pos if self.conn.delivered >= self.handed else self.conn.delivered
 
     def close(self) -> None:
         self.out.close()
@@ -357,7 +364,7 @@ class Endpoint:
             if self._write_due(link):
                 activity |= self._flush(link)
         reading = [link for link in self._links.values()
-                   if link.conn.hot and link.conn.reading and not link.conn.in_done]
+                   if link.conn.hot and not link.conn.in_done]  # paused protocols too: see Conn.delivered
         hot = [link for link in reading if now >= link.conn.in_next]  # the others wait for the file server
         if (not reading or now - self._last_bell_poll >= BELL_POLL_WHILE_HOT) and now >= self._next_bell_look:
             self._last_bell_poll = now
@@ -794,8 +801,9 @@ class Endpoint:
             return False
         if conn.has_output():
             return True
-        return not conn.in_done and link.into.pos > link.into.acked and (
-            link.ack_soon or link.into.ack_due(self.opts.window // 4))
+        ack = link.ack_position()
+        return not conn.in_done and ack > link.into.acked and (
+            link.ack_soon or ack - link.into.acked >= self.opts.window // 4)
 
     def _flush(self, link: Link) -> bool:
         conn, out = link.conn, link.out
@@ -806,9 +814,10 @@ class Endpoint:
             self._fail_loudly(link, _describe_gone(exc, "writing"), tell_peer=False)
             return True
         parts: List[bytes] = []
-        if not conn.in_done and link.into.pos > link.into.acked:
-            parts += out.frame(Kind.ACK, encode_position(link.into.pos))
-            link.into.acked, link.ack_soon = link.into.pos, False
+        ack = link.ack_position()
+        if not conn.in_done and ack > link.into.acked:
+            parts += out.frame(Kind.ACK, encode_position(ack))
+            link.into.acked, link.ack_soon = ack, False
         parts += conn.build_batch(max(0, self.opts.window - out.unacked()), self.opts.chunk, out.frame)
         if conn.resume_writer:  # only then wake the loop: not once per flush
             conn.resume_writer = False
@@ -969,7 +978,7 @@ class Endpoint:
             if kind is Kind.NEXT:
                 continue
             if payloads:
-                self.to_loop(conn.transport.deliver_data, payloads)
+                self._hand_data(link, payloads)
                 payloads = []
             if kind is Kind.EOF and not conn.in_eof:
                 conn.in_eof = True
@@ -988,7 +997,11 @@ class Endpoint:
             else:
                 raise ProtocolError(f"unexpected {kind.name} record")
         if payloads:
-            self.to_loop(conn.transport.deliver_data, payloads)
+            self._hand_data(link, payloads)
+
+    def _hand_data(self, link: Link, payloads: List[bytes]) -> None:
+        link.handed = link.into.pos
+        self.to_loop(link.conn.transport.deliver_data, payloads, link.handed)
 
     # --- ending connections -------------------------------------------------------------
     def _on_reset(self, link: Link, why: str) -> None:

@@ -24,7 +24,8 @@ class Options:
     - poll_min / poll_max: polling interval while data flows, and the ceiling an
       idle endpoint backs off to (the idle cost is a few filesystem calls per
       poll_max, whatever the number of open connections).
-    - window: per connection and direction, the most unread data left on disk.
+    - window: per connection and direction, the most data in flight beyond what
+      the receiving protocol took (on disk, or read and held while it pauses).
     - chunk: the largest data record.
     - slow_call_warning: a filesystem call outstanding this long is logged.
     - give_up_after: an endpoint-wide filesystem error (not one connection's) is

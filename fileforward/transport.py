@@ -56,7 +56,12 @@ class Conn:
         self.resume_writer = False  # set by build_batch when the paused writer may go on
         self.in_eof = False
         self.in_done = False
-        self.reading = True
+        self.reading = True  # the protocol takes data (not paused): see FileTransport.pause_reading
+        #: The in position whose data the protocol has been given (set on the loop). The
+        #: I/O thread reads on while the protocol pauses, for the ACKs of our own
+        #: direction, but acknowledges no more than this: a paused reader holds at most
+        #: a window.
+        self.delivered = 0
         self.hot = True
         self.last_seen = self.looked = time.monotonic()  # last fruitful read / start of the last look
         self.last_write = float("-inf")  # when the last append began
@@ -114,7 +119,7 @@ class Conn:
         self.wake()
 
     def set_reading(self, reading: bool) -> None:
-        """Flow control from the StreamReader: stop or resume reading the in file."""
+        """Flow control from the protocol: stop or resume taking data."""
         self.reading = reading
         if reading:
             self.hot = True
@@ -197,6 +202,8 @@ class FileTransport(asyncio.Transport):
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._protocol: Optional[asyncio.BaseProtocol] = None
         self._early: List[Callable[[], None]] = []
+        #: Data and ends that came while the protocol paused reading, in order.
+        self._held: Deque[Callable[[], None]] = collections.deque()
         self._closing = False
         self._lost = False
         self._eof_written = False
@@ -223,30 +230,49 @@ class FileTransport(asyncio.Transport):
         elif not self._lost:
             event()
 
+    def _in_order(self, event: Callable[[], None]) -> None:
+        """What comes from the peer's stream (data, EOF, a clean end) reaches the
+        protocol in order, and not while it paused reading."""
+        if self._held or not self._conn.reading:
+            self._held.append(event)
+        else:
+            self._event(event)
+
+    def _release_held(self) -> None:
+        while self._held and self._conn.reading:
+            self._event(self._held.popleft())
+        self._conn.wake()  # what the protocol now has may be acknowledged
+
     # --- called on the loop by the I/O thread ----------------------------------------
-    def deliver_data(self, payloads: List[bytes]) -> None:
-        """Data read from the tunnel."""
+    def deliver_data(self, payloads: List[bytes], upto: int) -> None:
+        """Data read from the tunnel, up to in position `upto`."""
         def event() -> None:
             if self._closing:
                 return
             for payload in payloads:
                 self._protocol.data_received(payload)  # type: ignore[union-attr]
-        self._event(event)
+            self._conn.delivered = upto
+        self._in_order(event)
 
     def deliver_eof(self) -> None:
         """The peer wrote EOF (half-close) or closed."""
         def event() -> None:
             if not self._closing:
                 self._protocol.eof_received()  # type: ignore[union-attr]
-        self._event(event)
+        self._in_order(event)
 
     def deliver_lost(self, exc: Optional[BaseException]) -> None:
-        """The connection is over: closed cleanly (None) or failed (exc)."""
+        """The connection is over: closed cleanly (None: after what came before it) or
+        failed (exc: at once; data not yet taken is dropped, as TCP drops it on a reset)."""
         def event() -> None:
             self._closing = True
             self._lost = True
             self._protocol.connection_lost(exc)  # type: ignore[union-attr]
-        self._event(event)
+        if exc is None:
+            self._in_order(event)
+        else:
+            self._held.clear()
+            self._event(event)
 
     def writer_drained(self) -> None:
         """The I/O thread moved the buffer below the low-water mark: the writer may go on."""
@@ -304,6 +330,8 @@ class FileTransport(asyncio.Transport):
 
     def resume_reading(self) -> None:
         self._conn.set_reading(True)
+        if self._held and self._loop is not None:  # later, as a socket's data would come
+            self._loop.call_soon(self._release_held)
 
     def is_reading(self) -> bool:
         return self._conn.reading and not self._closing

@@ -19,6 +19,7 @@ import socket
 import struct
 import time
 import urllib.request
+from typing import Optional
 
 import pytest
 
@@ -95,6 +96,24 @@ def abort(sock: socket.socket) -> None:
     """Close with RST, as a crashing program's kernel would."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
+
+
+@pytest.mark.parametrize("nodes", ["local"], indirect=True)
+def test_a_full_duplex_transfer_does_not_wait_on_itself(nodes):
+    """64 MiB echoed while it is sent: each side pauses reading its tunnel connection
+    while its socket is full, and the ACKs that free its own direction's window come
+    behind the data it is not taking. They must still be read, or both sides wait for
+    each other for ever (with --window 16 that happened on almost every run)."""
+    tunnel = Tunnel(nodes, service="echo", extra=["--window", "16"])
+    payload = os.urandom(1 << 20) * 64
+    try:
+        for _ in range(5):  # the hang needed both sides to pause at once: give it chances
+            with tunnel.connect(timeout=20) as sock, concurrent.futures.ThreadPoolExecutor(1) as pool:
+                echoed = pool.submit(recv_exactly, sock, len(payload))
+                sock.sendall(payload)
+                assert echoed.result(timeout=60) == payload
+    finally:
+        tunnel.close()
 
 
 @pytest.mark.parametrize("nodes", EVERY_MODE, indirect=True)
@@ -280,13 +299,19 @@ def test_a_killed_side_is_noticed_within_2s_where_locks_exclude(nodes, victim, r
         tunnel.close()
 
 
-def tunnel_stalled(tunnel_dir: "pathlib.Path") -> bool:
+def tunnel_stalled(tunnel_dir: "pathlib.Path", files: str = "*.s2c*") -> bool:
     """Whether the connection files stopped growing for a moment (the reader paused)."""
     def sizes():
-        return sorted((p.name, p.stat().st_size) for p in tunnel_dir.glob("*.s2c*"))
+        return sorted((p.name, p.stat().st_size) for p in tunnel_dir.glob(files))
     before = sizes()
     time.sleep(0.5)
     return bool(before) and sizes() == before
+
+
+def process_state(proc: Proc) -> str:
+    """The process's state letter (R, S, T for stopped...)."""
+    with open(f"/proc/{proc.popen.pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0]
 
 
 def rss_mib(proc: Proc) -> float:
@@ -312,21 +337,55 @@ def test_a_user_who_stops_reading_holds_the_download_back_without_buffering_it(n
         tunnel.close()
 
 
+def damage_a_download_nobody_read(tunnel: "Tunnel") -> Optional[socket.socket]:
+    """Start a download and stop the login side once the answer flows; the job side
+    writes on up to its window, into bytes nobody reads: damage one of them, then
+    let the login side go on. The socket, or None (nothing damaged) if the job side
+    was already waiting for the login side when it stopped."""
+    def files(pattern: str) -> dict:
+        return {p.name: p.stat().st_size for p in tunnel.login.tunnel_dir.glob(pattern)}
+
+    earlier = set(files("*.c2s*"))
+    sock = tunnel.connect()
+    sock.sendall(b"%d\n" % DOWNLOAD)
+    ours = wait_until(lambda: [name for name in files("*.c2s*") if name not in earlier], 20,
+                      what="the connection's files")
+    answer = f"{ours[0].split('.c2s')[0]}.s2c*"  # this connection's, not an earlier one's
+    wait_until(lambda: sum(files(answer).values()) > 4096 or len(files(answer)) > 1, 20,  # data, not just ACCEPT
+               what="the answer to start", interval=0.001,
+               seen=lambda: files("*"))  # looked at often: the first window fills in milliseconds
+    tunnel.login_side.signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: process_state(tunnel.login_side) == "T", 10, what="the login side to stop")
+        at_stop = files(answer)
+        wait_until(lambda: tunnel_stalled(tunnel.login.tunnel_dir, answer), 20, what="the writer to fill its window")
+        last = max(files(answer), key=lambda name: (len(name), name))  # the segment written last
+        with open(tunnel.login.tunnel_dir / last, "r+b") as f:
+            damaged_at = os.fstat(f.fileno()).st_size - 1000
+            if damaged_at <= at_stop.get(last, 0) + 1000:
+                sock.close()
+                return None
+            f.seek(damaged_at)
+            original = f.read(1)[0]
+            f.seek(damaged_at)
+            f.write(bytes([original ^ 0xFF]))  # a byte surely not what was there
+        return sock
+    finally:
+        tunnel.login_side.signal(signal.SIGCONT)
+
+
 @pytest.mark.parametrize("nodes", ["local"], indirect=True)
 def test_damaged_record_mid_download_resets_the_download(nodes):
     tunnel = Tunnel(nodes, service="download")
     try:
-        with start_download(tunnel) as sock:
-            # the user stops reading: the login side stops reading the tunnel, the job
-            # side writes a window ahead; damage a byte of that unread window
-            wait_until(lambda: tunnel_stalled(tunnel.login.tunnel_dir), 20, what="the download to stall")
-            to_login = max(tunnel.login.tunnel_dir.glob("*.s2c*"), key=lambda p: p.stat().st_mtime)
-            fd = os.open(to_login, os.O_WRONLY)
-            try:
-                os.pwrite(fd, b"\xff", os.fstat(fd).st_size - 1000)
-            finally:
-                os.close(fd)
-            assert 1024 * 1024 + read_until_reset(sock) < DOWNLOAD
+        for _ in range(10):
+            sock = damage_a_download_nobody_read(tunnel)
+            if sock is not None:
+                break
+        else:
+            raise AssertionError("the login side read the answer before it could be stopped, 10 times")
+        with sock:
+            assert read_until_reset(sock) < DOWNLOAD
         line = tunnel.login_side.wait_for(lambda l: "damaged record" in l, timeout=DAMAGE_GRACE + 30)
         assert "WARNING" in line and "bad checksum" in line, line  # not only at DEBUG (finding 14)
     finally:
