@@ -118,13 +118,6 @@ class Conn:
                 self.reset_reason = reason
         self.wake()
 
-    def set_reading(self, reading: bool) -> None:
-        """Flow control from the protocol: stop or resume taking data."""
-        self.reading = reading
-        if reading:
-            self.hot = True
-            self.wake()
-
     # --- called on the I/O thread ------------------------------------------------------
     def has_output(self) -> bool:
         """Whether there is data or an end record waiting to be written."""
@@ -241,7 +234,7 @@ class FileTransport(asyncio.Transport):
     def _release_held(self) -> None:
         while self._held and self._conn.reading:
             self._event(self._held.popleft())
-        self._conn.wake()  # what the protocol now has may be acknowledged
+        self._conn.wake()  # what the protocol now has may be acknowledged (Conn.delivered)
 
     # --- called on the loop by the I/O thread ----------------------------------------
     def deliver_data(self, payloads: List[bytes], upto: int) -> None:
@@ -326,10 +319,10 @@ class FileTransport(asyncio.Transport):
         return self._closing
 
     def pause_reading(self) -> None:
-        self._conn.set_reading(False)
+        self._conn.reading = False  # the I/O thread reads on: see Conn.delivered
 
     def resume_reading(self) -> None:
-        self._conn.set_reading(True)
+        self._conn.reading = True
         if self._held and self._loop is not None:  # later, as a socket's data would come
             self._loop.call_soon(self._release_held)
 

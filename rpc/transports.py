@@ -393,17 +393,12 @@ class Child(Pipes):
     async def reap(self, grace: float) -> None:
         """Let the server exit after its stdin closes; kill it if it lingers."""
         self.close()
-        if not await _within(self._exited, grace):
+        await asyncio.wait({self._exited}, timeout=grace)
+        if not self._exited.done():
             assert self._process is not None
             self._process.kill()
             await self._exited
         self._process.close()  # type: ignore[union-attr]
-
-
-async def _within(future: "asyncio.Future[Any]", timeout: float) -> bool:
-    """Whether ``future`` is done within ``timeout`` seconds (it is not cancelled)."""
-    await asyncio.wait({future}, timeout=timeout)
-    return future.done()
 
 
 class _PipeEnd(asyncio.Protocol):
